@@ -1,0 +1,35 @@
+"""Shared fixtures: the real data in ../shared/data and the embedded default model."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("CLO_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data (FLORES-200, MAFAND-MT, Alpaca); tests that need it skip when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA} (set CLO_SHARED_DATA)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The default model as an HF-format folder, converted once from the PyPI wheel and cached."""
+    from clo.default_model import DEFAULT_MODEL, resolve_model
+    from clo.errors import CloError
+
+    try:
+        return resolve_model(DEFAULT_MODEL)
+    except CloError as e:
+        pytest.skip(f"default model unavailable: {e}")
