@@ -1,0 +1,158 @@
+"""Load and save Hugging Face safetensors checkpoints (single file or sharded with an index).
+
+Loading builds the model on the meta device and reads one tensor at a time straight into the target
+dtype and device, so peak memory is the model plus one tensor: a 7B model loads on a machine with
+~1.2x its size in RAM. Saving writes the same layout (config.json + safetensors + tokenizer files),
+which `transformers` loads.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from clo.config import ModelConfig
+from clo.errors import CloError
+from clo.model import Transformer, rope_inv_freq
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+)
+
+
+def default_dtype(device: torch.device | str) -> torch.dtype:
+    """bf16 on CUDA, fp32 elsewhere (CPU bf16 matmuls are slow and lose precision)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def hf_key(name: str) -> str:
+    """Our parameter name -> the Hugging Face checkpoint key."""
+    return name if name.startswith("lm_head.") else "model." + name
+
+
+def our_key(key: str) -> str:
+    return key.removeprefix("model.")
+
+
+def weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise CloError(f"{index}: shard {missing[0]} is listed but not in the folder")
+        return [folder / s for s in shards]
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    raise CloError(f"{folder}: no model.safetensors or model.safetensors.index.json (no weights)")
+
+
+def load_model(folder: Path | str, device="cpu", dtype: torch.dtype | None = None) -> Transformer:
+    """An HF-format folder -> our Transformer on `device`, in `dtype` (default: bf16 on CUDA, fp32 on CPU)."""
+    folder = Path(folder)
+    cfg = ModelConfig.from_folder(folder)
+    dtype = dtype or default_dtype(device)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = {hf_key(n): p for n, p in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+
+    state = {}
+    for path in weight_files(folder):
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                if key not in expected:
+                    if cfg.tie_word_embeddings and key == "lm_head.weight":
+                        continue  # some tied checkpoints store the head anyway
+                    if key.endswith("rotary_emb.inv_freq"):
+                        continue  # old checkpoints saved this buffer; we recompute it
+                    raise CloError(f"{path.name}: unexpected tensor {key!r} for {cfg.architecture}")
+                tensor = f.get_tensor(key)
+                if tensor.shape != expected[key].shape:
+                    raise CloError(
+                        f"{path.name}: tensor {key!r} has shape {list(tensor.shape)}, "
+                        f"expected {list(expected[key].shape)} from config.json"
+                    )
+                state[our_key(key)] = tensor.to(device=device, dtype=dtype)
+    missing = sorted(set(expected) - {hf_key(k) for k in state})
+    if missing:
+        raise CloError(f"{folder}: weight {missing[0]!r} missing from the checkpoint ({len(missing)} missing)")
+
+    if cfg.tie_word_embeddings:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    model.load_state_dict(state, assign=True, strict=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight  # assign=True breaks the tie; restore it
+    model.inv_freq = rope_inv_freq(cfg).to(device)
+    return model.eval()
+
+
+def save_model(
+    model: Transformer,
+    out_dir: Path | str,
+    tokenizer_from: Path | str | None = None,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> Path:
+    """Write config.json + safetensors (sharded above `max_shard_bytes`) + tokenizer files, atomically.
+
+    The folder appears complete or not at all: everything is written into a temporary sibling first.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        state = {}
+        for name, tensor in model.state_dict().items():
+            if model.cfg.tie_word_embeddings and name == "lm_head.weight":
+                continue
+            t = tensor.detach()
+            state[hf_key(name)] = (t.to(dtype) if dtype else t).contiguous().cpu()
+        saved_dtype = next(iter(state.values())).dtype
+
+        shards, current, size = [], {}, 0
+        for key, t in state.items():
+            nbytes = t.numel() * t.element_size()
+            if current and size + nbytes > max_shard_bytes:
+                shards.append(current)
+                current, size = {}, 0
+            current[key] = t
+            size += nbytes
+        shards.append(current)
+        if len(shards) == 1:
+            save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, tmp / name, metadata={"format": "pt"})
+                weight_map.update({k: name for k in shard})
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+        config = dict(model.cfg.raw)
+        config["torch_dtype"] = config["dtype"] = str(saved_dtype).removeprefix("torch.")  # transformers 4 / 5
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        if tokenizer_from is not None:
+            for name in TOKENIZER_FILES:
+                src = Path(tokenizer_from) / name
+                if src.is_file():
+                    shutil.copy2(src, tmp / name)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

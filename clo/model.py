@@ -1,0 +1,196 @@
+"""A Llama-family decoder in one file: Llama-2/3, Mistral, Qwen-2.5 and SmolLM2.
+
+    tokens [B, T]
+      -> embed_tokens                              [B, T, D]
+      -> n_layers x ( x + Attention(RMSNorm(x))    grouped-query, RoPE, causal
+                      x + SwiGLU(RMSNorm(x)) )
+      -> norm                                      `hidden()` stops here (training needs it)
+      -> lm_head                                   [B, T, V]  `forward()`
+
+Module names are the Hugging Face ones (`layers.3.self_attn.q_proj`), so a checkpoint key is the
+module path with a `model.` prefix, LoRA and freezing can select by name, and RoPE uses HF's
+rotate-half layout so HF weights load without permuting q/k.
+
+Training calls `hidden(tokens)` with no mask: right-padded sequences under a causal mask never let a
+real token see padding, and SDPA takes its flash kernel. Generation passes positions, a KV cache
+and a boolean mask (see clo/generate.py), which is how left-padded batches work.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from clo.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in fp32 and scale in the input dtype, as HF does, so bf16 results agree
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies [head_dim / 2], with Llama-3.1's frequency-dependent scaling when set."""
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim)
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq.float()
+    # llama3: long wavelengths are slowed by `factor`, short ones kept, the band between interpolated
+    factor, lo, hi = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+    old_len = s.get("original_max_position_embeddings", 8192)
+    wavelen = 2 * math.pi / inv_freq
+    smooth = ((old_len / wavelen) - lo) / (hi - lo)
+    interpolated = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, interpolated)
+    scaled = torch.where(wavelen < old_len / hi, inv_freq, scaled)
+    return scaled.float()
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """cos, sin of shape [B or 1, 1, T, head_dim] for integer `positions` [B or 1, T]."""
+    freqs = positions[..., None].float() * inv_freq  # [B, T, head_dim/2]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def attention_mask(q_slots: torch.Tensor, key_valid: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """Boolean mask [B, 1, T, S]: query at slot q_slots[t] may see key slot s (True) or not.
+
+    q_slots [T] are the queries' slots in the sequence or KV cache; key_valid [B, S] is False for
+    padding and for cache slots not written yet. Causal, and within `window` slots when sliding.
+    """
+    k_slots = torch.arange(key_valid.shape[1], device=key_valid.device)
+    rel = q_slots[:, None] - k_slots[None, :]  # [T, S] how far back each key is
+    allowed = rel >= 0
+    if window is not None:
+        allowed = allowed & (rel < window)
+    return (allowed[None] & key_valid[:, None, :])[:, None]
+
+
+class KVCache(nn.Module):
+    """Static per-layer cache [B, n_kv_heads, max_len, head_dim]; static shapes keep compiled decode graphs few."""
+
+    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, cache_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        self.k.index_copy_(2, cache_pos, k)
+        self.v.index_copy_(2, cache_pos, v)
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, q_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, kv_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, kv_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(q_dim, cfg.dim, bias=cfg.o_bias)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, mask=None, cache_pos=None):
+        """x [B, T, D]; cos/sin [B, 1, T, hd]; mask [B, 1, T, S] bool (True = may attend) or None for causal."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(cache_pos, k, v)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask=None, cache_pos=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def hidden(self, tokens, positions=None, mask=None, cache_pos=None) -> torch.Tensor:
+        """Final-norm hidden states [B, T, D] for tokens [B, T].
+
+        positions [B, T]: RoPE positions (default 0..T-1). mask [B, 1, T, S] bool: needed with a KV cache
+        or padding on the left; None means plain causal attention over these T tokens.
+        cache_pos [T]: the cache slots these tokens are written to (only with `setup_cache`).
+        """
+        T = tokens.shape[1]
+        if positions is None:
+            positions = torch.arange(T, device=tokens.device)[None]
+        window = self.cfg.sliding_window
+        if mask is None and window is not None and T > window:
+            slots = torch.arange(T, device=tokens.device)
+            mask = attention_mask(slots, torch.ones(1, T, dtype=torch.bool, device=tokens.device), window)
+        x = self.embed_tokens(tokens)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, cache_pos)
+        return self.norm(x)
+
+    def forward(self, tokens, positions=None, mask=None, cache_pos=None) -> torch.Tensor:
+        """Logits [B, T, V] in the model's dtype."""
+        return self.lm_head(self.hidden(tokens, positions, mask, cache_pos))
+
+    def setup_cache(self, batch: int, max_len: int) -> None:
+        p = self.embed_tokens.weight
+        for layer in self.layers:
+            a = layer.self_attn
+            a.kv_cache = KVCache(batch, a.n_kv_heads, max_len, a.head_dim, p.dtype, p.device)
+
+    def clear_cache(self) -> None:
+        for layer in self.layers:
+            layer.self_attn.kv_cache = None

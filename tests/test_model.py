@@ -1,0 +1,128 @@
+"""The decoder against `transformers` on the same weights, and the checkpoint loader's errors."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from clo.checkpoint import load_model, save_model
+from clo.errors import CloError
+from hf_models import FAMILIES, write_hf_model
+
+
+def tokens(batch=2, length=24, vocab=128):
+    return torch.randint(3, vocab, (batch, length))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_logits_match_transformers(tmp_path, family):
+    hf = write_hf_model(tmp_path, family)
+    ours = load_model(tmp_path)
+    x = tokens(length=24)  # longer than mistral's window of 8, so the window is exercised
+    with torch.no_grad():
+        expected = hf(x).logits
+        got = ours(x)
+    assert (got - expected).abs().max().item() <= 1e-4
+
+
+def test_llama3_rope_scaling_matters(tmp_path):
+    """The llama3 scaling changes the logits at long positions, so the test above can see a mistake in it."""
+    hf = write_hf_model(tmp_path, "llama3.1")
+    ours = load_model(tmp_path)
+    ours.cfg.rope_scaling = None
+    from clo.model import rope_inv_freq
+
+    ours.inv_freq = rope_inv_freq(ours.cfg)
+    x = tokens(length=64)
+    with torch.no_grad():
+        assert (ours(x) - hf(x).logits).abs().max().item() > 1e-3
+
+
+def test_sliding_window_is_applied(tmp_path):
+    hf = write_hf_model(tmp_path, "mistral", sliding_window=8)
+    ours = load_model(tmp_path)
+    x = tokens(length=32)
+    with torch.no_grad():
+        expected = hf(x).logits
+        assert (ours(x) - expected).abs().max().item() <= 1e-4
+        ours.cfg.sliding_window = None  # without the window the late positions must differ
+        assert (ours(x) - expected)[:, 8:].abs().max().item() > 1e-4
+
+
+def test_save_then_transformers_load(tmp_path):
+    import transformers
+
+    write_hf_model(tmp_path / "src", "qwen2")
+    ours = load_model(tmp_path / "src")
+    with torch.no_grad():
+        ours.layers[0].self_attn.q_proj.weight.add_(0.5)  # a change the round trip must keep
+    save_model(ours, tmp_path / "out", max_shard_bytes=20_000)  # forces several shards
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", torch_dtype=torch.float32).eval()
+    x = tokens()
+    with torch.no_grad():
+        assert (hf(x).logits - ours(x)).abs().max().item() <= 1e-4
+    again = load_model(tmp_path / "out")
+    with torch.no_grad():
+        assert torch.equal(again(x), ours(x))
+
+
+def test_bf16_load_is_close(tmp_path):
+    write_hf_model(tmp_path, "llama")
+    fp32 = load_model(tmp_path)
+    bf16 = load_model(tmp_path, dtype=torch.bfloat16)
+    assert bf16.embed_tokens.weight.dtype == torch.bfloat16
+    x = tokens()
+    with torch.no_grad():
+        a, b = fp32(x), bf16(x).float()
+    assert (a - b).norm() / a.norm() < 2e-2
+
+
+# --- bad checkpoints: one line naming the problem -------------------------------------------------
+
+
+def one_line_error(fn, *match):
+    with pytest.raises(CloError) as e:
+        fn()
+    msg = str(e.value)
+    assert "\n" not in msg
+    for m in match:
+        assert m in msg
+    return msg
+
+
+def test_no_config(tmp_path):
+    one_line_error(lambda: load_model(tmp_path), "no config.json")
+
+
+def test_no_weights(tmp_path):
+    write_hf_model(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    one_line_error(lambda: load_model(tmp_path), "no model.safetensors")
+
+
+def test_wrong_shape_names_the_weight(tmp_path):
+    write_hf_model(tmp_path)
+    path = tmp_path / "model.safetensors"
+    state = load_file(path)
+    state["model.layers.1.mlp.up_proj.weight"] = torch.zeros(3, 3)
+    save_file(state, path, metadata={"format": "pt"})
+    one_line_error(lambda: load_model(tmp_path), "model.layers.1.mlp.up_proj.weight", "[3, 3]")
+
+
+def test_missing_weight(tmp_path):
+    write_hf_model(tmp_path)
+    path = tmp_path / "model.safetensors"
+    state = load_file(path)
+    del state["model.norm.weight"]
+    save_file(state, path, metadata={"format": "pt"})
+    one_line_error(lambda: load_model(tmp_path), "model.norm.weight", "missing")
+
+
+def test_unknown_architecture(tmp_path):
+    write_hf_model(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    one_line_error(lambda: load_model(tmp_path), "GPT2LMHeadModel", "LlamaForCausalLM", "Qwen2ForCausalLM")
