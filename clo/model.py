@@ -78,7 +78,8 @@ def attention_mask(q_slots: torch.Tensor, key_valid: torch.Tensor, window: int |
     allowed = rel >= 0
     if window is not None:
         allowed = allowed & (rel < window)
-    return (allowed[None] & key_valid[:, None, :])[:, None]
+    # a padding query sees only itself: a row with no visible key would make SDPA return NaN
+    return ((allowed[None] & key_valid[:, None, :]) | (rel == 0)[None])[:, None]
 
 
 class KVCache(nn.Module):

@@ -1,0 +1,83 @@
+"""Batched generation with a static KV cache: greedy, or temperature + top-p sampling.
+
+Prompts of different lengths are padded on the left, so every row's next token sits in the same
+cache slot; each row's RoPE positions start at 0 after its padding, and the attention mask hides
+the padding. Rows stop at a stop id; the batch stops when every row has, or at `max_new_tokens`.
+"""
+
+import torch
+
+from clo.model import Transformer, attention_mask
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
+    """Next ids [B] from last-position logits [B, V]: argmax when temperature == 0, else nucleus sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # drop a token when the tokens ranked above it already cover top_p
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model: Transformer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    stop_ids: set[int],
+    pad_id: int = 0,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> list[list[int]]:
+    """The new tokens of each prompt (stop token excluded). `use_cache=False` recomputes every step (a test oracle)."""
+    device = model.embed_tokens.weight.device
+    B, L = len(prompts), max(len(p) for p in prompts)
+    S = L + max_new_tokens
+    pads = torch.tensor([L - len(p) for p in prompts], device=device)
+    seq = torch.full((B, S), pad_id, dtype=torch.long, device=device)
+    for b, p in enumerate(prompts):
+        seq[b, L - len(p) : L] = torch.tensor(p, dtype=torch.long)
+    slots = torch.arange(S, device=device)
+    valid = (slots[None, :] >= pads[:, None]) & (slots[None, :] < L)  # [B, S] real tokens so far
+    positions = (slots[None, :] - pads[:, None]).clamp(min=0)  # [B, S] RoPE position of each slot
+    stop = torch.tensor(sorted(stop_ids), device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+
+    if use_cache:
+        model.setup_cache(B, S)
+    try:
+        cur = L  # slot of the token to be generated next
+        for step in range(max_new_tokens):
+            if use_cache:
+                q = slice(0, L) if step == 0 else slice(cur - 1, cur)
+                q_slots = slots[q]
+                logits = model(seq[:, q], positions[:, q], attention_mask(q_slots, valid, model.cfg.sliding_window), q_slots)
+            else:
+                q_slots = slots[:cur]
+                mask = attention_mask(q_slots, valid[:, :cur], model.cfg.sliding_window)
+                logits = model(seq[:, :cur], positions[:, :cur], mask)
+            nxt = sample_next(logits[:, -1], temperature, top_p, generator)
+            nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+            seq[:, cur] = nxt
+            valid[:, cur] = True
+            done |= torch.isin(nxt, stop)
+            cur += 1
+            if done.all():
+                break
+    finally:
+        model.clear_cache()
+    return [cut_at_stop(row, stop_ids) for row in seq[:, L:cur].tolist()]
+
+
+def cut_at_stop(ids: list[int], stop_ids: set[int]) -> list[int]:
+    for i, t in enumerate(ids):
+        if t in stop_ids:
+            return ids[:i]
+    return ids
