@@ -3,7 +3,8 @@
     L_CLO = λ · L_SFT + (1 − λ) · L_CL,  λ = 0.5
     L_SFT = −(1/|tokens|) Σ log π(y_t | x_t)                  (token mean, target responses only)
     L_CL  = ½ [ DPO(x_en: y_en ≻ y_t) + DPO(x_t: y_t ≻ y_en) ]   ("sum" drops the ½)
-    DPO(x: y_w ≻ y_l) = −log σ(β [(log π(y_w|x) − log π_ref(y_w|x)) − (log π(y_l|x) − log π_ref(y_l|x))])
+    DPO(x: y_w ≻ y_l) = −log σ(β [(log π(y_w|x) − log π_ref(y_w|x))
+                                   − (log π(y_l|x) − log π_ref(y_l|x))])
 
 log π(y|x) is the sum of response-token log-probs (Rafailov et al. 2023, Eq. 7), from `response_logps`.
 """
@@ -17,6 +18,15 @@ from torch import Tensor
 from clo.errors import CloError
 
 IGNORE_INDEX = -100
+
+
+def _chunk_logits(h_c: Tensor, weight: Tensor, acc: torch.dtype) -> Tensor:
+    """[c, D] @ [D, V] in the inputs' own dtype, then upcast to `acc` for the softmax.
+
+    Autocast is off so that forward and the backward's recompute round the logits identically.
+    """
+    with torch.autocast(h_c.device.type, enabled=False):
+        return (h_c @ weight.T).to(acc)
 
 
 class _ChunkedTokenLogps(torch.autograd.Function):
@@ -35,7 +45,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         token_logps = torch.empty(h.shape[0], dtype=acc, device=h.device)
         lse = torch.empty_like(token_logps)
         for s in range(0, h.shape[0], chunk_size):
-            logits = (h[s : s + chunk_size] @ weight.T).to(acc)  # [c, V]
+            logits = _chunk_logits(h[s : s + chunk_size], weight, acc)  # [c, V]
             lse[s : s + chunk_size] = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(1, targets[s : s + chunk_size, None]).squeeze(1)
             token_logps[s : s + chunk_size] = picked - lse[s : s + chunk_size]
@@ -52,7 +62,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if need_w else None
         for s in range(0, h.shape[0], ctx.chunk_size):
             h_c, g = h[s : s + ctx.chunk_size], grad_out[s : s + ctx.chunk_size, None]
-            logits = (h_c @ weight.T).to(lse.dtype)
+            logits = _chunk_logits(h_c, weight, lse.dtype)
             dlogits = logits.sub_(lse[s : s + ctx.chunk_size, None]).exp_().mul_(-g)  # −g·softmax
             dlogits.scatter_add_(1, targets[s : s + ctx.chunk_size, None], g)  # +g·onehot
             dlogits = dlogits.to(h.dtype)
@@ -82,7 +92,8 @@ def response_logps(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     rows, cols = (labels != IGNORE_INDEX).nonzero(as_tuple=True)
-    token_logps = _ChunkedTokenLogps.apply(hidden[rows, cols], lm_head_weight, labels[rows, cols], chunk_size)
+    h, targets = hidden[rows, cols], labels[rows, cols]  # [N, D], [N]
+    token_logps = _ChunkedTokenLogps.apply(h, lm_head_weight, targets, chunk_size)
     logp_sum = token_logps.new_zeros(labels.shape[0]).index_add(0, rows, token_logps)
     return logp_sum, (labels != IGNORE_INDEX).sum(dim=1)
 
@@ -110,7 +121,9 @@ def dpo_loss(
     """
     margin = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
     losses = -F.logsigmoid(beta * margin)
-    return losses, beta * (policy_chosen - ref_chosen).detach(), beta * (policy_rejected - ref_rejected).detach()
+    chosen_rewards = beta * (policy_chosen - ref_chosen).detach()
+    rejected_rewards = beta * (policy_rejected - ref_rejected).detach()
+    return losses, chosen_rewards, rejected_rewards
 
 
 class FourWay(NamedTuple):
@@ -147,7 +160,12 @@ def _cross_lingual_loss(
 
 
 def clo_loss(
-    policy: FourWay, reference: FourWay, nll: Tensor, beta: float = 0.1, lam: float = 0.5, directions: str = "mean"
+    policy: FourWay,
+    reference: FourWay,
+    nll: Tensor,
+    beta: float = 0.1,
+    lam: float = 0.5,
+    directions: str = "mean",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """L_CLO = λ · nll + (1 − λ) · L_CL (PAPER.md "Loss"; λ = 0.5, β = 0.1).
 
@@ -166,7 +184,11 @@ def clo_loss(
 
 
 def dpo_only_loss(
-    policy: FourWay, reference: FourWay, beta: float = 0.1, directions: str = "mean", nll: Tensor | None = None
+    policy: FourWay,
+    reference: FourWay,
+    beta: float = 0.1,
+    directions: str = "mean",
+    nll: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """`--method dpo`: L_CL alone (DPO on the cross-lingual pairs, both directions), no NLL term.
 

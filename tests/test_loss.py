@@ -66,16 +66,27 @@ def test_response_logps_matches_naive_values_and_grads(dtype, chunk_size):
 
 def test_response_logps_gradcheck_float64():
     hidden, weight, labels = make_case(B=2, T=4, D=3, V=5, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda h, w: response_logps(h, w, labels, chunk_size=3)[0], (hidden, weight))
+    def f(h, w):
+        return response_logps(h, w, labels, chunk_size=3)[0]
+
+    assert torch.autograd.gradcheck(f, (hidden, weight))
 
 
 def test_response_logps_frozen_head_gets_no_grad():
+    """N = 9 positions in chunks of 4 → 3 chunks; backward does recompute + d/dhidden = 2 matmuls
+    per chunk, plus 1 more (d/dweight) only when the head is trainable."""
     hidden, weight, labels = make_case()
-    weight.requires_grad_(False)
+    got, _ = response_logps(hidden, weight.detach(), labels, chunk_size=4)
+    with OpProbe() as frozen:
+        got.sum().backward()
+    assert frozen.matmuls == 3 * 2
+    hidden_grad_frozen, hidden.grad = hidden.grad, None
     got, _ = response_logps(hidden, weight, labels, chunk_size=4)
-    got.sum().backward()
-    assert weight.grad is None
+    with OpProbe() as trainable:
+        got.sum().backward()
+    assert trainable.matmuls == 3 * 3
     (g_h,) = torch.autograd.grad(naive_response_logps(hidden, weight, labels)[0].sum(), hidden)
+    torch.testing.assert_close(hidden_grad_frozen, g_h)
     torch.testing.assert_close(hidden.grad, g_h)
 
 
@@ -94,15 +105,26 @@ def test_response_logps_bf16_close_to_fp32_oracle():
     torch.testing.assert_close(w16.grad.float(), g_w, rtol=0.05, atol=0.05)
 
 
-class LargestTensor(TorchDispatchMode):
-    """Records the largest numel among all tensors produced by any op."""
+def test_response_logps_ignores_ambient_autocast():
+    """Under autocast the matmul would run in bf16 in forward but not in backward's recompute;
+    the function runs in its inputs' dtype, so fp32 inputs give the fp32 answer either way."""
+    hidden, weight, labels = make_case()
+    want, _ = response_logps(hidden, weight, labels, chunk_size=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, _ = response_logps(hidden, weight, labels, chunk_size=4)
+    assert torch.equal(got, want)
+
+
+class OpProbe(TorchDispatchMode):
+    """Records the largest numel among all tensors produced by any op, and counts matmuls."""
 
     def __init__(self):
         super().__init__()
-        self.largest = 0
+        self.largest, self.matmuls = 0, 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        self.matmuls += func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm)
         for t in out if isinstance(out, (tuple, list)) else [out]:
             if isinstance(t, torch.Tensor):
                 self.largest = max(self.largest, t.numel())
@@ -114,11 +136,11 @@ def test_response_logps_never_builds_more_than_one_chunk_of_logits():
     hidden = torch.randn(4, 64, 8, requires_grad=True)
     weight = torch.randn(512, 8, requires_grad=True)
     labels = torch.randint(0, 512, (4, 64))
-    with LargestTensor() as mode:
+    with OpProbe() as mode:
         logp_sum, _ = response_logps(hidden, weight, labels, chunk_size=16)
         logp_sum.sum().backward()
     assert mode.largest == 16 * 512
-    with LargestTensor() as naive:
+    with OpProbe() as naive:
         naive_response_logps(hidden, weight, labels)[0].sum().backward()
     assert naive.largest == 4 * 64 * 512  # the probe does see a full [B, T, V]
 
@@ -190,11 +212,12 @@ def test_gradient_signs_and_value_at_step_zero():
     """
     leaves = [t(-5.0).requires_grad_() for _ in range(4)]
     policy = FourWay(*leaves)
-    loss, _ = clo_loss(policy, four([-5.0], [-5.0], [-5.0], [-5.0]), torch.tensor(0.0, dtype=torch.float64))
+    reference = four([-5.0], [-5.0], [-5.0], [-5.0])
+    loss, _ = clo_loss(policy, reference, torch.tensor(0.0, dtype=torch.float64))
     loss.backward()
     assert [x.grad.item() for x in leaves] == pytest.approx([-0.0125, 0.0125, -0.0125, 0.0125])
     bumped = FourWay(t(-4.0), t(-5.0), t(-5.0), t(-5.0))  # chosen en_en up by 1
-    assert clo_loss(bumped, four([-5.0], [-5.0], [-5.0], [-5.0]), torch.tensor(0.0))[0] < loss
+    assert clo_loss(bumped, reference, torch.tensor(0.0))[0] < loss
 
 
 def test_token_mean_nll_and_sft_loss():
@@ -206,12 +229,15 @@ def test_token_mean_nll_and_sft_loss():
 
 
 def test_dpo_only_equals_clo_with_lambda_zero_and_ignores_nll():
-    policy, ref = four([-10.0, -3.0], [-12.0, -4.0], [-11.5, -6.0], [-10.5, -2.0]), four(*[[-11.0, -4.0]] * 4)
+    policy = four([-10.0, -3.0], [-12.0, -4.0], [-11.5, -6.0], [-10.5, -2.0])
+    ref = four(*[[-11.0, -4.0]] * 4)
+    policy.t_t.requires_grad_()
     nll = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
     loss, m = dpo_only_loss(policy, ref, beta=0.1, nll=nll)
     loss0, m0 = clo_loss(policy, ref, nll, beta=0.1, lam=0.0)
     assert loss.item() == pytest.approx(loss0.item()) and m.keys() == m0.keys()
-    assert not loss.requires_grad or torch.autograd.grad(loss, nll, allow_unused=True)[0] is None
+    assert m["nll"].item() == 3.0
+    assert torch.autograd.grad(loss, nll, allow_unused=True)[0] is None
     assert "nll" not in dpo_only_loss(policy, ref)[1]
 
 
