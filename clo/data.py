@@ -1,0 +1,92 @@
+"""The cross-lingual JSONL format: one English SFT example and its translation per line.
+
+    {"id": "demo-000", "lang": "sw",
+     "prompt_en": "...", "response_en": "...",   # x_en, y_en: the English original
+     "prompt": "...",    "response": "..."}      # x_t,  y_t:  the same in the target language
+
+translate.py writes it; train.py and eval.py read it. Every line is checked before any training:
+the first bad line stops the run with `file:line: what is wrong`. Duplicate ids are skipped and
+counted (the first one is kept).
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from clo.errors import CloError
+from clo.languages import get_language
+
+FIELDS = ("id", "lang", "prompt_en", "response_en", "prompt", "response")
+DEMO_DIR = Path(__file__).resolve().parents[1] / "data" / "demo"
+
+
+@dataclass(frozen=True)
+class Example:
+    id: str
+    lang: str
+    prompt_en: str
+    response_en: str
+    prompt: str
+    response: str
+
+
+@dataclass
+class LoadReport:
+    examples: list[Example]
+    duplicates: int = 0
+
+    def summary(self) -> str:
+        return f"{len(self.examples)} examples, {self.duplicates} duplicate ids skipped"
+
+
+def parse_line(line: str, where: str) -> Example:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise CloError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
+    if not isinstance(record, dict):
+        raise CloError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for field in FIELDS:
+        if field not in record:
+            raise CloError(f"{where}: missing field {field!r}")
+        if not isinstance(record[field], str):
+            raise CloError(f"{where}: field {field!r} must be a string, got {type(record[field]).__name__}")
+        if not record[field].strip():
+            raise CloError(f"{where}: field {field!r} is empty")
+    return Example(**{f: record[f] for f in FIELDS})
+
+
+def load_pairs(path: Path | str, lang: str | None = None) -> LoadReport:
+    """Read and validate a cross-lingual JSONL file; `lang` (if given) must match every record's."""
+    path = Path(path)
+    if lang is not None:
+        get_language(lang)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise CloError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CloError(f"{path}: cannot read: {e}") from None
+    report, seen = LoadReport([]), set()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        ex = parse_line(line, f"{path}:{n}")
+        if lang is not None and ex.lang != lang:
+            raise CloError(f"{path}:{n}: field 'lang' is {ex.lang!r}, but --lang is {lang!r}")
+        if ex.id in seen:
+            report.duplicates += 1
+            continue
+        seen.add(ex.id)
+        report.examples.append(ex)
+    if not report.examples:
+        raise CloError(f"{path}: no examples")
+    return report
+
+
+def demo_path(lang: str, heldout: bool = False) -> Path:
+    """The shipped smoke-run set for `lang` (data/demo, 128 training + 16 held-out examples)."""
+    code = get_language(lang).code
+    if code == "en":
+        raise CloError("--lang en: the target language must not be English")
+    return DEMO_DIR / (f"{code}.heldout.jsonl" if heldout else f"{code}.jsonl")

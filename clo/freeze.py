@@ -1,0 +1,77 @@
+"""What trains: parameter groups and a schedule of training stages.
+
+The paper trains only the attention layers (q, k, v, o projections; PAPER.md "Parameters that
+train"); it also reports that attention-only did much worse than full training on Llama-2 Swahili,
+so the groups are configurable and can change by stage: `--stages attn:1,all:1` trains attention for
+one epoch, then everything for one more.
+
+    group  parameters
+    attn   layers.*.self_attn.{q,k,v,o}_proj (weights and biases)
+    mlp    layers.*.mlp.{gate,up,down}_proj
+    embed  embed_tokens (with tied embeddings this is also the head)
+    norm   every RMSNorm weight
+    head   lm_head (untied models only)
+    all    everything
+
+With LoRA, the base stays frozen and a stage trains the lora_* parameters inside its groups.
+"""
+
+import re
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from clo.errors import CloError
+
+GROUPS = ("attn", "mlp", "embed", "norm", "head", "all")
+
+
+def group_of(name: str) -> str:
+    """The group of a parameter name such as `layers.3.self_attn.q_proj.weight`."""
+    if ".self_attn." in name:
+        return "attn"
+    if ".mlp." in name:
+        return "mlp"
+    if name.startswith("embed_tokens."):
+        return "embed"
+    if name.startswith("lm_head."):
+        return "head"
+    if name.endswith("norm.weight"):
+        return "norm"
+    raise ValueError(f"parameter {name!r} belongs to no group")
+
+
+@dataclass(frozen=True)
+class Stage:
+    groups: tuple[str, ...]
+    epochs: int
+
+
+def parse_stages(spec: str) -> list[Stage]:
+    """'attn:1,all:1' -> [Stage(('attn',), 1), Stage(('all',), 1)]; groups may be joined by '+' (attn+mlp:2)."""
+    stages = []
+    for part in spec.split(","):
+        m = re.fullmatch(r"\s*([a-z+]+)\s*:\s*(\d+)\s*", part)
+        if not m or int(m.group(2)) < 1:
+            raise CloError(f"--stages: {part.strip()!r} is not GROUP:EPOCHS (e.g. attn:1,all:1)")
+        groups = tuple(m.group(1).split("+"))
+        unknown = [g for g in groups if g not in GROUPS]
+        if unknown:
+            raise CloError(f"--stages: unknown group {unknown[0]!r}; groups: {', '.join(GROUPS)}")
+        stages.append(Stage(groups, int(m.group(2))))
+    return stages
+
+
+def set_trainable(model: nn.Module, groups: tuple[str, ...], lora: bool = False) -> dict[str, int]:
+    """Make exactly `groups` trainable (their lora_* parameters when `lora`); returns trainable counts per group."""
+    counts: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        is_lora = ".lora_" in name
+        group = group_of(name.replace(".lora_A", "").replace(".lora_B", ""))
+        wanted = ("all" in groups or group in groups) and (is_lora == lora)
+        p.requires_grad_(wanted)
+        if wanted:
+            counts[group] = counts.get(group, 0) + p.numel()
+    if not counts:
+        raise CloError(f"--stages: groups {'+'.join(groups)} select no parameters" + (" with LoRA" if lora else ""))
+    return counts

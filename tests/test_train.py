@@ -1,0 +1,253 @@
+"""train.py end to end on a tiny chat model: what trains, resume, the step-0 loss, overfitting, bad input."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from clo.data import demo_path, load_pairs
+from clo.errors import CloError
+from clo.freeze import group_of
+from tiny_chat_model import make_tiny_chat_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLO_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny ChatML model whose tokenizer was trained on the Swahili demo set, and 8 of its examples."""
+    examples = load_pairs(demo_path("sw")).examples
+    texts = [t for ex in examples for t in (ex.prompt_en, ex.response_en, ex.prompt, ex.response)]
+    folder = make_tiny_chat_model(tmp_path_factory.mktemp("tiny"), texts)
+    data = tmp_path_factory.mktemp("data") / "sw8.jsonl"
+    data.write_text("".join(line + "\n" for line in demo_path("sw").read_text(encoding="utf-8").splitlines()[:8]), encoding="utf-8")
+    return folder, data
+
+
+def run(tiny, out, *extra):
+    folder, data = tiny
+    argv = ["--lang", "sw", "--model", str(folder), "--data", str(data), "--out", str(out), "--batch-size", "4", *extra]
+    return train.main(argv)
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(folder):
+    return load_file(folder / "model.safetensors")
+
+
+def test_step0_loss_is_nll_plus_log2(tiny, tmp_path):
+    """Policy == reference at step 0: every reward is 0, so L = λ·NLL + (1−λ)·log 2 (PAPER.md "Loss")."""
+    out = run(tiny, tmp_path / "run", "--max-steps", "1", "--lam", "0.3")
+    first = metrics(out)[0]
+    for key in ("en/chosen_reward", "en/rejected_reward", "t/chosen_reward", "t/rejected_reward"):
+        assert abs(first[key]) < 1e-5
+    assert first["loss"] == pytest.approx(0.3 * first["nll"] + 0.7 * math.log(2), abs=1e-5)
+
+
+def test_only_the_stage_trains(tiny, tmp_path):
+    folder, _ = tiny
+    before = weights(folder)
+    out = run(tiny, tmp_path / "run", "--max-steps", "2", "--lr", "1e-2", "--stages", "attn:1")
+    after = weights(out / "model")
+    assert before.keys() == after.keys()
+    for key in before:
+        changed = not torch.equal(before[key], after[key])
+        assert changed == (group_of(key.removeprefix("model.")) == "attn"), key
+
+
+def test_two_stages_rebuild_what_trains(tiny, tmp_path):
+    folder, _ = tiny
+    before = weights(folder)
+    out = run(tiny, tmp_path / "run", "--lr", "1e-2", "--stages", "attn:1,mlp:1")
+    after = weights(out / "model")
+    groups = {group_of(k.removeprefix("model.")) for k in before if not torch.equal(before[k], after[k])}
+    assert groups == {"attn", "mlp"}
+    assert {row["stage"] for row in metrics(out)} == {0, 1}
+
+
+def test_resume_equals_uninterrupted(tiny, tmp_path):
+    args = ("--lr", "1e-3", "--stages", "attn:1,all:1", "--save-every", "0")
+    full = run(tiny, tmp_path / "full", *args)
+    part = run(tiny, tmp_path / "part", *args, "--max-steps", "3")  # stops mid-stage-2 and checkpoints
+    assert len(metrics(part)) == 3
+    run(tiny, tmp_path / "part", *args, "--resume")
+    a, b = metrics(full), metrics(part)
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    wa, wb = weights(full / "model"), weights(part / "model")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_reference_is_cached(tiny, tmp_path, capsys):
+    run(tiny, tmp_path / "a", "--max-steps", "1")
+    assert "reference log-probs: computed" in capsys.readouterr().err
+    run(tiny, tmp_path / "b", "--max-steps", "1")
+    assert "reference log-probs: cached" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_tiny_model_overfits_both_directions(tiny, tmp_path):
+    out = run(tiny, tmp_path / "run", "--lr", "3e-3", "--stages", "all:40", "--warmup", "0.05")
+    last = metrics(out)[-1]
+    assert last["en/accuracy"] == 1.0 and last["t/accuracy"] == 1.0
+    assert last["margin"] > metrics(out)[0]["margin"] + 1.0
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_baselines_run(tiny, tmp_path, method):
+    out = run(tiny, tmp_path / "run", "--method", method, "--max-steps", "2")
+    rows = metrics(out)
+    assert len(rows) == 2 and (out / "model" / "config.json").is_file()
+    assert ("margin" in rows[0]) == (method == "dpo")
+
+
+# --- bad input: one line, non-zero exit, nothing written --------------------------------------------
+
+
+def bad_data(tmp_path, tiny, mutate):
+    lines = tiny[1].read_text(encoding="utf-8").splitlines()
+    lines[2] = mutate(lines[2])
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def drop_field(line, field):
+    record = json.loads(line)
+    del record[field]
+    return json.dumps(record)
+
+
+def empty_field(line, field):
+    return json.dumps({**json.loads(line), field: " "})
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda line: line[:-5], "bad.jsonl:3: invalid JSON"),
+        (lambda line: drop_field(line, "prompt"), "bad.jsonl:3: missing field 'prompt'"),
+        (lambda line: empty_field(line, "response"), "bad.jsonl:3: field 'response' is empty"),
+    ],
+)
+def test_bad_data_line(tiny, tmp_path, mutate, message):
+    path = bad_data(tmp_path, tiny, mutate)
+    with pytest.raises(CloError, match=message):
+        train.main(["--lang", "sw", "--model", str(tiny[0]), "--data", str(path), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--lang", "xx"], "unknown language 'xx'"),
+        (["--stages", "attn-2"], "--stages: 'attn-2' is not GROUP:EPOCHS"),
+        (["--stages", "attn:1,brain:1"], "unknown group 'brain'"),
+    ],
+)
+def test_bad_flags(tiny, tmp_path, extra, message):
+    argv = ["--lang", "sw", "--model", str(tiny[0]), "--data", str(tiny[1]), "--out", str(tmp_path / "out"), *extra]
+    with pytest.raises(CloError, match=message):
+        train.main(argv)
+    assert not (tmp_path / "out").exists()
+
+
+def test_resume_from_another_model_is_refused(tiny, tmp_path):
+    run(tiny, tmp_path / "run", "--max-steps", "1")
+    other = make_tiny_chat_model(tmp_path / "other", ["some other text"] * 10, seed=1)
+    with pytest.raises(CloError, match="different model"):
+        train.main(["--lang", "sw", "--model", str(other), "--data", str(tiny[1]), "--out", str(tmp_path / "run"), "--batch-size", "4", "--resume"])
+
+
+def test_cli_error_is_one_line_and_exit_2(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a"}\n')
+    proc = subprocess.run(
+        [sys.executable, "train.py", "--lang", "sw", "--data", str(bad), "--model", str(tmp_path / "nowhere")],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ")
+
+
+# --- LoRA: the reference is the adapter-disabled model; adapters are saved in PEFT's format --------
+
+
+def test_reference_with_adapters_disabled_equals_base(tiny):
+    from clo.batching import encode_all
+    from clo.chat import detect_format
+    from clo.checkpoint import load_model
+    from clo.lora import apply_lora, disable_adapters, lora_layers
+    from clo.reference import compute_reference_logps
+    from clo.tokenizer import load_tokenizer
+
+    folder, data = tiny
+    tok = load_tokenizer(folder)
+    examples, _ = encode_all(tok, detect_format(tok), load_pairs(data).examples, 512)
+    base = compute_reference_logps(load_model(folder), examples, tok.pad_id, 4, 64)
+    model = load_model(folder)
+    apply_lora(model, r=4)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.weight.normal_()  # a trained adapter: it must not leak into the reference
+    with disable_adapters(model):
+        off = compute_reference_logps(model, examples, tok.pad_id, 4, 64)
+    on = compute_reference_logps(model, examples, tok.pad_id, 4, 64)
+    assert torch.allclose(off, base, atol=1e-5)
+    assert not torch.allclose(on, base, atol=1e-3)
+
+
+def test_lora_run_saves_peft_adapter_and_merged_model(tiny, tmp_path):
+    import transformers
+    from peft import PeftModel
+
+    folder, _ = tiny
+    out = run(tiny, tmp_path / "run", "--lora", "--lr", "1e-2", "--max-steps", "3", "--save-merged")
+    def load(path):
+        return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+    peft_model = PeftModel.from_pretrained(load(folder), out / "adapter").eval()  # injects into its base
+    base = load(folder)
+    merged = load(out / "model")
+    x = torch.randint(3, 300, (2, 16))
+    with torch.no_grad():
+        a, b, c = peft_model(x).logits, merged(x).logits, base(x).logits
+    assert (a - b).abs().max() < 1e-4
+    assert (a - c).abs().max() > 1e-4  # the adapter learned something
+    assert weights(out / "model")["model.embed_tokens.weight"].equal(weights(folder)["model.embed_tokens.weight"])
+
+
+def test_gradients_reach_only_the_stage(tiny):
+    from clo.batching import collate, encode_all
+    from clo.chat import detect_format
+    from clo.checkpoint import load_model
+    from clo.freeze import set_trainable
+    from clo.loss import response_logps
+    from clo.tokenizer import load_tokenizer
+
+    folder, data = tiny
+    tok = load_tokenizer(folder)
+    examples, _ = encode_all(tok, detect_format(tok), load_pairs(data).examples, 512)
+    model = load_model(folder)
+    for groups in (("attn",), ("mlp", "norm"), ("all",)):
+        model.zero_grad(set_to_none=True)
+        set_trainable(model, groups)
+        tokens, labels = collate(examples[:2], tok.pad_id)
+        logps, _ = response_logps(model.hidden(tokens), model.lm_head.weight, labels)
+        logps.sum().backward()
+        for name, p in model.named_parameters():
+            should = "all" in groups or group_of(name) in groups
+            assert (p.grad is not None and p.grad.abs().sum() > 0) == should, (groups, name)

@@ -1,0 +1,300 @@
+"""Train a model to answer in the prompt's language with Cross-Lingual Optimization (arXiv 2505.14297).
+
+    python train.py --lang sw                        # CLO on the demo set, default model, CPU or GPU
+    python train.py --lang sw --method sft           # baseline: SFT on the target-language pairs
+    python train.py --lang sw --method dpo --model runs/sft-sw/model   # baseline: SFT+DPO
+
+Reads top to bottom like the method: data -> four sequences per example -> reference log-probs
+(once, cached) -> stages of training with the CLO loss -> an HF-format model folder.
+
+    L_CLO = λ·NLL(y_t | x_t) + (1−λ)·L_CL      (PAPER.md "Loss"; clo/loss.py)
+
+Features: stages of parameter groups (`--stages attn:1,all:1`), optional LoRA, AdamW with fp32
+master weights and bf16 autocast on CUDA, linear warmup/decay, gradient accumulation and clipping,
+torch.compile on CUDA, metrics as JSONL, atomic checkpoints with exact `--resume`, Ctrl-C saves.
+Limitations: one device (no multi-GPU); single-turn examples only; examples longer than
+--max-length are dropped, not cut; the NLL is a token mean per micro-batch.
+"""
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from clo.batching import collate, count_tokens, encode_all
+from clo.chat import detect_format
+from clo.checkpoint import load_model, save_model
+from clo.data import demo_path, load_pairs
+from clo.default_model import DEFAULT_MODEL, cache_dir, resolve_model
+from clo.errors import CloError, run_cli
+from clo.freeze import parse_stages, set_trainable
+from clo.languages import get_language
+from clo.loss import FourWay, clo_loss, dpo_only_loss, response_logps, token_mean_nll
+from clo.reference import cache_key, cached_reference_logps, compute_reference_logps, model_fingerprint
+from clo.tokenizer import load_tokenizer
+from clo.train_checkpoint import Position, load_checkpoint, save_checkpoint, set_rng_state
+
+SFT_SEQUENCES = {"target": [2], "english": [0], "both": [0, 2]}  # indices into clo/batching.py's four
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--lang", required=True, help="target language: sw, yo, id, ko, zh or de")
+    p.add_argument("--data", help="cross-lingual JSONL (translate.py writes it); default: the demo set data/demo/<lang>.jsonl")
+    p.add_argument("--model", "--init", dest="model", default=DEFAULT_MODEL, help="starting checkpoint: an HF folder, a hub id, or the default; also the DPO reference")
+    p.add_argument("--method", choices=["clo", "sft", "dpo"], default="clo", help="CLO, or the paper's baselines")
+    p.add_argument("--sft-on", choices=list(SFT_SEQUENCES), default="target", help="--method sft: which responses get the NLL")
+    p.add_argument("--lam", type=float, default=0.5, help="λ: weight of the NLL term (paper: 0.5)")
+    p.add_argument("--beta", type=float, default=0.1, help="β of the DPO-style terms (paper: 0.1)")
+    p.add_argument("--directions", choices=["mean", "sum"], default="mean", help="combine the two preference directions by mean or sum")
+    p.add_argument("--stages", default="attn:2", help="GROUP:EPOCHS,... groups: attn mlp embed norm head all (paper: attention only, 2 epochs)")
+    p.add_argument("--lora", action="store_true", help="train LoRA adapters on the stage's groups instead of full weights")
+    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
+    p.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha (scaling = alpha / r)")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input")
+    p.add_argument("--lr", type=float, default=8e-6, help="peak learning rate (paper recipe: 8e-6)")
+    p.add_argument("--warmup", type=float, default=0.1, help="fraction of steps with linear warmup")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per micro-batch (each is 4 sequences)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--max-length", type=int, default=512, help="longest sequence in tokens; longer examples are dropped")
+    p.add_argument("--bucket", type=int, default=0, help="pad lengths to a multiple of this, so compiled shapes stay few (0: 64 when compiling, else 8)")
+    p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0: run all stages)")
+    p.add_argument("--seed", type=int, default=0, help="seed for data order and initialisation")
+    p.add_argument("--out", help="output folder (default: runs/<method>-<lang>)")
+    p.add_argument("--save-every", type=int, default=100, help="write a resumable checkpoint every N steps")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    p.add_argument("--device", default="auto", help="cuda, cpu, ... (auto: cuda if available)")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto", help="weights dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile the decoder (auto: on for CUDA)")
+    p.add_argument("--chat-format", default="auto", help="auto, chatml, llama3, llama2, mistral or plain")
+    p.add_argument("--save-merged", action="store_true", help="with --lora: also write merged full weights to <out>/model")
+    return p.parse_args(argv)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: float) -> float:
+    """Linear warmup over the first `warmup` fraction of steps, then linear decay to 0."""
+    warm = max(1, math.ceil(total * warmup))
+    if step < warm:
+        return peak * (step + 1) / warm
+    return peak * max(0.0, (total - step) / max(1, total - warm))
+
+
+def seeded_order(n: int, seed: int, stage: int, epoch: int) -> list[int]:
+    """The data order of one epoch: a pure function of (seed, stage, epoch), so a resume replays it."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + stage * 1009 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def batch_loss(model, hidden_fn, batch, ref_rows, args, pad_id, device):
+    """(loss, metrics) of one micro-batch for the chosen method."""
+    head = model.lm_head.weight
+    which = SFT_SEQUENCES[args.sft_on] if args.method == "sft" else range(4)
+    tokens, labels = collate(batch, pad_id, args.bucket, which)
+    hidden = hidden_fn(tokens.to(device))
+    logps, n_tokens = response_logps(hidden.to(head.dtype), head, labels.to(device))
+    if args.method == "sft":
+        nll = token_mean_nll(logps, n_tokens)
+        return nll, {"loss": nll.detach(), "nll": nll.detach()}
+    B = len(batch)
+    logps, n_tokens = logps.view(4, B), n_tokens.view(4, B)
+    policy, reference = FourWay(*logps), FourWay(*ref_rows.to(device).T)
+    nll = token_mean_nll(logps[2], n_tokens[2])  # NLL(y_t | x_t): target-language responses only
+    if args.method == "clo":
+        return clo_loss(policy, reference, nll, beta=args.beta, lam=args.lam, directions=args.directions)
+    return dpo_only_loss(policy, reference, beta=args.beta, directions=args.directions, nll=nll.detach())
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    lang = get_language(args.lang)
+    if lang.code == "en":
+        raise CloError("--lang: the target language must not be English")
+    stages = parse_stages(args.stages)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+    dtype = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    use_compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+    args.bucket = args.bucket or (64 if use_compile else 8)
+    out = Path(args.out or f"runs/{args.method}-{lang.code}")
+    random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
+
+    # 1. Data: validate every line before anything expensive, then four sequences per example.
+    data_path = Path(args.data) if args.data else demo_path(lang.code)
+    report = load_pairs(data_path, lang.code)
+    folder = resolve_model(args.model)
+    tok = load_tokenizer(folder)
+    fmt = detect_format(tok, args.chat_format)
+    examples, too_long = encode_all(tok, fmt, report.examples, args.max_length)
+    print(f"data: {data_path}: {report.summary()}, {too_long} longer than {args.max_length} tokens dropped; chat format {fmt.name}", file=sys.stderr)
+    if not examples:
+        raise CloError(f"{data_path}: every example is longer than --max-length {args.max_length}")
+
+    # 2. Model. On CUDA frozen weights stay bf16; trainable ones get fp32 master copies per stage.
+    model = load_model(folder, device, dtype)
+    model_id = model_fingerprint(folder)
+    autocast_dtype = torch.bfloat16 if device.type == "cuda" and model.embed_tokens.weight.dtype == torch.bfloat16 else None
+    if args.lora:
+        from clo.lora import apply_lora
+
+        targets = [m for g in {g for s in stages for g in s.groups} for m in LORA_TARGETS.get(g, ())]
+        apply_lora(model, targets=targets or LORA_TARGETS["attn"], r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
+        model.to(device)
+
+    # 3. Reference log-probs of the starting model, once, cached on disk (never a second model in memory).
+    ref_table = None
+    if args.method != "sft":
+        key = cache_key(model_id, model.embed_tokens.weight.dtype, examples)
+        from contextlib import nullcontext
+
+        adapters_off = nullcontext()
+        if args.lora:
+            from clo.lora import disable_adapters
+
+            adapters_off = disable_adapters(model)
+        with adapters_off:
+            ref_table, hit = cached_reference_logps(
+                cache_dir() / "reference", key,
+                lambda: compute_reference_logps(model, examples, tok.pad_id, args.batch_size, args.bucket, autocast_dtype),
+            )
+        print(f"reference log-probs: {'cached' if hit else 'computed'} ({key})", file=sys.stderr)
+
+    # 4. Where to resume from, and how long the run is.
+    batches_per_epoch = math.ceil(len(examples) / args.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / args.grad_accum)
+    total_steps = sum(s.epochs for s in stages) * steps_per_epoch
+    settings = {k: getattr(args, k) for k in ("method", "lang", "stages", "lora", "batch_size", "grad_accum", "seed", "lr", "max_length")}
+    settings["data"] = str(data_path)
+    pos, ckpt = Position(), None
+    checkpoint_path = out / "checkpoint.pt"
+    metrics_path = out / "metrics.jsonl"
+    if args.resume:
+        ckpt = load_checkpoint(checkpoint_path, model_id, settings)
+        pos = ckpt["position"]
+        params = dict(model.named_parameters())
+        for name, value in ckpt["weights"].items():
+            params[name].data = value.to(device)  # keeps the saved dtype: fp32 master weights stay fp32
+        keep_metrics_until(metrics_path, pos.step)
+        print(f"resuming from {checkpoint_path} at step {pos.step}", file=sys.stderr)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        metrics_path.unlink(missing_ok=True)
+    (out / "run.json").write_text(json.dumps({**vars(args), "model_folder": str(folder), "data": str(data_path), "examples": len(examples), "total_steps": total_steps}, indent=2))
+    if args.max_steps:
+        total_run = min(total_steps, args.max_steps)
+    else:
+        total_run = total_steps
+
+    # 5. Train, stage by stage.
+    trained: set[str] = set(ckpt["weights"]) if ckpt else set()
+    bar = tqdm(total=total_run, initial=pos.step, desc=f"{args.method} {lang.code}", unit="step")
+    optimizer = None
+    stopped = False
+    try:
+        for stage_idx in range(pos.stage, len(stages)):
+            stage = stages[stage_idx]
+            counts = set_trainable(model, stage.groups, lora=args.lora)
+            trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+            with torch.no_grad():  # fp32 master weights for what trains (bf16 compute comes from autocast)
+                for p in trainable.values():
+                    p.data = p.data.float()
+            trained |= set(trainable)
+            bar.write(f"stage {stage_idx + 1}/{len(stages)}: {'+'.join(stage.groups)} for {stage.epochs} epoch(s), trainable {sum(counts.values()):,} params {counts}")
+            optimizer = torch.optim.AdamW(trainable.values(), lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
+            if ckpt is not None and stage_idx == pos.stage:
+                optimizer.load_state_dict(ckpt["optimizer"])
+                set_rng_state(ckpt["rng"])
+            hidden_fn = torch.compile(model.hidden, dynamic=False) if use_compile else model.hidden
+            model.train()
+            for epoch in range(pos.epoch if stage_idx == pos.stage else 0, stage.epochs):
+                order = seeded_order(len(examples), args.seed, stage_idx, epoch)
+                first = pos.batch if (stage_idx, epoch) == (pos.stage, pos.epoch) else 0
+                for b0 in range(first, batches_per_epoch, args.grad_accum):
+                    if args.max_steps and pos.step >= args.max_steps:
+                        stopped = True
+                        break
+                    t0 = time.perf_counter()
+                    lr = lr_at(pos.step, total_steps, args.lr, args.warmup)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                    n_tok, parts = 0, []
+                    micro = range(b0, min(b0 + args.grad_accum, batches_per_epoch))
+                    for b in micro:
+                        idx = order[b * args.batch_size : (b + 1) * args.batch_size]
+                        batch = [examples[i] for i in idx]
+                        with torch.autocast(device.type, autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                            loss, metrics = batch_loss(model, hidden_fn, batch, None if ref_table is None else ref_table[idx], args, tok.pad_id, device)
+                        (loss / len(micro)).backward()
+                        n_tok += count_tokens(batch, SFT_SEQUENCES[args.sft_on] if args.method == "sft" else range(4))
+                        parts.append(metrics)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(trainable.values(), args.grad_clip if args.grad_clip > 0 else float("inf"))
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    pos.step += 1
+                    pos.stage, pos.epoch, pos.batch = stage_idx, epoch, micro.stop
+                    dt = time.perf_counter() - t0
+                    row = {k: sum(float(m[k]) for m in parts) / len(parts) for k in parts[0]}
+                    row.update(step=pos.step, stage=stage_idx, epoch=epoch, lr=lr, grad_norm=float(grad_norm), tokens=n_tok, tokens_per_s=n_tok / dt)
+                    with metrics_path.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    bar.update(1)
+                    bar.set_postfix({"loss": f"{row['loss']:.3f}", **({"margin": f"{row['margin']:.3f}"} if "margin" in row else {}), "tok/s": f"{row['tokens_per_s']:.0f}"})
+                    if args.save_every and pos.step % args.save_every == 0:
+                        save_checkpoint(checkpoint_path, weights=trained_weights(model, trained), optimizer=optimizer, position=pos, model_id=model_id, settings=settings)
+                if stopped:
+                    break
+            if stopped:
+                break
+    except KeyboardInterrupt:
+        bar.close()
+        if optimizer is not None:
+            save_checkpoint(checkpoint_path, weights=trained_weights(model, trained), optimizer=optimizer, position=pos, model_id=model_id, settings=settings)
+        print(f"\ninterrupted: checkpoint saved to {checkpoint_path}; continue with --resume", file=sys.stderr)
+        sys.exit(130)
+    bar.close()
+    save_checkpoint(checkpoint_path, weights=trained_weights(model, trained), optimizer=optimizer, position=pos, model_id=model_id, settings=settings)
+
+    # 6. Outputs: an HF-format folder transformers loads (and PEFT adapters with --lora).
+    model.eval()
+    save_dtype = model.embed_tokens.weight.dtype
+    if args.lora:
+        from clo.lora import merge_lora, save_adapter
+
+        save_adapter(model, out / "adapter", base_model=str(args.model))
+        print(f"adapter saved to {out / 'adapter'}", file=sys.stderr)
+        if not args.save_merged:
+            return out
+        merge_lora(model)
+    save_model(model, out / "model", tokenizer_from=folder, dtype=save_dtype)
+    print(f"model saved to {out / 'model'}", file=sys.stderr)
+    return out
+
+
+LORA_TARGETS = {
+    "attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "mlp": ("gate_proj", "up_proj", "down_proj"),
+    "all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+}
+
+
+def trained_weights(model, names: set[str]) -> dict:
+    params = dict(model.named_parameters())
+    return {n: params[n] for n in names}
+
+
+def keep_metrics_until(path: Path, step: int) -> None:
+    """Drop metric lines past the checkpoint's step (they will be written again)."""
+    if path.is_file():
+        rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        path.write_text("".join(r + "\n" for r in rows))
+
+
+if __name__ == "__main__":
+    run_cli(main)
