@@ -81,3 +81,39 @@ def cut_at_stop(ids: list[int], stop_ids: set[int]) -> list[int]:
         if t in stop_ids:
             return ids[:i]
     return ids
+
+
+def main(argv=None):
+    """python -m clo.generate --model M "prompt" ...: answer prompts with a checkpoint's chat format."""
+    import argparse
+
+    from clo.chat import detect_format, encode_prompt, stop_ids
+    from clo.checkpoint import load_model
+    from clo.default_model import DEFAULT_MODEL, resolve_model
+    from clo.tokenizer import load_tokenizer
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("prompts", nargs="+", help="one or more prompts, answered as one batch")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="HF folder, hub id, or the default model")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="longest answer in tokens")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling")
+    p.add_argument("--chat-format", default="auto", help="auto, chatml, llama3, llama2, mistral or plain")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device")
+    args = p.parse_args(argv)
+    folder = resolve_model(args.model)
+    tok = load_tokenizer(folder)
+    fmt = detect_format(tok, args.chat_format)
+    model = load_model(folder, args.device)
+    prompts = [encode_prompt(tok, fmt, text) for text in args.prompts]
+    generator = torch.Generator(args.device).manual_seed(args.seed)
+    answers = generate(model, prompts, args.max_new_tokens, stop_ids(tok, fmt), tok.pad_id, args.temperature, args.top_p, generator)
+    for text, ids in zip(args.prompts, answers):
+        print(f">>> {text}\n{tok.decode(ids)}\n")
+
+
+if __name__ == "__main__":
+    from clo.errors import run_cli
+
+    run_cli(main)

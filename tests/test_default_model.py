@@ -303,12 +303,50 @@ def gguf_tokenizer(smollm2_gguf):
     return transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
 
 
-@pytest.mark.slow
-def test_smollm2_logits_match_transformers_loading_the_gguf(smollm2_dir, smollm2_gguf, gguf_tokenizer):
-    ours = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
-    oracle = transformers.AutoModelForCausalLM.from_pretrained(
+@pytest.fixture(scope="module")
+def gguf_model(smollm2_gguf):
+    """transformers' own reading of the GGUF file: the oracle for our conversion and our decoder."""
+    return transformers.AutoModelForCausalLM.from_pretrained(
         smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32
-    )
+    ).eval()
+
+
+@pytest.mark.slow
+def test_our_decoder_matches_transformers_loading_the_gguf(smollm2_dir, gguf_model, gguf_tokenizer):
+    from clo.checkpoint import load_model
+
+    ours = load_model(smollm2_dir)
+    for text in (ENGLISH, SWAHILI):
+        ids = torch.tensor([gguf_tokenizer(text).input_ids])
+        with torch.no_grad():
+            diff = (ours(ids) - gguf_model(ids).logits).abs().max().item()
+        assert diff <= 1e-4, (text, diff)
+
+
+@pytest.mark.slow
+def test_our_greedy_generation_matches_transformers(smollm2_dir, gguf_model):
+    from clo.chat import detect_format, encode_prompt, stop_ids
+    from clo.checkpoint import load_model
+    from clo.generate import generate
+    from clo.tokenizer import load_tokenizer
+
+    ours, tok = load_model(smollm2_dir), load_tokenizer(smollm2_dir)
+    fmt = detect_format(tok)
+    prompts = [encode_prompt(tok, fmt, "What is the capital of France?"), encode_prompt(tok, fmt, SWAHILI)]
+    got = generate(ours, prompts, max_new_tokens=24, stop_ids=stop_ids(tok, fmt), pad_id=tok.pad_id)
+    for prompt, ids in zip(prompts, got):
+        out = gguf_model.generate(
+            torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=sorted(stop_ids(tok, fmt)), pad_token_id=tok.pad_id
+        )
+        expected = [t for t in out[0, len(prompt) :].tolist() if t not in stop_ids(tok, fmt)]
+        assert ids == expected
+    assert "Paris" in tok.decode(got[0])
+
+
+@pytest.mark.slow
+def test_smollm2_logits_match_transformers_loading_the_gguf(smollm2_dir, gguf_model, gguf_tokenizer):
+    ours = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    oracle = gguf_model
     assert ours.config.tie_word_embeddings and oracle.config.tie_word_embeddings
     for text in (ENGLISH, SWAHILI):
         ids = torch.tensor([gguf_tokenizer(text).input_ids])
