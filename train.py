@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from clo.batching import collate, count_tokens, encode_all
 from clo.chat import detect_format
-from clo.checkpoint import load_model, save_model
+from clo.checkpoint import bf16_is_fast, load_model, save_model
 from clo.data import demo_path, load_pairs
 from clo.default_model import DEFAULT_MODEL, cache_dir, resolve_model
 from clo.errors import CloError, run_cli
@@ -48,6 +48,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--lang", required=True, help="target language: sw, yo, id, ko, zh or de")
     p.add_argument("--data", help="cross-lingual JSONL (translate.py writes it); default: the demo set data/demo/<lang>.jsonl")
+    p.add_argument("--max-examples", type=int, default=0, help="use only the first N examples (the paper's data-size study: 200 .. 6400); 0: all")
     p.add_argument("--model", "--init", dest="model", default=DEFAULT_MODEL, help="starting checkpoint: an HF folder, a hub id, or the default; also the DPO reference")
     p.add_argument("--method", choices=["clo", "sft", "dpo"], default="clo", help="CLO, or the paper's baselines")
     p.add_argument("--sft-on", choices=list(SFT_SEQUENCES), default="target", help="--method sft: which responses get the NLL")
@@ -73,7 +74,8 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=int, default=100, help="write a resumable checkpoint every N steps")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     p.add_argument("--device", default="auto", help="cuda, cpu, ... (auto: cuda if available)")
-    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto", help="weights dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto", help="dtype of the frozen weights (auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--amp", choices=["auto", "on", "off"], default="auto", help="bf16 autocast for compute (auto: on for CUDA and for CPUs with AMX, where bf16 matmuls are ~8x faster)")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile the decoder (auto: on for CUDA)")
     p.add_argument("--chat-format", default="auto", help="auto, chatml, llama3, llama2, mistral or plain")
     p.add_argument("--save-merged", action="store_true", help="with --lora: also write merged full weights to <out>/model")
@@ -121,6 +123,7 @@ def main(argv=None):
     stages = parse_stages(args.stages)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
     dtype = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    use_amp = args.amp == "on" or (args.amp == "auto" and bf16_is_fast(device))
     use_compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
     args.bucket = args.bucket or (64 if use_compile else 8)
     out = Path(args.out or f"runs/{args.method}-{lang.code}")
@@ -132,15 +135,16 @@ def main(argv=None):
     folder = resolve_model(args.model)
     tok = load_tokenizer(folder)
     fmt = detect_format(tok, args.chat_format)
-    examples, too_long = encode_all(tok, fmt, report.examples, args.max_length)
+    chosen = report.examples[: args.max_examples] if args.max_examples else report.examples
+    examples, too_long = encode_all(tok, fmt, chosen, args.max_length)
     print(f"data: {data_path}: {report.summary()}, {too_long} longer than {args.max_length} tokens dropped; chat format {fmt.name}", file=sys.stderr)
     if not examples:
         raise CloError(f"{data_path}: every example is longer than --max-length {args.max_length}")
 
-    # 2. Model. On CUDA frozen weights stay bf16; trainable ones get fp32 master copies per stage.
+    # 2. Model. Frozen weights stay in --dtype (bf16 on CUDA); trainable ones get fp32 master copies per stage.
     model = load_model(folder, device, dtype)
     model_id = model_fingerprint(folder)
-    autocast_dtype = torch.bfloat16 if device.type == "cuda" and model.embed_tokens.weight.dtype == torch.bfloat16 else None
+    autocast_dtype = torch.bfloat16 if use_amp else None  # bf16 matmuls; trainable weights stay fp32
     if args.lora:
         from clo.lora import apply_lora
 
@@ -170,7 +174,7 @@ def main(argv=None):
     batches_per_epoch = math.ceil(len(examples) / args.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / args.grad_accum)
     total_steps = sum(s.epochs for s in stages) * steps_per_epoch
-    settings = {k: getattr(args, k) for k in ("method", "lang", "stages", "lora", "batch_size", "grad_accum", "seed", "lr", "max_length")}
+    settings = {k: getattr(args, k) for k in ("method", "lang", "stages", "lora", "batch_size", "grad_accum", "seed", "lr", "max_length", "max_examples")}
     settings["data"] = str(data_path)
     pos, ckpt = Position(), None
     checkpoint_path = out / "checkpoint.pt"
@@ -181,6 +185,7 @@ def main(argv=None):
         params = dict(model.named_parameters())
         for name, value in ckpt["weights"].items():
             params[name].data = value.to(device)  # keeps the saved dtype: fp32 master weights stay fp32
+        set_rng_state(ckpt["rng"])  # nothing random happens between here and the next step
         keep_metrics_until(metrics_path, pos.step)
         print(f"resuming from {checkpoint_path} at step {pos.step}", file=sys.stderr)
     else:
@@ -192,78 +197,74 @@ def main(argv=None):
     else:
         total_run = total_steps
 
-    # 5. Train, stage by stage.
+    # 5. Train: every optimizer step from the resume position on; a new stage rebuilds the optimizer.
     trained: set[str] = set(ckpt["weights"]) if ckpt else set()
     bar = tqdm(total=total_run, initial=pos.step, desc=f"{args.method} {lang.code}", unit="step")
-    optimizer = None
-    stopped = False
+    optimizer, stage_idx = None, None
+
+    def save():
+        save_checkpoint(checkpoint_path, weights={n: p for n, p in model.named_parameters() if n in trained}, optimizer=optimizer, position=pos, model_id=model_id, settings=settings)
+
     try:
-        for stage_idx in range(pos.stage, len(stages)):
-            stage = stages[stage_idx]
-            counts = set_trainable(model, stage.groups, lora=args.lora)
-            trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-            with torch.no_grad():  # fp32 master weights for what trains (bf16 compute comes from autocast)
-                for p in trainable.values():
-                    p.data = p.data.float()
-            trained |= set(trainable)
-            bar.write(f"stage {stage_idx + 1}/{len(stages)}: {'+'.join(stage.groups)} for {stage.epochs} epoch(s), trainable {sum(counts.values()):,} params {counts}")
-            optimizer = torch.optim.AdamW(trainable.values(), lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
-            if ckpt is not None and stage_idx == pos.stage:
-                optimizer.load_state_dict(ckpt["optimizer"])
-                set_rng_state(ckpt["rng"])
-            hidden_fn = torch.compile(model.hidden, dynamic=False) if use_compile else model.hidden
-            model.train()
-            for epoch in range(pos.epoch if stage_idx == pos.stage else 0, stage.epochs):
-                order = seeded_order(len(examples), args.seed, stage_idx, epoch)
-                first = pos.batch if (stage_idx, epoch) == (pos.stage, pos.epoch) else 0
-                for b0 in range(first, batches_per_epoch, args.grad_accum):
-                    if args.max_steps and pos.step >= args.max_steps:
-                        stopped = True
-                        break
-                    t0 = time.perf_counter()
-                    lr = lr_at(pos.step, total_steps, args.lr, args.warmup)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-                    n_tok, parts = 0, []
-                    micro = range(b0, min(b0 + args.grad_accum, batches_per_epoch))
-                    for b in micro:
-                        idx = order[b * args.batch_size : (b + 1) * args.batch_size]
-                        batch = [examples[i] for i in idx]
-                        with torch.autocast(device.type, autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-                            loss, metrics = batch_loss(model, hidden_fn, batch, None if ref_table is None else ref_table[idx], args, tok.pad_id, device)
-                        (loss / len(micro)).backward()
-                        n_tok += count_tokens(batch, SFT_SEQUENCES[args.sft_on] if args.method == "sft" else range(4))
-                        parts.append(metrics)
-                    grad_norm = torch.nn.utils.clip_grad_norm_(trainable.values(), args.grad_clip if args.grad_clip > 0 else float("inf"))
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    pos.step += 1
-                    pos.stage, pos.epoch, pos.batch = stage_idx, epoch, micro.stop
-                    dt = time.perf_counter() - t0
-                    row = {k: sum(float(m[k]) for m in parts) / len(parts) for k in parts[0]}
-                    row.update(step=pos.step, stage=stage_idx, epoch=epoch, lr=lr, grad_norm=float(grad_norm), tokens=n_tok, tokens_per_s=n_tok / dt)
-                    with metrics_path.open("a") as f:
-                        f.write(json.dumps(row) + "\n")
-                    bar.update(1)
-                    bar.set_postfix({"loss": f"{row['loss']:.3f}", **({"margin": f"{row['margin']:.3f}"} if "margin" in row else {}), "tok/s": f"{row['tokens_per_s']:.0f}"})
-                    if args.save_every and pos.step % args.save_every == 0:
-                        save_checkpoint(checkpoint_path, weights=trained_weights(model, trained), optimizer=optimizer, position=pos, model_id=model_id, settings=settings)
-                if stopped:
-                    break
-            if stopped:
+        for s, epoch, micro in steps_from(Position(**vars(pos)), stages, batches_per_epoch, args.grad_accum):
+            if args.max_steps and pos.step >= args.max_steps:
                 break
+            if s != stage_idx:
+                stage_idx, stage = s, stages[s]
+                counts = set_trainable(model, stage.groups, lora=args.lora)
+                trainable = [p for n, p in model.named_parameters() if p.requires_grad]
+                for p in trainable:
+                    p.data = p.data.float()  # fp32 master weights; bf16 compute comes from autocast
+                trained |= {n for n, p in model.named_parameters() if p.requires_grad}
+                bar.write(f"stage {s + 1}/{len(stages)}: {'+'.join(stage.groups)} for {stage.epochs} epoch(s), trainable {sum(counts.values()):,} params {counts}")
+                optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
+                if ckpt is not None and s == ckpt["position"].stage:
+                    optimizer.load_state_dict(ckpt["optimizer"])
+                hidden_fn = torch.compile(model.hidden, dynamic=False) if use_compile else model.hidden
+                model.train()
+
+            t0 = time.perf_counter()
+            lr = lr_at(pos.step, total_steps, args.lr, args.warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            order = seeded_order(len(examples), args.seed, s, epoch)
+            n_tok, parts = 0, []
+            for b in micro:
+                idx = order[b * args.batch_size : (b + 1) * args.batch_size]
+                batch = [examples[i] for i in idx]
+                with torch.autocast(device.type, autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                    loss, metrics = batch_loss(model, hidden_fn, batch, None if ref_table is None else ref_table[idx], args, tok.pad_id, device)
+                (loss / len(micro)).backward()
+                n_tok += count_tokens(batch, SFT_SEQUENCES[args.sft_on] if args.method == "sft" else range(4))
+                parts.append(metrics)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip if args.grad_clip > 0 else float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            pos = Position(s, epoch, micro.stop, pos.step + 1)
+
+            row = {k: sum(float(m[k]) for m in parts) / len(parts) for k in parts[0]}
+            row.update(step=pos.step, stage=s, epoch=epoch, lr=lr, grad_norm=float(grad_norm), tokens=n_tok, tokens_per_s=n_tok / (time.perf_counter() - t0))
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            bar.update(1)
+            bar.set_postfix({"loss": f"{row['loss']:.3f}", **({"margin": f"{row['margin']:.3f}"} if "margin" in row else {}), "tok/s": f"{row['tokens_per_s']:.0f}"})
+            if args.save_every and pos.step % args.save_every == 0:
+                save()
     except KeyboardInterrupt:
         bar.close()
         if optimizer is not None:
-            save_checkpoint(checkpoint_path, weights=trained_weights(model, trained), optimizer=optimizer, position=pos, model_id=model_id, settings=settings)
+            save()
         print(f"\ninterrupted: checkpoint saved to {checkpoint_path}; continue with --resume", file=sys.stderr)
         sys.exit(130)
     bar.close()
-    save_checkpoint(checkpoint_path, weights=trained_weights(model, trained), optimizer=optimizer, position=pos, model_id=model_id, settings=settings)
+    if optimizer is not None:
+        save()
+
+    report_summary(out, metrics_path, device)
 
     # 6. Outputs: an HF-format folder transformers loads (and PEFT adapters with --lora).
     model.eval()
-    save_dtype = model.embed_tokens.weight.dtype
+    save_dtype = getattr(torch, model.cfg.raw.get("torch_dtype") or model.cfg.raw.get("dtype") or "float32")  # the checkpoint's own
     if args.lora:
         from clo.lora import merge_lora, save_adapter
 
@@ -284,9 +285,40 @@ LORA_TARGETS = {
 }
 
 
-def trained_weights(model, names: set[str]) -> dict:
-    params = dict(model.named_parameters())
-    return {n: params[n] for n in names}
+def steps_from(start: Position, stages, batches_per_epoch: int, grad_accum: int):
+    """Every optimizer step from `start` on, as (stage, epoch, range of micro-batch indices in the epoch)."""
+    for s in range(start.stage, len(stages)):
+        for epoch in range(start.epoch if s == start.stage else 0, stages[s].epochs):
+            first = start.batch if (s, epoch) == (start.stage, start.epoch) else 0
+            for b0 in range(first, batches_per_epoch, grad_accum):
+                yield s, epoch, range(b0, min(b0 + grad_accum, batches_per_epoch))
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def report_summary(out: Path, metrics_path: Path, device: torch.device) -> None:
+    """Median tokens/s, peak memory and first/last margin, printed and added to run.json."""
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    if not rows:
+        return
+    summary = {
+        "steps": len(rows),
+        "median_tokens_per_s": float(np.median([r["tokens_per_s"] for r in rows])),
+        "peak_memory_gib": round(peak_memory_gib(device), 2),
+        "first_loss": rows[0]["loss"],
+        "last_loss": rows[-1]["loss"],
+    }
+    if "margin" in rows[0]:
+        summary.update(first_margin=rows[0]["margin"], last_margin=rows[-1]["margin"])
+    run = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**run, "summary": summary}, indent=2))
+    print("summary: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()), file=sys.stderr)
 
 
 def keep_metrics_until(path: Path, step: int) -> None:
