@@ -1,0 +1,528 @@
+"""M2M100, the translation model the paper used (facebook/m2m100_1.2B), written from scratch.
+
+M2M100 (Fan et al., 2020) is a fairseq Transformer encoder-decoder with pre-norm layers:
+
+    encoder:  x = E[src] * sqrt(d) + P(pos)
+              repeat N:  x = x + SelfAttn(LN(x));  x = x + FFN(LN(x))
+              h = LN(x)
+    decoder:  y = E[tgt] * sqrt(d) + P(pos)
+              repeat N:  y = y + CausalSelfAttn(LN(y));  y = y + CrossAttn(LN(y), h);  y = y + FFN(LN(y))
+              logits = LN(y) @ E^T                      (one embedding E shared by all three)
+
+P is the fixed sinusoidal table of tensor2tensor ([sin | cos] halves), indexed fairseq's way: real
+tokens count from pad_id + 1, pad tokens get position pad_id, whose row is zero.
+
+Translation: the source is `[__src__] pieces </s>`; the decoder starts from `</s>` and its first
+output is forced to be the target language token `__tgt__`; decoding stops at `</s>`.
+
+Decoding keeps a KV cache: self-attention keys/values grow by one position per step; cross-attention
+keys/values are computed once per source sentence and shared by all of its beams (queries of the
+beams attend to one copy). Greedy and beam search follow `transformers`' `generate` step for step
+(same scores, same tie-breaking), so outputs are identical (tests/test_m2m100.py); beams or sentences
+that can no longer change are dropped from the batch, which `generate` does not do.
+"""
+
+import json
+import math
+from dataclasses import MISSING, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from clo.errors import CloError
+
+
+@dataclass(frozen=True)
+class M2M100Config:
+    """The architecture, read from the checkpoint's config.json (transformers' field names)."""
+
+    vocab_size: int
+    d_model: int
+    encoder_layers: int
+    decoder_layers: int
+    encoder_attention_heads: int
+    decoder_attention_heads: int
+    encoder_ffn_dim: int
+    decoder_ffn_dim: int
+    activation_function: str = "relu"
+    scale_embedding: bool = True
+    pad_token_id: int = 1
+    eos_token_id: int = 2
+    decoder_start_token_id: int = 2
+    tie_word_embeddings: bool = True
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> "M2M100Config":
+        path = Path(folder) / "config.json"
+        if not path.is_file():
+            raise CloError(f"{folder}: no config.json; not a Hugging Face model folder")
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CloError(f"{path}: not valid JSON ({e})") from None
+        if raw.get("model_type") != "m2m_100":
+            raise CloError(f"{path}: field 'model_type' is {raw.get('model_type')!r}; expected 'm2m_100' (M2M100 or NLLB)")
+        values = {}
+        for f in fields(cls):
+            if f.name in raw and raw[f.name] is not None:
+                values[f.name] = raw[f.name]
+            elif f.default is MISSING:
+                raise CloError(f"{path}: field {f.name!r} is missing")
+        config = cls(**values)
+        for field in ("pad_token_id", "eos_token_id", "decoder_start_token_id"):
+            if not isinstance(getattr(config, field), int):
+                raise CloError(f"{path}: field {field!r} is {getattr(config, field)!r}; one token id expected")
+        if config.activation_function not in ACTIVATIONS:
+            raise CloError(f"{path}: field 'activation_function' is {config.activation_function!r}; supported: {list(ACTIVATIONS)}")
+        for side in ("encoder", "decoder"):
+            if config.d_model % getattr(config, f"{side}_attention_heads"):
+                raise CloError(f"{path}: d_model {config.d_model} is not divisible by {side}_attention_heads")
+        return config
+
+
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+
+
+def make_positions(ids: Tensor, pad_id: int, past: int = 0) -> Tensor:
+    """Fairseq positions of `ids` [B, T] that follow `past` earlier tokens: pad_id + 1 + index for
+    real tokens, pad_id for pad tokens (pads do not advance the count within `ids`)."""
+    real = ids.ne(pad_id).long()
+    return (torch.cumsum(real, dim=1) + past) * real + pad_id
+
+
+def sinusoidal_embedding(positions: Tensor, dim: int, pad_id: int) -> Tensor:
+    """[...] integer positions -> [..., dim] float32: [sin(p * w_i) | cos(p * w_i)],
+    w_i = 10000^(-i / (dim/2 - 1)); the row of position pad_id is zero."""
+    half = dim // 2
+    step = math.log(10000) / (half - 1)
+    inv_freq = torch.exp(torch.arange(half, device=positions.device).float() * -step)
+    angles = positions.float().unsqueeze(-1) * inv_freq
+    emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb.masked_fill(positions.eq(pad_id).unsqueeze(-1), 0.0)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with separate q/k/v/out projections (with biases), scale 1/sqrt(head_dim)."""
+
+    def __init__(self, d_model: int, heads: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, d_model // heads
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.k_proj = nn.Linear(d_model, d_model)
+        self.v_proj = nn.Linear(d_model, d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def split_heads(self, x: Tensor) -> Tensor:
+        """[B, T, D] -> [B, H, T, D/H]"""
+        return x.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
+
+    def keys_values(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """[B, S, D] -> keys, values [B, H, S, D/H]"""
+        return self.split_heads(self.k_proj(x)), self.split_heads(self.v_proj(x))
+
+    def attend(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None,
+               causal: bool = False, group: int = 1) -> Tensor:
+        """Queries from x [B*group, T, D] against k, v [B, H, S, D/H] -> [B*group, T, D].
+
+        `group` > 1: each group of consecutive query rows (the beams of one sentence) shares one
+        copy of k/v; their queries are laid side by side as one longer query sequence.
+        mask: bool, broadcastable to [B, H, group*T, S], True where attending is allowed.
+        """
+        rows, T, D = x.shape
+        q = self.split_heads(self.q_proj(x))  # [B*group, H, T, hd]
+        if group > 1:
+            q = q.unflatten(0, (rows // group, group)).transpose(1, 2).flatten(2, 3)  # [B, H, group*T, hd]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        if group > 1:
+            out = out.unflatten(2, (group, T)).transpose(1, 2).flatten(0, 1)  # [B*group, H, T, hd]
+        return self.out_proj(out.transpose(1, 2).reshape(rows, T, D))
+
+
+def feed_forward(layer: nn.Module, x: Tensor) -> Tensor:
+    return layer.fc2(layer.activation(layer.fc1(x)))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: M2M100Config):
+        super().__init__()
+        self.self_attn = Attention(cfg.d_model, cfg.encoder_attention_heads)
+        self.self_attn_layer_norm = nn.LayerNorm(cfg.d_model)
+        self.fc1, self.fc2 = nn.Linear(cfg.d_model, cfg.encoder_ffn_dim), nn.Linear(cfg.encoder_ffn_dim, cfg.d_model)
+        self.activation = ACTIVATIONS[cfg.activation_function]
+        self.final_layer_norm = nn.LayerNorm(cfg.d_model)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        """x [B, S, D], mask [B, 1, 1, S] (True: a real token) -> [B, S, D]"""
+        h = self.self_attn_layer_norm(x)
+        x = x + self.self_attn.attend(h, *self.self_attn.keys_values(h), mask=mask)
+        x = x + feed_forward(self, self.final_layer_norm(x))
+        if x.dtype == torch.float16:  # as fairseq/transformers do, keep fp16 activations finite
+            limit = torch.finfo(x.dtype).max - 1000
+            x = x.clamp(-limit, limit)
+        return x
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: M2M100Config):
+        super().__init__()
+        self.self_attn = Attention(cfg.d_model, cfg.decoder_attention_heads)
+        self.self_attn_layer_norm = nn.LayerNorm(cfg.d_model)
+        self.encoder_attn = Attention(cfg.d_model, cfg.decoder_attention_heads)
+        self.encoder_attn_layer_norm = nn.LayerNorm(cfg.d_model)
+        self.fc1, self.fc2 = nn.Linear(cfg.d_model, cfg.decoder_ffn_dim), nn.Linear(cfg.decoder_ffn_dim, cfg.d_model)
+        self.activation = ACTIVATIONS[cfg.activation_function]
+        self.final_layer_norm = nn.LayerNorm(cfg.d_model)
+
+    def forward(self, y: Tensor, past_k: Tensor | None, past_v: Tensor | None, cross_k: Tensor,
+                cross_v: Tensor, cross_mask: Tensor, group: int) -> tuple[Tensor, Tensor, Tensor]:
+        """y [N, T, D], the T newest decoder positions; past_k/v [N, H, t, hd] or None (nothing cached);
+        cross_k/v [N/group, H, S, hd]. Returns y and the self-attention keys/values of all t + T positions."""
+        h = self.self_attn_layer_norm(y)
+        k, v = self.self_attn.keys_values(h)
+        if past_k is not None:
+            k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+        causal = past_k is None and y.size(1) > 1  # teacher forcing; one new token sees all the past
+        y = y + self.self_attn.attend(h, k, v, causal=causal)
+        h = self.encoder_attn_layer_norm(y)
+        y = y + self.encoder_attn.attend(h, cross_k, cross_v, mask=cross_mask, group=group)
+        return y + feed_forward(self, self.final_layer_norm(y)), k, v
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: M2M100Config):
+        super().__init__()
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
+        self.layer_norm = nn.LayerNorm(cfg.d_model)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: M2M100Config):
+        super().__init__()
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))
+        self.layer_norm = nn.LayerNorm(cfg.d_model)
+
+
+@dataclass
+class DecoderCache:
+    """What decoding keeps between steps. N decoder rows = sources * group (group = beams).
+
+    self_k/self_v: per layer [N, H, t, hd], the decoder's own past; cross_k/cross_v: per layer
+    [sources, H, S, hd], the encoder output projected once; cross_mask: [sources, 1, 1, S] bool."""
+
+    self_k: list[Tensor]
+    self_v: list[Tensor]
+    cross_k: list[Tensor]
+    cross_v: list[Tensor]
+    cross_mask: Tensor
+    group: int
+    length: int = 0  # decoder positions already cached
+
+    def select_rows(self, rows: Tensor) -> None:
+        """Keep decoder rows `rows` (beam reordering); the sources are unchanged."""
+        self.self_k = [k.index_select(0, rows) for k in self.self_k]
+        self.self_v = [v.index_select(0, rows) for v in self.self_v]
+
+    def select_sources(self, sources: Tensor) -> None:
+        """Keep only these sources (indices into the current ones) and their decoder rows."""
+        rows = (sources[:, None] * self.group + torch.arange(self.group, device=sources.device)).flatten()
+        self.select_rows(rows)
+        self.cross_k = [k.index_select(0, sources) for k in self.cross_k]
+        self.cross_v = [v.index_select(0, sources) for v in self.cross_v]
+        self.cross_mask = self.cross_mask.index_select(0, sources)
+
+
+class M2M100(nn.Module):
+    """The encoder-decoder. Parameter names are transformers' without the leading "model."."""
+
+    def __init__(self, cfg: M2M100Config):
+        super().__init__()
+        self.cfg = cfg
+        self.shared = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.embed_scale = math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0
+
+    def embed(self, ids: Tensor, past: int = 0) -> Tensor:
+        """ids [B, T] -> E[ids] * sqrt(d) + P(positions) [B, T, D]"""
+        positions = make_positions(ids, self.cfg.pad_token_id, past)
+        pos = sinusoidal_embedding(positions, self.cfg.d_model, self.cfg.pad_token_id)
+        return self.shared(ids) * self.embed_scale + pos.to(self.shared.weight.dtype)
+
+    def logits(self, h: Tensor) -> Tensor:
+        return F.linear(h, self.shared.weight if self.lm_head is None else self.lm_head.weight)
+
+    def encode(self, src_ids: Tensor, src_mask: Tensor) -> Tensor:
+        """src_ids, src_mask [B, S] (mask 1 for real tokens) -> encoder output [B, S, D]"""
+        x = self.embed(src_ids)
+        mask = src_mask.bool()[:, None, None, :]
+        for layer in self.encoder.layers:
+            x = layer(x, mask)
+        return self.encoder.layer_norm(x)
+
+    def start_decoding(self, encoded: Tensor, src_mask: Tensor, group: int = 1) -> DecoderCache:
+        """An empty cache for `group` decoder rows per source; cross keys/values computed once here."""
+        kv = [layer.encoder_attn.keys_values(encoded) for layer in self.decoder.layers]
+        empty = encoded.new_empty(encoded.size(0) * group, 0, 0, 0)
+        return DecoderCache(
+            self_k=[empty] * len(kv), self_v=[empty] * len(kv),
+            cross_k=[k for k, _ in kv], cross_v=[v for _, v in kv],
+            cross_mask=src_mask.bool()[:, None, None, :], group=group,
+        )
+
+    def decode(self, tgt_ids: Tensor, cache: DecoderCache) -> Tensor:
+        """tgt_ids [N, T], the next T decoder tokens of each row -> logits [N, T, V]; extends the cache.
+
+        T > 1 (teacher forcing) needs an empty cache; decoding feeds one token per step."""
+        if tgt_ids.size(1) > 1 and cache.length:
+            raise ValueError("several new decoder tokens are only supported on an empty cache")
+        y = self.embed(tgt_ids, past=cache.length)
+        for i, layer in enumerate(self.decoder.layers):
+            past_k, past_v = (cache.self_k[i], cache.self_v[i]) if cache.length else (None, None)
+            y, cache.self_k[i], cache.self_v[i] = layer(
+                y, past_k, past_v, cache.cross_k[i], cache.cross_v[i], cache.cross_mask, cache.group)
+        cache.length += tgt_ids.size(1)
+        return self.logits(self.decoder.layer_norm(y))
+
+    def forward(self, src_ids: Tensor, src_mask: Tensor, tgt_ids: Tensor) -> Tensor:
+        """Teacher-forced logits [B, T, V] for decoder inputs tgt_ids [B, T] (they start with </s>)."""
+        cache = self.start_decoding(self.encode(src_ids, src_mask), src_mask)
+        return self.decode(tgt_ids, cache)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decoding
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """The decoding knobs of the checkpoint's generation_config.json (transformers' names and defaults).
+
+    max_length counts decoder tokens including the start token, as transformers does.
+    length_penalty: finished beams are ranked by sum(log p) / generated_length ** length_penalty.
+    early_stopping: True stops a sentence once it has num_beams finished hypotheses; False stops when
+    the best running beam can no longer beat them (at the current length); "never" assumes the
+    longest possible length when length_penalty > 0."""
+
+    max_length: int = 20
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+
+    # Settings that change the result but are not implemented here, with the values that disable them.
+    UNSUPPORTED = {
+        "do_sample": False, "num_beam_groups": 1, "no_repeat_ngram_size": 0, "repetition_penalty": 1.0,
+        "encoder_no_repeat_ngram_size": 0, "min_length": 0, "min_new_tokens": None, "bad_words_ids": None,
+        "forced_eos_token_id": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+        "diversity_penalty": 0.0, "constraints": None, "force_words_ids": None, "renormalize_logits": False,
+        "exponential_decay_length_penalty": None, "sequence_bias": None, "num_return_sequences": 1,
+    }
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> "GenerationSettings":
+        """generation_config.json if the folder has one, else the legacy keys of config.json."""
+        folder = Path(folder)
+        path = folder / "generation_config.json"
+        if not path.is_file():
+            path = folder / "config.json"
+        raw = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        for key, neutral in cls.UNSUPPORTED.items():
+            if raw.get(key, neutral) not in (neutral, None):
+                raise CloError(f"{path}: field {key!r} is {raw[key]!r}; only {neutral!r} is supported")
+        max_length = raw.get("max_length") or cls.max_length
+        if raw.get("max_new_tokens"):
+            max_length = raw["max_new_tokens"] + 1  # + the decoder start token
+        return cls(
+            max_length=max_length,
+            num_beams=raw.get("num_beams") or cls.num_beams,
+            length_penalty=raw.get("length_penalty", cls.length_penalty),
+            early_stopping=raw.get("early_stopping", cls.early_stopping),
+        )
+
+
+@torch.inference_mode()
+def generate(model: M2M100, src_ids: Tensor, src_mask: Tensor, forced_bos_id: int | None,
+             settings: GenerationSettings) -> list[list[int]]:
+    """Translate a padded batch src_ids, src_mask [B, S] -> for each sentence, the generated ids after
+    the start token: [__tgt__, ..., </s>] (no </s> if max_length was reached first)."""
+    if settings.num_beams > 1:
+        return beam_search(model, src_ids, src_mask, forced_bos_id, settings)
+    return greedy_search(model, src_ids, src_mask, forced_bos_id, settings)
+
+
+def force_token(log_probs: Tensor, token_id: int) -> Tensor:
+    """transformers' ForcedBOSTokenLogitsProcessor: score 0 for token_id, -inf for all others."""
+    forced = torch.full_like(log_probs, -math.inf)
+    forced[:, token_id] = 0.0
+    return forced
+
+
+def greedy_search(model: M2M100, src_ids: Tensor, src_mask: Tensor, forced_bos_id: int | None,
+                  settings: GenerationSettings) -> list[list[int]]:
+    cfg = model.cfg
+    cache = model.start_decoding(model.encode(src_ids, src_mask), src_mask)
+    outputs: list[list[int]] = [[] for _ in range(src_ids.size(0))]
+    alive = torch.arange(src_ids.size(0), device=src_ids.device)  # sentences still decoding
+    tokens = torch.full_like(alive, cfg.decoder_start_token_id)
+    for length in range(1, settings.max_length):  # length: decoder tokens so far
+        scores = model.decode(tokens[:, None], cache)[:, -1].float()
+        if length == 1 and forced_bos_id is not None:
+            scores = force_token(scores, forced_bos_id)
+        tokens = scores.argmax(dim=-1)
+        for row, token in zip(alive.tolist(), tokens.tolist()):
+            outputs[row].append(token)
+        keep = tokens.ne(cfg.eos_token_id).nonzero().flatten()
+        if len(keep) < len(alive):
+            alive, tokens = alive[keep], tokens[keep]
+            cache.select_sources(keep)
+        if len(alive) == 0:
+            break
+    return outputs
+
+
+def beam_search(model: M2M100, src_ids: Tensor, src_mask: Tensor, forced_bos_id: int | None,
+                settings: GenerationSettings) -> list[list[int]]:
+    """transformers' beam search (GenerationMixin._beam_search), step for step.
+
+    Each step, every sentence's num_beams live beams propose their continuations; the best 2 * num_beams
+    (by summed log-prob) are kept: those ending in </s> (or reaching max_length) compete, scored with the
+    length penalty, for the sentence's num_beams finished slots; the best num_beams of the others live on.
+    A sentence is done when no live beam can beat its finished ones (or, with early_stopping=True, when
+    its slots are full); done sentences leave the batch. The best finished hypothesis is returned.
+    """
+    cfg, beams, max_len = model.cfg, settings.num_beams, settings.max_length
+    lp, early = settings.length_penalty, settings.early_stopping
+    B, dev = src_ids.size(0), src_ids.device
+    cache = model.start_decoding(model.encode(src_ids, src_mask), src_mask, group=beams)
+    n_top = 2 * beams  # enough candidates that num_beams remain live even if num_beams of them just ended
+    is_top_beams = torch.arange(n_top, device=dev) < beams  # only these may enter the finished slots
+
+    # Per sentence: live beams (token ids padded to max_len, like transformers) and their scores;
+    # only beam 0 starts live, so the first step does not pick the same token num_beams times.
+    live = torch.full((B, beams, max_len), cfg.pad_token_id, dtype=torch.long, device=dev)
+    live[:, :, 0] = cfg.decoder_start_token_id
+    live_scores = torch.zeros(B, beams, device=dev)
+    live_scores[:, 1:] = -1e9
+    # Per sentence: the finished slots, best first (score -1e9: empty) and their generated lengths.
+    done_seqs, done_scores = live.clone(), torch.full((B, beams), -1e9, device=dev)
+    done_full = torch.zeros(B, beams, dtype=torch.bool, device=dev)
+    done_lens = torch.zeros(B, beams, dtype=torch.long, device=dev)
+    can_improve = torch.ones(B, dtype=torch.bool, device=dev)
+
+    alive = torch.arange(B, device=dev)  # sentences still decoding; rows of the tensors below
+    a_live, a_scores = live, live_scores
+    length = 1  # decoder tokens so far
+    while True:
+        A = len(alive)
+        log_probs = F.log_softmax(model.decode(a_live[:, :, length - 1].reshape(-1, 1), cache)[:, -1].float(), dim=-1)
+        if length == 1 and forced_bos_id is not None:
+            log_probs = force_token(log_probs, forced_bos_id)
+        vocab = log_probs.size(-1)
+        totals = (log_probs.view(A, beams, vocab) + a_scores[:, :, None]).view(A, beams * vocab)
+        top_scores, top_index = totals.topk(n_top)  # [A, 2K]
+        top_beam, top_token = top_index // vocab, top_index % vocab
+        cands = a_live.take_along_dim(top_beam[:, :, None], dim=1)  # [A, 2K, max_len]
+        cands[:, :, length] = top_token
+        ends = top_token.eq(cfg.eos_token_id) | (length + 1 >= max_len)
+
+        # The next live beams: the best num_beams candidates that did not end.
+        live_cand_scores = top_scores + ends.float() * -1e9
+        pick = live_cand_scores.topk(beams).indices
+        a_live = cands.take_along_dim(pick[:, :, None], dim=1)
+        a_scores = live_cand_scores.take_along_dim(pick, dim=1)
+        parent = top_beam.take_along_dim(pick, dim=1)
+
+        # The finished slots: merge in candidates among the top num_beams that just ended.
+        fin_scores = top_scores / (length ** lp)  # length + 1 tokens, less the start token
+        slots_full = done_full[alive].all(dim=1, keepdim=True) & (early is True)
+        just_ended = ends & is_top_beams
+        fin_scores = fin_scores + slots_full.float() * -1e9  # -1e9: cannot enter the slots
+        fin_scores = fin_scores + (~can_improve[alive, None]).float() * -1e9
+        fin_scores = fin_scores + (~just_ended).float() * -1e9
+        merged_scores = torch.cat([done_scores[alive], fin_scores], dim=1)
+        best = merged_scores.topk(beams).indices
+        done_scores[alive] = merged_scores.take_along_dim(best, dim=1)
+        done_seqs[alive] = torch.cat([done_seqs[alive], cands], dim=1).take_along_dim(best[:, :, None], dim=1)
+        done_full[alive] = torch.cat([done_full[alive], just_ended], dim=1).take_along_dim(best, dim=1)
+        lens = torch.full_like(fin_scores, length + 1, dtype=torch.long)
+        done_lens[alive] = torch.cat([done_lens[alive], lens], dim=1).take_along_dim(best, dim=1)
+
+        cache.select_rows((torch.arange(A, device=dev)[:, None] * beams + parent).flatten())
+        length += 1
+
+        # Can the best live beam still beat the worst finished one? (transformers' heuristic)
+        if early == "never" and lp > 0.0:
+            best_possible = a_scores[:, :1] / ((max_len - 1) ** lp)
+        else:
+            best_possible = a_scores[:, :1] / ((length - 1) ** lp)
+        worst_done = torch.where(done_full[alive], done_scores[alive].min(dim=1, keepdim=True).values, -1e9)
+        can_improve[alive] &= (best_possible > worst_done).any(dim=1)
+
+        still = can_improve[alive] & ~(done_full[alive].all(dim=1) & (early is True))
+        if ends.all() or not still.any():
+            break
+        if not still.all():
+            keep = still.nonzero().flatten()
+            alive, a_live, a_scores = alive[keep], a_live[keep], a_scores[keep]
+            cache.select_sources(keep)
+
+    return [done_seqs[b, 0, 1:done_lens[b, 0]].tolist() for b in range(B)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading a checkpoint folder
+
+
+def read_state_dict(folder: Path) -> dict[str, Tensor]:
+    """The weights of an HF folder: model.safetensors, pytorch_model.bin (loaded with
+    weights_only=True, never unpickling code), or their sharded *.index.json forms."""
+    from safetensors.torch import load_file
+
+    def load_bin(path: Path) -> dict[str, Tensor]:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+    for name, load in (("model.safetensors", load_file), ("pytorch_model.bin", load_bin)):
+        index = folder / f"{name}.index.json"
+        try:
+            if (folder / name).is_file():
+                return load(folder / name)
+            if index.is_file():
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+                return {k: v for shard in shards for k, v in load(folder / shard).items()}
+        except Exception as e:  # a corrupt or truncated file: say which
+            raise CloError(f"{folder / name}: cannot read weights ({type(e).__name__}: {e})") from None
+    raise CloError(f"{folder}: no model.safetensors or pytorch_model.bin")
+
+
+def load_m2m100(folder: str | Path, device: str | torch.device = "cpu",
+                dtype: torch.dtype = torch.float32) -> M2M100:
+    """The M2M100 (or NLLB-200 dense) model in an HF folder, in eval mode on `device` in `dtype`."""
+    folder = Path(folder)
+    cfg = M2M100Config.from_folder(folder)
+    weights = {}
+    for key, tensor in read_state_dict(folder).items():
+        key = key.removeprefix("model.")
+        # Positions are computed, not stored; the per-side embeddings are copies of `shared`.
+        if "embed_positions" in key or key.endswith(".version"):
+            continue
+        if key in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
+            weights.setdefault("shared.weight", tensor)
+            continue
+        if key == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        weights[key] = tensor
+    with torch.device("meta"):
+        model = M2M100(cfg)
+    expected = {key: t.shape for key, t in model.state_dict().items()}
+    missing, unexpected = sorted(expected.keys() - weights.keys()), sorted(weights.keys() - expected.keys())
+    if missing or unexpected:
+        raise CloError(f"{folder}: weights do not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for key, want in expected.items():
+        if weights[key].shape != want:
+            raise CloError(f"{folder}: weight {key!r} has shape {tuple(weights[key].shape)}, config.json implies {tuple(want)}")
+    model.load_state_dict(weights, assign=True)
+    return model.to(device=device, dtype=dtype).eval()

@@ -1,0 +1,375 @@
+"""translate.py and its parts: sentence segmentation, SFT source readers, resumable output,
+parallel pairs, and one-line errors on bad input."""
+
+import gzip
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import translate
+from clo.errors import CloError, run_cli
+from clo.parallel_pairs import INSTRUCTIONS, continuation_pairs
+from clo.segment import reassemble, segment
+from clo.sft_sources import read_sft_source, sample_examples
+from clo.languages import get_language
+from test_m2m100 import write_tiny_m2m100, write_tiny_nllb_tokenizer, write_tiny_tokenizer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine torch's thread pool
+    waits for a descheduled worker on every small op (milliseconds each)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --- segmentation ---------------------------------------------------------------------------------
+
+RESPONSE = """Sure! Here is how to do it.
+
+1. Install Python 3. Then run `pip install x`.
+2. Dr. Smith said: "Use it." It works, e.g. on Linux.
+   - a nested item; with detail
+## A heading
+
+```python
+print("Hello. World!")  # code is never translated
+```
+| Name | Age |
+|------|-----|
+| Bob | 42 |
+
+> Quoted text. Another sentence!
+---
+Done.\r\nA Windows line."""
+
+
+def test_segment_round_trip_and_pieces():
+    seg = segment(RESPONSE)
+    assert reassemble(seg, seg.pieces) == RESPONSE
+    assert seg.pieces == [
+        "Sure!", "Here is how to do it.", "Install Python 3.", "Then run `pip install x`.",
+        'Dr. Smith said: "Use it."', "It works, e.g. on Linux.", "a nested item; with detail", "A heading",
+        "Name", "Age", "Bob", "Quoted text.", "Another sentence!", "Done.", "A Windows line.",
+    ]
+
+
+def test_segment_keeps_shape_and_code():
+    seg = segment(RESPONSE)
+    out = reassemble(seg, [f"<{i}>" for i in range(len(seg.pieces))])
+    assert out.splitlines()[:5] == ["<0> <1>", "", "1. <2> <3>", "2. <4> <5>", "   - <6>"]
+    assert '```python\nprint("Hello. World!")  # code is never translated\n```' in out
+    assert "| <8> | <9> |\n|------|-----|\n| <10> | 42 |" in out
+    assert "> <11> <12>\n---\n<13>\r\n<14>" in out
+
+
+def test_segment_cuts_long_sentences():
+    text = "Alpha beta gamma, " * 30 + "the end; and more words " * 10 + "done."
+    seg = segment(text, max_chars=80)
+    assert all(len(p) <= 80 for p in seg.pieces) and len(seg.pieces) > 5
+    assert reassemble(seg, seg.pieces) == text
+    assert segment("```\nonly code\n```").pieces == [] and segment("").parts == []
+
+
+# --- SFT sources ----------------------------------------------------------------------------------
+
+
+def message(mid, parent, role, text, lang="en", rank=None, **extra):
+    return {"message_id": mid, "parent_id": parent, "user_id": "u", "created_date": "2023-02-01T00:00:00",
+            "text": text, "role": role, "lang": lang, "review_count": 3, "review_result": True,
+            "deleted": False, "rank": rank, "synthetic": False, "model_name": None, "emojis": {},
+            "labels": None, **extra}
+
+
+def oasst_trees() -> list[dict]:
+    """Four trees in the released trees format, covering what selection must keep and drop."""
+    def tree(tree_id, prompt, state="ready_for_export"):
+        return {"message_tree_id": tree_id, "tree_state": state, "prompt": prompt, "origin": "api"}
+
+    return [
+        # kept: the rank-0 reply (listed second), not rank 1; the deeper turns are ignored
+        tree("t1", {**message("p1", None, "prompter", "What is a cat?"), "replies": [
+            {**message("a1b", "p1", "assistant", "A dog.", rank=1), "replies": []},
+            {**message("a1", "p1", "assistant", "A small feline.", rank=0), "replies": [
+                {**message("p1x", "a1", "prompter", "Tell me more."), "replies": [
+                    {**message("a1x", "p1x", "assistant", "Cats purr.", rank=0), "replies": []}]}]}]}),
+        # dropped: a German prompt
+        tree("t2", {**message("p2", None, "prompter", "Was ist ein Hund?", lang="de"), "replies": [
+            {**message("a2", "p2", "assistant", "Ein Tier.", lang="de", rank=0), "replies": []}]}),
+        # dropped: the rank-0 reply was deleted; kept: the next tree
+        tree("t3", {**message("p3", None, "prompter", "Hi?"), "replies": [
+            {**message("a3", "p3", "assistant", "Deleted.", rank=0, deleted=True), "replies": []}]}),
+        tree("t4", {**message("p4", None, "prompter", "Name a prime.\nJust one."), "replies": [
+            {**message("a4", "p4", "assistant", "Seven.\n\n```\n7\n```", rank=0), "replies": []}]}),
+        # dropped: tree not ready for export
+        tree("t5", {**message("p5", None, "prompter", "Draft?"), "replies": [
+            {**message("a5", "p5", "assistant", "Yes.", rank=0), "replies": []}]}, state="growing"),
+    ]
+
+
+def flatten(trees):
+    out = []
+    def walk(m, tree):
+        out.append({**{k: v for k, v in m.items() if k != "replies"}, "message_tree_id": tree["message_tree_id"],
+                    "tree_state": tree["tree_state"]})
+        for r in m["replies"]:
+            walk(r, tree)
+    for t in trees:
+        walk(t["prompt"], t)
+    return out
+
+
+def test_oasst1_selection_in_both_release_formats(tmp_path):
+    trees, messages = tmp_path / "oasst.trees.jsonl.gz", tmp_path / "oasst.messages.jsonl"
+    with gzip.open(trees, "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps(t) + "\n" for t in oasst_trees())
+    messages.write_text("".join(json.dumps(m) + "\n" for m in flatten(oasst_trees())))
+    expected = [("a1", "What is a cat?", "A small feline."), ("a4", "Name a prime.\nJust one.", "Seven.\n\n```\n7\n```")]
+    for path in (trees, messages):
+        got = [(e.id, e.prompt, e.response) for e in read_sft_source(path).examples]
+        assert got == expected, path.name
+
+
+def test_alpaca_and_jsonl_sources(tmp_path):
+    alpaca = tmp_path / "alpaca.json"
+    alpaca.write_text(json.dumps([
+        {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+        {"instruction": "Say hi.", "input": "", "output": "Hi!"},
+        {"instruction": "Empty answer.", "input": "", "output": ""},
+    ]))
+    source = read_sft_source(alpaca)
+    assert [(e.id, e.prompt, e.response) for e in source.examples] == [
+        ("alpaca-0", "Add the numbers.\n\n2 and 3", "5"), ("alpaca-1", "Say hi.", "Hi!")]
+    assert source.skipped == [f"{alpaca}: record 2: field 'output' is empty"]
+
+    plain = tmp_path / "chat.jsonl"
+    plain.write_text("\n".join(json.dumps(r) for r in [
+        {"id": 7, "prompt": "P", "response": "R"},
+        {"messages": [{"role": "system", "content": "Be nice."}, {"role": "user", "content": "U"},
+                      {"role": "assistant", "content": "A"}, {"role": "user", "content": "U2"}]},
+    ]) + "\n")
+    assert [(e.id, e.prompt, e.response) for e in read_sft_source(plain).examples] == [("7", "P", "R"), ("chat-2", "U", "A")]
+
+
+def test_sampling_is_seeded_and_keeps_file_order(tmp_path):
+    path = tmp_path / "many.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"p{i}", "response": f"r{i}"}) + "\n" for i in range(50)))
+    examples = read_sft_source(path).examples
+    first, again, other = (sample_examples(examples, 10, s) for s in (1, 1, 2))
+    assert first == again and first != other and len(first) == 10
+    ids = [int(e.id.split("-")[1]) for e in first]
+    assert ids == sorted(ids)
+    assert sample_examples(examples, 80, 1) == examples
+
+
+def test_source_errors(tmp_path):
+    with pytest.raises(CloError, match="cannot read"):
+        read_sft_source(tmp_path / "missing.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"\n')
+    with pytest.raises(CloError, match=r"bad.jsonl:2: not valid JSON"):
+        read_sft_source(bad)
+    bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c"}\n')
+    with pytest.raises(CloError, match=r"bad.jsonl:2: field 'response' is missing"):
+        read_sft_source(bad)
+    bad.write_text('{"id": "x", "prompt": "a", "response": "b"}\n{"id": "x", "prompt": "c", "response": "d"}\n')
+    with pytest.raises(CloError, match=r"bad.jsonl:2: duplicate id 'x'"):
+        read_sft_source(bad)
+
+
+# --- translate.py mt, end to end with a tiny random M2M100 ----------------------------------------
+
+EXAMPLES = [
+    {"id": f"ex{i}", "prompt": f"Question number {i}. Can you answer it?",
+     "response": f"Answer {i} has parts.\n\n- first part of {i}\n- second part\n\n```\ncode {i}\n```\nThe end."}
+    for i in range(6)
+]
+
+
+@pytest.fixture(scope="module")
+def mt_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mt")
+    source = root / "source.jsonl"
+    source.write_text("".join(json.dumps(e) + "\n" for e in EXAMPLES))
+    corpus = [e["prompt"] + " " + e["response"] for e in EXAMPLES] * 5 + ["Tell me a story about a small cat."] * 5
+    model = root / "model"
+    vocab_size = write_tiny_tokenizer(model, corpus, vocab_size=120, drop=0)
+    write_tiny_m2m100(model, vocab_size, generation={"num_beams": 2, "max_length": 8, "early_stopping": True})
+    return root, source, model
+
+
+def mt_args(setup, out: Path, *extra: str) -> list[str]:
+    root, source, model = setup
+    return ["--source", str(source), "--model", str(model), "--lang", "sw", "--out", str(out),
+            "--batch-size", "3", "--chunk-batches", "2", *extra]
+
+
+def read_records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_mt_writes_canonical_records(mt_setup, tmp_path):
+    out = tmp_path / "sw.jsonl"
+    translate.main(mt_args(mt_setup, out, "--n", "4", "--seed", "3"))
+    records = read_records(out)
+    assert len(records) == 4
+    by_id = {e["id"]: e for e in EXAMPLES}
+    for r in records:
+        assert list(r) == ["id", "lang", "prompt_en", "response_en", "prompt", "response"]
+        assert r["lang"] == "sw"
+        assert (r["prompt_en"], r["response_en"]) == (by_id[r["id"]]["prompt"], by_id[r["id"]]["response"])
+        # the shape survives: bullets, blank lines and the untranslated code block
+        lines = r["response"].split("\n")
+        assert lines[1] == "" and lines[2].startswith("- ") and lines[3].startswith("- ")
+        assert f"```\ncode {r['id'][2:]}\n```" in r["response"]
+    # the same command again finds nothing to do; a larger --n adds only the missing examples
+    translate.main(mt_args(mt_setup, out, "--n", "4", "--seed", "3"))
+    assert read_records(out) == records
+    translate.main(mt_args(mt_setup, out))
+    ids = [r["id"] for r in read_records(out)]
+    assert sorted(ids) == sorted(by_id) and len(ids) == len(set(ids))
+
+
+def test_mt_resume_after_crash_equals_uninterrupted_run(mt_setup, tmp_path, monkeypatch):
+    reference = tmp_path / "reference.jsonl"
+    translate.main(mt_args(mt_setup, reference))
+
+    out = tmp_path / "resumed.jsonl"
+    calls = {"n": 0}
+    real_batch = translate.Translator.translate_batch
+
+    def crash_after_three_batches(self, batch):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise KeyboardInterrupt  # the process dies mid-run
+        return real_batch(self, batch)
+
+    monkeypatch.setattr(translate.Translator, "translate_batch", crash_after_three_batches)
+    with pytest.raises(KeyboardInterrupt):
+        translate.main(mt_args(mt_setup, out))
+    monkeypatch.setattr(translate.Translator, "translate_batch", real_batch)
+    partial = read_records(out)
+    assert 0 < len(partial) < len(EXAMPLES)
+    with open(out, "a", encoding="utf-8") as f:  # and the crash tore the record being written
+        f.write('{"id": "ex5", "lang": "sw", "prompt_en": "Quest')
+
+    translate.main(mt_args(mt_setup, out))
+    assert out.read_bytes() == reference.read_bytes()
+
+
+def test_mt_with_an_nllb_checkpoint(tmp_path):
+    """NLLB-200 folders: same model code, tokenizer without vocab.json, FLORES-style language codes."""
+    corpus = [e["prompt"] + " " + e["response"] for e in EXAMPLES] * 5
+    oracle = write_tiny_nllb_tokenizer(tmp_path, corpus, ["eng_Latn", "swh_Latn", "yor_Latn"], vocab_size=100)
+    vocab_size = max(oracle.convert_tokens_to_ids(["eng_Latn", "swh_Latn", "yor_Latn", "<mask>"])) + 1
+    write_tiny_m2m100(tmp_path, vocab_size, generation={"max_length": 6})
+    translator = translate.Translator(str(tmp_path), get_language("sw"), "cpu", "float32", None, None)
+    assert translator.tgt_id == oracle.convert_tokens_to_ids("swh_Latn")
+    assert translator.encode("Question.")[0] == oracle.convert_tokens_to_ids("eng_Latn")
+    assert len(translator.translate_batch([translator.encode("Question."), translator.encode("The end.")])) == 2
+    with pytest.raises(CloError, match="language 'ind_Latn' is not in this tokenizer"):
+        translate.Translator(str(tmp_path), get_language("id"), "cpu", "float32", None, None)
+
+
+def run_cli_main(argv: list[str], capsys) -> str:
+    """Run translate.py's CLI; return its one-line error (asserting exit status 2)."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: translate.main(argv))
+    assert exit_info.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1
+    return err[0]
+
+
+def test_bad_input_gives_one_line_error_and_leaves_output_alone(mt_setup, tmp_path, capsys):
+    root, source, model = mt_setup
+    out = tmp_path / "out.jsonl"
+    translate.main(mt_args(mt_setup, out, "--n", "1"))
+    before = out.read_bytes()
+
+    def args(**changes):
+        a = dict(zip(mt_args(mt_setup, out)[::2], mt_args(mt_setup, out)[1::2]))
+        a.update({f"--{k.replace('_', '-')}": str(v) for k, v in changes.items()})
+        return [x for kv in a.items() for x in kv]
+
+    no_text = tmp_path / "no_text.jsonl"
+    no_text.write_text('{"prompt": "hello"}\n')
+    not_m2m = tmp_path / "llama"
+    not_m2m.mkdir()
+    (not_m2m / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    no_tokenizer = tmp_path / "no_tokenizer"
+    no_tokenizer.mkdir()
+    (no_tokenizer / "config.json").write_text((model / "config.json").read_text())
+    cases = {
+        "cannot read": args(source=tmp_path / "missing.jsonl"),
+        "field 'response' is missing": args(source=no_text),
+        "unknown language 'xx'; supported: en, sw": args(lang="xx"),
+        "'model_type' is 'llama'": args(model=not_m2m),
+        "no sentencepiece.bpe.model": args(model=no_tokenizer),
+        "--batch-size must be at least 1": args(batch_size=0),
+    }
+    for expected, argv in cases.items():
+        assert expected in run_cli_main(argv, capsys)
+        assert out.read_bytes() == before
+    other = tmp_path / "other_lang.jsonl"
+    other.write_text(json.dumps({"id": "a", "lang": "yo"}) + "\n")
+    assert "field 'lang' is 'yo', not 'sw'" in run_cli_main(args(out=other), capsys)
+
+
+# --- parallel pairs -------------------------------------------------------------------------------
+
+ENGLISH_WORDS = {"write", "next", "sentence", "of", "this", "the", "text", "continue", "following"}
+
+
+def test_instructions_have_no_english():
+    for code, instruction in INSTRUCTIONS.items():
+        if code != "en":
+            words = set(re.findall(r"[a-z]+", instruction.lower()))
+            assert not words & ENGLISH_WORDS, (code, instruction)
+
+
+def test_parallel_pairs_from_flores(shared_data, tmp_path, capsys):
+    flores = shared_data / "flores200_devtest"
+    eng = (flores / "eng_Latn.devtest").read_text(encoding="utf-8").splitlines()
+    for lang, name in [("sw", "swh_Latn"), ("zh", "zho_Hans"), ("yo", "yor_Latn")]:
+        tgt_path = flores / f"{name}.devtest"
+        tgt = tgt_path.read_text(encoding="utf-8").splitlines()
+        out = tmp_path / f"{lang}.jsonl"
+        translate.main(["parallel", "--src", str(flores / "eng_Latn.devtest"), "--tgt", str(tgt_path),
+                        "--lang", lang, "--out", str(out)])
+        records = read_records(out)
+        assert len(records) == len(eng) - 2
+        r = records[10]  # the response is line 13; the passage is lines 11 and 12
+        assert r["id"] == f"{name}.devtest:13" and r["lang"] == lang
+        assert r["response_en"] == eng[12].strip() and r["response"] == tgt[12].strip()
+        assert r["prompt_en"] == INSTRUCTIONS["en"] + "\n\n" + eng[10].strip() + " " + eng[11].strip()
+        assert r["prompt"].startswith(INSTRUCTIONS[lang] + "\n\n") and tgt[11].strip() in r["prompt"]
+        assert all(INSTRUCTIONS["en"] not in x["prompt"] for x in records)
+
+
+def test_parallel_pairs_from_mafand_with_documents(shared_data, tmp_path):
+    mafand = shared_data / "mafand"
+    src, tgt = mafand / "en-swa_dev.en", mafand / "en-swa_dev.swa"
+    n = len(src.read_text(encoding="utf-8").splitlines())
+    records = continuation_pairs(src, tgt, "sw", context=1)
+    assert len(records) == n - 1 and records[0]["id"] == "en-swa_dev.swa:2"
+    assert records[0]["response"] == tgt.read_text(encoding="utf-8").splitlines()[1].strip()
+    # documents of 5 lines: windows of 2 never cross a boundary, so 4 pairs per full document
+    doc_ids = [str(i // 5) for i in range(n)]
+    assert len(continuation_pairs(src, tgt, "sw", context=1, doc_ids=doc_ids)) == 4 * (n // 5) + max(0, n % 5 - 1)
+
+
+def test_parallel_errors(shared_data, tmp_path, capsys):
+    flores = shared_data / "flores200_devtest"
+    short = tmp_path / "short.txt"
+    short.write_text("one line\n")
+    out = tmp_path / "out.jsonl"
+    base = ["parallel", "--src", str(flores / "eng_Latn.devtest"), "--out", str(out)]
+    assert "1 lines, but" in run_cli_main([*base, "--tgt", str(short), "--lang", "sw"], capsys)
+    assert "unknown language 'xx'" in run_cli_main([*base, "--tgt", str(short), "--lang", "xx"], capsys)
+    assert not out.exists()

@@ -1,0 +1,292 @@
+"""Make CLO's cross-lingual training data: translate English SFT data, or pair human translations.
+
+    # the paper's step: 6,400 English OASST1 examples translated into Swahili with M2M100
+    python translate.py --source oasst1.trees.jsonl.gz --model m2m100_1.2B --lang sw --out sw.jsonl --n 6400
+    # no machine translation: continuation pairs from line-aligned human translations
+    python translate.py parallel --src eng_Latn.devtest --tgt swh_Latn.devtest --lang sw --out sw_flores.jsonl
+
+Both write the JSONL that `train.py --data` reads, one record per English example, keys in order
+{"id", "lang", "prompt_en", "response_en", "prompt", "response"} (prompt/response: target language).
+
+`mt` (the default mode) is resumable: records are appended and flushed after every model batch, so a
+crash loses at most the work in flight; running the same command again skips the ids already in
+--out and never writes one twice (a torn last line left by a crash is cut away first).
+
+Features: OASST1 (both release formats), Alpaca JSON and plain JSONL sources (clo/sft_sources.py);
+responses cut at line breaks and sentences and put back together with their lists, tables and code
+blocks intact, code untranslated (clo/segment.py); identical sentences translated once per chunk;
+length-sorted batches; greedy or beam search with the checkpoint's generation_config.json defaults
+(clo/m2m100.py); M2M100 and NLLB-200 dense checkpoints. Limit: the source is English.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from clo.errors import CloError, run_cli
+from clo.languages import Language, get_language
+from clo.m2m100 import GenerationSettings, M2M100Config, generate, load_m2m100
+from clo.m2m100_tokenizer import load_tokenizer
+from clo.parallel_pairs import continuation_pairs, read_doc_ids
+from clo.segment import Segmented, reassemble, segment
+from clo.sft_sources import FORMATS, SftExample, read_sft_source, sample_examples
+
+RECORD_KEYS = ("id", "lang", "prompt_en", "response_en", "prompt", "response")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# --- the model side -------------------------------------------------------------------------------
+
+
+class Translator:
+    """English sentences -> target-language sentences with an M2M100 (or NLLB-200) checkpoint."""
+
+    def __init__(self, model_dir: str, language: Language, device: str, dtype: str,
+                 beams: int | None, max_length: int | None):
+        self.device = torch.device(device)
+        M2M100Config.from_folder(model_dir)  # is it an M2M100 at all? (cheap, before the tokenizer)
+        self.tokenizer = load_tokenizer(model_dir)
+        self.src_lang = self.tokenizer.code_of(get_language("en"))
+        self.tgt_id = self.tokenizer.lang_id(self.tokenizer.code_of(language))
+        self.tokenizer.lang_id(self.src_lang)
+        self.model = load_m2m100(model_dir, self.device, DTYPES[dtype])
+        defaults = GenerationSettings.from_folder(model_dir)
+        self.settings = GenerationSettings(
+            max_length=max_length or defaults.max_length,
+            num_beams=beams or defaults.num_beams,
+            length_penalty=defaults.length_penalty,
+            early_stopping=defaults.early_stopping,
+        )
+
+    def encode(self, sentence: str) -> list[int]:
+        return self.tokenizer.encode(sentence, self.src_lang)
+
+    def translate_batch(self, batch: list[list[int]]) -> list[str]:
+        """Encoded sentences (as from `encode`) -> their translations, in order."""
+        width = max(len(ids) for ids in batch)
+        pad = self.tokenizer.pad_id
+        src = torch.tensor([ids + [pad] * (width - len(ids)) for ids in batch], device=self.device)
+        mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in batch], device=self.device)
+        outputs = generate(self.model, src, mask, self.tgt_id, self.settings)
+        return [self.tokenizer.decode(ids) for ids in outputs]
+
+
+# --- the output file ------------------------------------------------------------------------------
+
+
+def done_ids(out: Path, lang: str) -> set[str]:
+    """Ids already in `out`. A last line without its newline is a record torn by a crash: it is
+    truncated away (unless it is a complete record, which then gets its newline)."""
+    if not out.exists():
+        return set()
+    try:
+        data = out.read_bytes()
+    except OSError as e:
+        raise CloError(f"{out}: cannot read ({e.strerror})") from None
+    if data and not data.endswith(b"\n"):
+        cut = data.rfind(b"\n") + 1
+        try:
+            json.loads(data[cut:])
+            complete = True
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            complete = False
+        with open(out, "r+b") as f:
+            if complete:
+                f.seek(0, os.SEEK_END)
+                f.write(b"\n")
+            else:
+                f.truncate(cut)
+                print(f"{out}: dropped a torn last line left by an interrupted run", file=sys.stderr)
+        data = out.read_bytes()
+    ids = set()
+    for number, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CloError(f"{out}:{number}: not valid JSON ({e.msg}); not a file this tool wrote?") from None
+        if not isinstance(record, dict) or not isinstance(record.get("id"), str):
+            raise CloError(f"{out}:{number}: field 'id' is missing; not a file this tool wrote?")
+        if record.get("lang") != lang:
+            raise CloError(f"{out}:{number}: field 'lang' is {record.get('lang')!r}, not {lang!r}; choose another --out")
+        if record["id"] in ids:
+            raise CloError(f"{out}:{number}: duplicate id {record['id']!r}")
+        ids.add(record["id"])
+    return ids
+
+
+def record_line(record: dict) -> str:
+    return json.dumps({key: record[key] for key in RECORD_KEYS}, ensure_ascii=False) + "\n"
+
+
+# --- mt: translate an English SFT source -----------------------------------------------------------
+
+
+@dataclass
+class Job:
+    """One example to translate: its prompt and response cut into pieces."""
+
+    example: SftExample
+    prompt: Segmented
+    response: Segmented
+
+    @property
+    def pieces(self) -> list[str]:
+        return self.prompt.pieces + self.response.pieces
+
+
+def chunks(jobs: list[Job], sentences_per_chunk: int) -> list[list[Job]]:
+    """Consecutive jobs grouped so that each group has about sentences_per_chunk distinct pieces."""
+    groups, current, distinct = [], [], set()
+    for job in jobs:
+        current.append(job)
+        distinct.update(job.pieces)
+        if len(distinct) >= sentences_per_chunk:
+            groups.append(current)
+            current, distinct = [], set()
+    if current:
+        groups.append(current)
+    return groups
+
+
+def run_mt(args) -> None:
+    language = get_language(args.lang)
+    if language.code == "en":
+        raise CloError("--lang en: the source is already English; choose a target language")
+    source = read_sft_source(args.source, args.format)
+    for line in source.skipped[:3]:
+        print(f"skipped: {line}", file=sys.stderr)
+    if len(source.skipped) > 3:
+        print(f"skipped: ... {len(source.skipped)} records with empty text in all", file=sys.stderr)
+    examples = sample_examples(source.examples, args.n, args.seed)
+    if args.n is not None and args.n > len(examples):
+        print(f"--n {args.n}: the source has only {len(examples)} usable examples; taking all", file=sys.stderr)
+    out = Path(args.out)
+    done = done_ids(out, language.code)
+    todo = [e for e in examples if e.id not in done]
+    if not todo:
+        print(f"nothing to do: all {len(examples)} examples are already in {out}", file=sys.stderr)
+        return
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+    translator = Translator(args.model, language, device, dtype, args.beams, args.max_length)
+    jobs = [Job(e, segment(e.prompt, args.max_chars), segment(e.response, args.max_chars)) for e in todo]
+    groups = chunks(jobs, args.batch_size * args.chunk_batches)
+    total = sum(len({p for job in group for p in job.pieces}) for group in groups)
+    print(f"{len(done)} of {len(examples)} examples already in {out}; translating {len(todo)} "
+          f"({total} sentences) into {language.name} on {device} ({dtype}), "
+          f"beams {translator.settings.num_beams}, max length {translator.settings.max_length}", file=sys.stderr)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    start, written = time.perf_counter(), 0
+    with open(out, "a", encoding="utf-8") as f, tqdm(total=total, unit="sent", dynamic_ncols=True) as bar:
+        for group in groups:
+            written += translate_group(group, translator, language.code, args.batch_size, f, bar)
+    elapsed = time.perf_counter() - start
+    print(f"wrote {written} records to {out} ({total / elapsed:.2f} sentences/s)", file=sys.stderr)
+
+
+def translate_group(group: list[Job], translator: Translator, lang: str, batch_size: int, f, bar) -> int:
+    """Translate the distinct pieces of `group`, longest first in batches of batch_size; after each
+    batch, append (and flush) the records of the leading jobs that are now complete, so the file keeps
+    the source order. Returns the number of records written."""
+    encoded = {piece: translator.encode(piece) for job in group for piece in job.pieces}
+    order = sorted(encoded, key=lambda piece: -len(encoded[piece]))
+    translated: dict[str, str] = {}
+    written = 0
+
+    def write_complete_jobs() -> None:
+        nonlocal written
+        while written < len(group) and all(p in translated for p in group[written].pieces):
+            job = group[written]
+            f.write(record_line({
+                "id": job.example.id, "lang": lang,
+                "prompt_en": job.example.prompt, "response_en": job.example.response,
+                "prompt": reassemble(job.prompt, [translated[p] for p in job.prompt.pieces]),
+                "response": reassemble(job.response, [translated[p] for p in job.response.pieces]),
+            }))
+            written += 1
+        f.flush()
+
+    write_complete_jobs()  # jobs with nothing to translate (all code, say)
+    for i in range(0, len(order), batch_size):
+        batch = order[i:i + batch_size]
+        translated.update(zip(batch, translator.translate_batch([encoded[p] for p in batch])))
+        bar.update(len(batch))
+        write_complete_jobs()
+    return written
+
+
+# --- parallel: pairs from human translations ------------------------------------------------------
+
+
+def run_parallel(args) -> None:
+    doc_ids = read_doc_ids(args.doc_ids) if args.doc_ids else None
+    records = continuation_pairs(args.src, args.tgt, args.lang, args.context, doc_ids)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(record_line(r) for r in records)
+    os.replace(tmp, out)
+    print(f"wrote {len(records)} continuation pairs to {out}", file=sys.stderr)
+
+
+# --- command line ---------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="mode 'mt' is the default")
+    modes = parser.add_subparsers(dest="mode", required=True)
+
+    mt = modes.add_parser("mt", help="translate English SFT data with an M2M100 or NLLB-200 checkpoint (default)")
+    mt.add_argument("--source", required=True, help="English SFT file: OASST1 (.jsonl[.gz]), Alpaca (.json) or JSONL")
+    mt.add_argument("--format", default="auto", choices=FORMATS, help="source format; auto looks at the file (default)")
+    mt.add_argument("--model", required=True, help="M2M100 or NLLB-200 checkpoint folder (config.json, weights, sentencepiece.bpe.model, vocab.json or tokenizer.json)")
+    mt.add_argument("--lang", required=True, help="target language code, e.g. sw yo id ko zh de")
+    mt.add_argument("--out", required=True, help="output JSONL; appended to, and resumed from, if it exists")
+    mt.add_argument("--n", type=int, default=None, help="translate this many examples, drawn with --seed (default: all); the paper used 6400")
+    mt.add_argument("--seed", type=int, default=0, help="seed for drawing the --n examples (default 0)")
+    mt.add_argument("--batch-size", type=int, default=16, help="sentences per model batch (default 16)")
+    mt.add_argument("--beams", type=int, default=None, help="beam size; 1 is greedy (default: the checkpoint's generation_config.json)")
+    mt.add_argument("--max-length", type=int, default=None, help="max decoder tokens per sentence, incl. the start token (default: the checkpoint's)")
+    mt.add_argument("--max-chars", type=int, default=400, help="cut sentences longer than this many characters (default 400)")
+    mt.add_argument("--chunk-batches", type=int, default=8, help="batches per length-sorted chunk; a crash loses at most one chunk's unfinished records (default 8)")
+    mt.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    mt.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="weights and activations (default: bfloat16 on cuda, float32 on cpu)")
+    mt.set_defaults(run=run_mt)
+
+    par = modes.add_parser("parallel", help="continuation pairs from line-aligned human translations (no MT)")
+    par.add_argument("--src", required=True, help="English file, one sentence per line (e.g. eng_Latn.devtest, en-swa_train.en)")
+    par.add_argument("--tgt", required=True, help="the target-language file, line-aligned with --src")
+    par.add_argument("--lang", required=True, help="target language code of --tgt, e.g. sw")
+    par.add_argument("--out", required=True, help="output JSONL (replaced atomically)")
+    par.add_argument("--context", type=int, default=2, help="lines of passage in each prompt; the response is the line after (default 2)")
+    par.add_argument("--doc-ids", default=None, help="optional file with one document id per line (first TSV column, e.g. FLORES metadata); windows stay inside a document")
+    par.set_defaults(run=run_parallel)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("mt", "parallel", "-h", "--help"):
+        argv.insert(0, "mt")
+    args = build_parser().parse_args(argv)
+    for flag in ("batch_size", "beams", "max_length", "max_chars", "chunk_batches", "n"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            raise CloError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    args.run(args)
+
+
+if __name__ == "__main__":
+    run_cli(main)
