@@ -7,15 +7,14 @@ which `transformers` loads.
 """
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from clo.atomic import atomic_folder
 from clo.config import ModelConfig
 from clo.errors import CloError
 from clo.model import Transformer, rope_inv_freq
@@ -118,9 +117,7 @@ def save_model(
     The folder appears complete or not at all: everything is written into a temporary sibling first.
     """
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir) as tmp:
         state = {}
         for name, tensor in model.state_dict().items():
             if model.cfg.tie_word_embeddings and name == "lm_head.weight":
@@ -158,10 +155,4 @@ def save_model(
                 src = Path(tokenizer_from) / name
                 if src.is_file():
                     shutil.copy2(src, tmp / name)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

@@ -25,9 +25,6 @@ second copy of the weights.
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,6 +35,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from clo.atomic import atomic_folder
 from clo.checkpoint import hf_key
 from clo.errors import CloError
 
@@ -213,17 +211,9 @@ def save_adapter(model: nn.Module, out_dir: Path | str, base_model: str) -> Path
         for matrix in ("lora_A", "lora_B")
     }
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
         save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

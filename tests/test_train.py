@@ -251,3 +251,20 @@ def test_gradients_reach_only_the_stage(tiny):
         for name, p in model.named_parameters():
             should = "all" in groups or group_of(name) in groups
             assert (p.grad is not None and p.grad.abs().sum() > 0) == should, (groups, name)
+
+
+@pytest.mark.slow
+def test_default_command_runs_two_steps(smollm2_dir, tmp_path):
+    """`python train.py --lang sw` itself (default model, demo data), cut to two steps."""
+    import os
+
+    env = {**os.environ, "CLO_CACHE": str(smollm2_dir.parent)}  # the default model's cache, not the tmp one
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "train.py", "--lang", "sw", "--max-steps", "2", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=900, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"model saved to {out / 'model'}" in proc.stderr
+    assert len(metrics(out)) == 2
+    assert json.loads((out / "run.json").read_text())["summary"]["steps"] == 2
