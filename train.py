@@ -155,7 +155,7 @@ def main(argv=None):
     # 3. Reference log-probs of the starting model, once, cached on disk (never a second model in memory).
     ref_table = None
     if args.method != "sft":
-        key = cache_key(model_id, model.embed_tokens.weight.dtype, examples)
+        key = cache_key(model_id, f"{model.embed_tokens.weight.dtype}/{autocast_dtype}", examples)
         from contextlib import nullcontext
 
         adapters_off = nullcontext()

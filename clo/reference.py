@@ -28,8 +28,9 @@ def model_fingerprint(folder: Path) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def cache_key(model_id: str, dtype: torch.dtype, examples: list[EncodedExample]) -> str:
-    h = hashlib.sha256(f"{model_id}|{dtype}".encode())
+def cache_key(model_id: str, precision: str, examples: list[EncodedExample]) -> str:
+    """Hash of the model, the numeric precision (weights dtype / autocast dtype) and every token id."""
+    h = hashlib.sha256(f"{model_id}|{precision}".encode())
     for ex in examples:
         h.update(json.dumps(ex.sequences).encode())
     return h.hexdigest()[:24]

@@ -126,3 +126,12 @@ def test_unknown_architecture(tmp_path):
     cfg["architectures"] = ["GPT2LMHeadModel"]
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     one_line_error(lambda: load_model(tmp_path), "GPT2LMHeadModel", "LlamaForCausalLM", "Qwen2ForCausalLM")
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_forward_compiles_to_one_graph(tmp_path, family):
+    """torch.compile sees the whole training forward as one graph: no graph breaks, no Python fallbacks."""
+    write_hf_model(tmp_path, family)
+    model = load_model(tmp_path)
+    explanation = torch._dynamo.explain(model.hidden)(tokens(length=32))
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1

@@ -268,3 +268,26 @@ def test_default_command_runs_two_steps(smollm2_dir, tmp_path):
     assert f"model saved to {out / 'model'}" in proc.stderr
     assert len(metrics(out)) == 2
     assert json.loads((out / "run.json").read_text())["summary"]["steps"] == 2
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes(tiny, tmp_path):
+    import os
+    import signal
+    import time
+
+    folder, data = tiny
+    out = tmp_path / "run"
+    argv = [sys.executable, "train.py", "--lang", "sw", "--model", str(folder), "--data", str(data), "--out", str(out), "--batch-size", "4", "--stages", "all:200", "--save-every", "0"]
+    env = {**os.environ, "CLO_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "metrics.jsonl").is_file() and len(metrics(out)) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-1000:]
+    assert "continue with --resume" in err
+    done = len(metrics(out))
+    assert 3 <= done < 400
+    resumed = train.main(["--lang", "sw", "--model", str(folder), "--data", str(data), "--out", str(out), "--batch-size", "4", "--stages", "all:200", "--save-every", "0", "--resume", "--max-steps", str(done + 2)])
+    assert [r["step"] for r in metrics(resumed)] == list(range(1, done + 3))
