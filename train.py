@@ -125,6 +125,8 @@ def main(argv=None):
     dtype = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     use_amp = args.amp == "on" or (args.amp == "auto" and bf16_is_fast(device))
     use_compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+    if use_compile:  # one graph per (batch, bucketed length) shape; allow more than dynamo's default 8
+        torch._dynamo.config.recompile_limit = 64
     args.bucket = args.bucket or (64 if use_compile else 8)
     out = Path(args.out or f"runs/{args.method}-{lang.code}")
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
