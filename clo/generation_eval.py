@@ -1,0 +1,99 @@
+"""Answer prompt sets with a model, then grade each answer: its language, and whether it is degenerate.
+
+Prompts are formatted exactly as in training (clo/chat.py) and answered greedily in batches of
+similar length with the KV-cached generator (clo/generate.py). Each answer becomes one record:
+
+    {"model", "set", "id", "prompt_lang", "prompt", "answer", "answer_lang", "n_tokens",
+     "hit_max_new_tokens", "copy_score", "repeat_score", "degenerate": null | "empty" | "copy" | "repeat"}
+
+Language fidelity, per prompt language (`fidelity`):
+    in_lang_rate     = answers in the prompt's language / all answers
+    in_lang_rate_ok  = the same over the non-degenerate answers only (None when there are none)
+    degenerate_rate  = degenerate answers / all answers (with counts per reason)
+For target-language prompts this is "answers in the target language"; for English prompts,
+"English is kept".
+"""
+
+from collections import Counter
+
+import torch
+from tqdm import tqdm
+
+from clo.chat import ChatFormat, encode_prompt, stop_ids
+from clo.degenerate import COPY_THRESHOLD, NGRAM, REPEAT_THRESHOLD, judge_answer
+from clo.generate import generate
+from clo.langid import LanguageId
+from clo.model import Transformer
+from clo.prompt_sets import EvalPrompt
+from clo.tokenizer import Tokenizer
+
+
+@torch.no_grad()
+def generate_answers(
+    model: Transformer, tok: Tokenizer, fmt: ChatFormat, prompts: list[EvalPrompt], max_new_tokens: int, batch_size: int, desc: str = "generate"
+) -> list[tuple[str, int]]:
+    """Greedy answers, in the order of `prompts`: (text, number of new tokens, stop token excluded)."""
+    encoded = [encode_prompt(tok, fmt, p.text) for p in prompts]
+    stops = stop_ids(tok, fmt)
+    answers: list[tuple[str, int] | None] = [None] * len(prompts)
+    # similar lengths in one batch: less left padding to compute over
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
+        idx = order[start : start + batch_size]
+        outputs = generate(model, [encoded[i] for i in idx], max_new_tokens, stops, tok.pad_id)
+        for i, ids in zip(idx, outputs):
+            answers[i] = (tok.decode(ids), len(ids))
+    return answers
+
+
+def grade_answers(
+    model_name: str,
+    prompts: list[EvalPrompt],
+    answers: list[tuple[str, int]],
+    langid: LanguageId,
+    max_new_tokens: int,
+    copy_threshold: float = COPY_THRESHOLD,
+    repeat_threshold: float = REPEAT_THRESHOLD,
+    ngram: int = NGRAM,
+) -> list[dict]:
+    """One record per answer (module docstring)."""
+    records = []
+    for p, (text, n_tokens) in zip(prompts, answers, strict=True):
+        verdict = judge_answer(p.text, text, copy_threshold, repeat_threshold, ngram)
+        records.append({
+            "model": model_name, "set": p.set, "id": p.id, "prompt_lang": p.lang, "prompt": p.text,
+            "answer": text, "answer_lang": langid.identify(text), "n_tokens": n_tokens,
+            # an answer cut at the limit did not stop by itself: a hint of looping, or a limit set too low
+            "hit_max_new_tokens": n_tokens >= max_new_tokens,
+            "copy_score": verdict.copy_score, "repeat_score": verdict.repeat_score, "degenerate": verdict.reason,
+        })  # fmt: skip
+    return records
+
+
+def _rate(count: int, total: int) -> float | None:
+    return count / total if total else None
+
+
+def fidelity(records: list[dict]) -> dict[str, dict]:
+    """Per prompt language: counts and rates of answers in that language, over all and non-degenerate answers."""
+    out = {}
+    for lang in sorted({r["prompt_lang"] for r in records}):
+        rows = [r for r in records if r["prompt_lang"] == lang]
+        ok = [r for r in rows if r["degenerate"] is None]
+        in_lang = sum(r["answer_lang"] == lang for r in rows)
+        in_lang_ok = sum(r["answer_lang"] == lang for r in ok)
+        reasons = Counter(r["degenerate"] for r in rows if r["degenerate"] is not None)
+        out[lang] = {
+            "n": len(rows),
+            "in_lang": in_lang,
+            "in_lang_rate": _rate(in_lang, len(rows)),
+            "n_ok": len(ok),
+            "in_lang_ok": in_lang_ok,
+            "in_lang_rate_ok": _rate(in_lang_ok, len(ok)),
+            "degenerate": len(rows) - len(ok),
+            "degenerate_rate": _rate(len(rows) - len(ok), len(rows)),
+            "degenerate_by_reason": dict(sorted(reasons.items())),
+            "hit_max_new_tokens": sum(r["hit_max_new_tokens"] for r in rows),
+            "answer_langs": dict(Counter(r["answer_lang"] for r in rows).most_common()),
+        }
+    return out

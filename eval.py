@@ -1,0 +1,237 @@
+"""Compare checkpoints: do they answer in the prompt's language, are the answers usable, is English kept.
+
+    # the default model vs a CLO run vs an SFT run, on the held-out demo prompts for Swahili
+    python eval.py --lang sw --models smollm2-135m-instruct runs/clo-sw/model runs/sft-sw/model
+    # AlpacaEval's 805 English prompts and a translated set, MMLU, a local judge
+    python eval.py --lang sw --models A B --prompts alpaca_eval_805.jsonl sw_alpaca_eval.jsonl \\
+        --mmlu mmlu/data/test/*_test.csv --mmlu-shots 5 --judge /path/to/Qwen2.5-7B-Instruct
+
+Reads top to bottom: check every input (prompt files, held-out pairs, CSVs, checkpoint folders)
+before any model runs; then for each model, one at a time in memory:
+  1. answer every prompt (greedy, batched, KV cache, training's chat format) and grade each answer:
+     its language (py3langid over --langs) and whether it is degenerate (clo/degenerate.py);
+  2. score the held-out pairs without generating: preference for the answer in the prompt's
+     language, the log-prob margin, and the NLL of reference answers (clo/preference_eval.py);
+  3. multiple-choice accuracy on MMLU-format CSVs (clo/mc_eval.py), if given;
+then, with --judge, judge every model against the first (clo/judge.py), and write into --out:
+
+    generations.jsonl       one line per prompt per model (answer, its language, degenerate or not)
+    metrics.json/.jsonl     every number, per model (the JSON also holds the settings)
+    judgments.jsonl         with --judge: one line per prompt, presentation order and model pair
+    alpaca_eval/<name>.json each model's answers in AlpacaEval's format, for an external judge
+    report.md (+ .png)      the comparison table (the plot when matplotlib is installed)
+
+All files are written at the end, each atomically: a failed run leaves nothing half-written.
+Limitations: greedy decoding only; one device; judged pairs are each model vs the first.
+"""
+
+import argparse
+import gc
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from clo.batching import encode_all
+from clo.chat import detect_format
+from clo.checkpoint import load_model, weight_files
+from clo.config import ModelConfig
+from clo.data import demo_path, load_pairs
+from clo.default_model import DEFAULT_MODEL, resolve_model
+from clo.degenerate import COPY_THRESHOLD, NGRAM, REPEAT_THRESHOLD
+from clo.errors import CloError, run_cli
+from clo.generation_eval import fidelity, generate_answers, grade_answers
+from clo.judge import alpaca_eval_outputs, judge_pairs
+from clo.langid import DEFAULT_LANGS, LanguageId
+from clo.languages import get_language
+from clo.mc_eval import dev_file_for, evaluate_mc, read_mc_csv
+from clo.preference_eval import four_way_logps, preference_metrics
+from clo.prompt_sets import load_prompts
+from clo.report import markdown_report, plot_main_numbers, write_atomic, write_json, write_jsonl
+from clo.tokenizer import load_tokenizer
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--lang", required=True, help="target language: sw, yo, id, ko, zh or de")
+    p.add_argument("--models", nargs="+", default=[DEFAULT_MODEL], help="checkpoints to compare: HF folders, hub ids, or the default model's name")
+    p.add_argument("--names", nargs="+", help="a short name per model for the report (default: from the folder, runs/X/model -> X)")
+    p.add_argument("--prompts", nargs="+", help="prompt files to answer: AlpacaEval JSON/JSONL ('instruction'), or cross-lingual JSONL (its target and English prompts); default: the --heldout file")
+    p.add_argument("--prompts-lang", default="en", help="expected answer language of AlpacaEval-format records without a 'lang' field")
+    p.add_argument("--heldout", help="cross-lingual JSONL of held-out pairs for preference and NLL; default: data/demo/<lang>.heldout.jsonl")
+    p.add_argument("--mmlu", nargs="+", metavar="CSV", help="MMLU-format CSVs (question, A, B, C, D, answer), one subject each")
+    p.add_argument("--mmlu-shots", type=int, default=0, help="few-shot examples per question, from the subject's dev file")
+    p.add_argument("--judge", help="a local instruct checkpoint that judges each model against the first, both orders")
+    p.add_argument("--judge-language-check", choices=["langid", "judge"], default="langid", help="langid: an answer in the wrong language loses without asking the judge; judge: left to the judge prompt")
+    p.add_argument("--judge-max-new-tokens", type=int, default=16, help="longest judge reply")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts (or held-out pairs, or questions) per forward batch")
+    p.add_argument("--max-length", type=int, default=1024, help="held-out pairs with a longer (prompt + answer) are skipped and counted")
+    p.add_argument("--limit", type=int, default=0, help="use only the first N records of each prompt file, held-out set and CSV (0: all)")
+    p.add_argument("--langs", nargs="+", default=list(DEFAULT_LANGS), help="languages the language identifier may answer")
+    p.add_argument("--copy-threshold", type=float, default=COPY_THRESHOLD, help="an answer whose n-grams are at least this share from the prompt is a copy")
+    p.add_argument("--repeat-threshold", type=float, default=REPEAT_THRESHOLD, help="an answer whose n-grams are at least this share repeats is a loop")
+    p.add_argument("--ngram", type=int, default=NGRAM, help="n of the copy / repeat n-grams")
+    p.add_argument("--out", help="output folder (default: runs/eval-<lang>)")
+    p.add_argument("--device", default="auto", help="cuda, cpu, ... (auto: cuda if available)")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto", help="weights' dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--chat-format", default="auto", help="auto, chatml, llama3, llama2, mistral or plain (for every model)")
+    args = p.parse_args(argv)
+    for flag in ("max_new_tokens", "batch_size", "max_length", "judge_max_new_tokens", "ngram"):
+        if getattr(args, flag) < 1:
+            raise CloError(f"--{flag.replace('_', '-')}: must be >= 1, got {getattr(args, flag)}")
+    for flag in ("limit", "mmlu_shots"):
+        if getattr(args, flag) < 0:
+            raise CloError(f"--{flag.replace('_', '-')}: must be >= 0, got {getattr(args, flag)}")
+    return args
+
+
+def model_name(spec: str, folder: Path) -> str:
+    if spec == DEFAULT_MODEL:
+        return DEFAULT_MODEL
+    folder = folder.resolve()
+    return folder.parent.name if folder.name == "model" else folder.name
+
+
+def file_safe(name: str) -> str:
+    return re.sub(r"[^\w.-]", "_", name)
+
+
+def unique(names: list[str]) -> list[str]:
+    out = []
+    for name in names:
+        candidate, k = name, 2
+        while candidate in out:
+            candidate, k = f"{name}-{k}", k + 1
+        out.append(candidate)
+    return out
+
+
+def check_checkpoint(spec: str, chat_format: str) -> Path:
+    """Resolve a model and check, cheaply, that it will load: config, weight headers, tokenizer, chat format."""
+    from safetensors import safe_open
+
+    folder = resolve_model(spec)
+    ModelConfig.from_folder(folder)
+
+    for path in weight_files(folder):
+        try:
+            with safe_open(path, framework="pt") as f:
+                f.keys()
+        except Exception as e:  # a truncated or foreign file: the safetensors library's own message
+            raise CloError(f"{path}: cannot read weights ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    detect_format(load_tokenizer(folder), chat_format)
+    return folder
+
+
+def load_checked(folder: Path, device, dtype):
+    try:
+        return load_model(folder, device, dtype)
+    except CloError:
+        raise
+    except Exception as e:
+        raise CloError(f"{folder}: checkpoint does not load ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    lang = get_language(args.lang)
+    if lang.code == "en":
+        raise CloError("--lang: the target language must not be English")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+    dtype = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    out = Path(args.out or f"runs/eval-{lang.code}")
+
+    # 0. Every input is checked before any model runs: a typo costs seconds, not an hour.
+    langid = LanguageId(args.langs)
+    heldout_path = Path(args.heldout) if args.heldout else demo_path(lang.code, heldout=True)
+    heldout = load_pairs(heldout_path, lang.code).examples
+    heldout = heldout[: args.limit] if args.limit else heldout
+    prompt_files = [Path(p) for p in args.prompts] if args.prompts else [heldout_path]
+    prompts = [p for path in prompt_files for p in load_prompts(path, args.prompts_lang, args.limit)]
+    keys = [(p.set, p.id, p.lang) for p in prompts]
+    if len(set(keys)) != len(keys):
+        raise CloError("--prompts: two prompt files share a name; rename one (prompts are matched by file name and id)")
+    mmlu = [read_mc_csv(path) for path in args.mmlu or []]
+    mmlu_dev = [None] * len(mmlu)
+    if args.mmlu_shots:
+        mmlu_dev = [read_mc_csv(d) if (d := dev_file_for(Path(path))) else None for path in args.mmlu]
+    if args.judge and len(args.models) < 2:
+        raise CloError("--judge: needs at least two --models (each is judged against the first)")
+    if args.names and len(args.names) != len(args.models):
+        raise CloError(f"--names: {len(args.names)} names for {len(args.models)} models")
+    folders = [check_checkpoint(spec, args.chat_format) for spec in args.models]
+    judge_folder = check_checkpoint(args.judge, "auto") if args.judge else None
+    names = unique(args.names or [model_name(spec, folder) for spec, folder in zip(args.models, folders)])
+    print(
+        f"eval: {len(prompts)} prompts from {', '.join(map(str, prompt_files))}; {len(heldout)} held-out pairs from {heldout_path}; "
+        f"{sum(map(len, mmlu))} multiple-choice questions; {len(folders)} models; device {device}",
+        file=sys.stderr,
+    )
+
+    # 1-3. Each model in turn: generate and grade, held-out preference and NLL, multiple choice.
+    results, generations = [], {}
+    for name, folder in zip(names, folders):
+        print(f"eval: {name} ({folder})", file=sys.stderr)
+        model = load_checked(folder, device, dtype)
+        tok = load_tokenizer(folder)
+        fmt = detect_format(tok, args.chat_format)
+        answers = generate_answers(model, tok, fmt, prompts, args.max_new_tokens, args.batch_size, desc=f"generate {name}")
+        records = grade_answers(name, prompts, answers, langid, args.max_new_tokens, args.copy_threshold, args.repeat_threshold, args.ngram)
+        generations[name] = records
+
+        encoded, too_long = encode_all(tok, fmt, heldout, args.max_length)
+        preference = None
+        if encoded:
+            preference = preference_metrics(four_way_logps(model, encoded, tok.pad_id, args.batch_size), encoded)
+            preference["skipped_too_long"] = too_long
+        mc = evaluate_mc(model, tok, mmlu, mmlu_dev, args.mmlu_shots, args.batch_size, args.limit) if mmlu else None
+
+        sets = sorted({r["set"] for r in records})
+        results.append({
+            "name": name, "model": str(folder), "chat_format": fmt.name,
+            "fidelity": fidelity(records),
+            "fidelity_by_set": {s: fidelity([r for r in records if r["set"] == s]) for s in sets},
+            "preference": preference, "mc": mc, "judge": None,
+        })  # fmt: skip
+        del model
+        gc.collect()
+
+    # 4. Pairwise judging: every model against the first, both presentation orders.
+    judgments = []
+    if judge_folder is not None:
+        print(f"eval: judging with {judge_folder}", file=sys.stderr)
+        judge = load_checked(judge_folder, device, dtype)
+        judge_tok = load_tokenizer(judge_folder)
+        judge_fmt = detect_format(judge_tok)  # the judge speaks its own format
+        baseline = names[0]
+        for result in results[1:]:
+            rows, summary = judge_pairs(
+                judge, judge_tok, judge_fmt, generations[result["name"]], generations[baseline],
+                args.batch_size, args.judge_max_new_tokens, args.judge_language_check,
+            )  # fmt: skip
+            result["judge"] = {"against": baseline, "judge": str(judge_folder), **summary}
+            judgments += [{"model_a": result["name"], "model_b": baseline, **row} for row in rows]
+        del judge
+        gc.collect()
+
+    # 5. Outputs, each file atomically.
+    settings = vars(args) | {"heldout": str(heldout_path), "prompts": [str(p) for p in prompt_files], "device": str(device)}
+    write_jsonl(out / "generations.jsonl", [r for name in names for r in generations[name]])
+    write_jsonl(out / "metrics.jsonl", results)
+    write_json(out / "metrics.json", {"lang": lang.code, "settings": settings, "models": results})
+    if judgments:
+        write_jsonl(out / "judgments.jsonl", judgments)
+    for name in names:
+        write_json(out / "alpaca_eval" / f"{file_safe(name)}.json", alpaca_eval_outputs(generations[name], name))
+    report = markdown_report(results, lang.code, settings)
+    write_atomic(out / "report.md", report)
+    plotted = plot_main_numbers(results, lang.code, out / "report.png")
+    print(report.split("\n## ")[0], file=sys.stderr)
+    print(f"eval: wrote {out}/report.md{' and report.png' if plotted else ' (no plot: matplotlib is not installed)'}", file=sys.stderr)
+    return results
+
+
+if __name__ == "__main__":
+    run_cli(main)

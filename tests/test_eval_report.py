@@ -1,0 +1,55 @@
+"""The report (clo/report.py): table cells from known numbers, atomic writes, the optional plot."""
+
+import sys
+
+import pytest
+
+from clo.report import markdown_report, plot_main_numbers, write_atomic
+
+FIDELITY = {
+    "sw": {"n": 4, "in_lang": 3, "in_lang_rate": 0.75, "n_ok": 2, "in_lang_ok": 1, "in_lang_rate_ok": 0.5, "degenerate": 2,
+           "degenerate_rate": 0.5, "degenerate_by_reason": {"copy": 2}, "hit_max_new_tokens": 1, "answer_langs": {"sw": 3, "en": 1}},
+    "en": {"n": 4, "in_lang": 4, "in_lang_rate": 1.0, "n_ok": 4, "in_lang_ok": 4, "in_lang_rate_ok": 1.0, "degenerate": 0,
+           "degenerate_rate": 0.0, "degenerate_by_reason": {}, "hit_max_new_tokens": 0, "answer_langs": {"en": 4}},
+}  # fmt: skip
+PREFERENCE = {"pref_t": 0.25, "margin_t": -3.5, "pref_en": 1.0, "margin_en": 12.25, "nll_t": 2.5, "nll_en": 1.25}
+MC = {"n": 10, "accuracy": 0.3, "macro_accuracy": 0.35, "subjects": {"anatomy": {"n": 4, "accuracy": 0.5}, "law": {"n": 6, "accuracy": 1 / 6}}}
+
+
+def results():
+    base = {"name": "base", "fidelity": FIDELITY, "preference": PREFERENCE, "mc": MC, "judge": None}
+    clo = {**base, "name": "clo", "judge": {"against": "base", "win_rate": 0.625}}
+    return [base, clo]
+
+
+def test_markdown_cells():
+    report = markdown_report(results(), "sw", {"limit": 4})
+    assert (
+        "| base | 75.0% (3/4) | 50.0% (1/2) | 50.0% (2/4) | 100.0% (4/4) | 100.0% (4/4) | 0.0% (0/4) "
+        "| 25.0% | -3.50 | 100.0% | 12.25 | 2.500 | 1.250 | 30.0% (3/10) | – |"
+    ) in report
+    assert report.count("| clo |") == 4  # main table, two answer-language rows, MC table
+    assert "| 62.5% vs base |" in report
+    assert "| clo | sw | 1 | 3 | 4 | 0 / 2 / 0 | 1 |" in report  # answer langs en, sw; empty/copy/repeat
+    assert "| base | 50.0% | 16.7% | 30.0% | 35.0% |" in report  # per-subject accuracy
+
+
+def test_write_atomic_leaves_old_file_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / "report.md"
+    write_atomic(path, "old")
+    monkeypatch.setattr("os.replace", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        write_atomic(path, "new")
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["report.md"]
+
+
+def test_plot_is_skipped_without_matplotlib(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as when it is not installed
+    assert plot_main_numbers(results(), "sw", tmp_path / "report.png") is False
+    assert not (tmp_path / "report.png").exists()
+
+
+def test_plot_with_matplotlib(tmp_path):
+    pytest.importorskip("matplotlib")
+    assert plot_main_numbers(results(), "sw", tmp_path / "report.png")
+    assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
