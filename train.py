@@ -115,19 +115,55 @@ def batch_loss(model, hidden_fn, batch, ref_rows, args, pad_id, device):
     return dpo_only_loss(policy, reference, beta=args.beta, directions=args.directions, nll=nll.detach())
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    lang = get_language(args.lang)
-    if lang.code == "en":
-        raise CloError("--lang: the target language must not be English")
-    stages = parse_stages(args.stages)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+def runtime(args):
+    """(device, frozen-weight dtype or None for the default, autocast dtype or None, compile?) from the flags."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
     dtype = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     use_amp = args.amp == "on" or (args.amp == "auto" and bf16_is_fast(device))
     use_compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
     if use_compile:  # one graph per (batch, bucketed length) shape; allow more than dynamo's default 8
         torch._dynamo.config.recompile_limit = 64
     args.bucket = args.bucket or (64 if use_compile else 8)
+    return device, dtype, torch.bfloat16 if use_amp else None, use_compile
+
+
+def begin_stage(model, groups, args, device, use_compile):
+    """Make `groups` trainable with fp32 master weights; a fresh AdamW over them. -> (optimizer, params, hidden_fn, counts)."""
+    counts = set_trainable(model, groups, lora=args.lora)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.data = p.data.float()  # bf16 compute comes from autocast; updates accumulate in fp32
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
+    hidden_fn = torch.compile(model.hidden, dynamic=False) if use_compile else model.hidden
+    model.train()
+    return optimizer, trainable, hidden_fn, counts
+
+
+def optimizer_step(model, hidden_fn, optimizer, trainable, micro_batches, lr, args, pad_id, device, autocast_dtype):
+    """One update over [(examples, reference rows), ...] micro-batches. -> (mean metrics incl. grad_norm, tokens)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    n_tok, parts = 0, []
+    for batch, ref_rows in micro_batches:
+        with torch.autocast(device.type, autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            loss, metrics = batch_loss(model, hidden_fn, batch, ref_rows, args, pad_id, device)
+        (loss / len(micro_batches)).backward()
+        n_tok += count_tokens(batch, SFT_SEQUENCES[args.sft_on] if args.method == "sft" else range(4))
+        parts.append(metrics)
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip if args.grad_clip > 0 else float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    row = {k: sum(float(m[k]) for m in parts) / len(parts) for k in parts[0]}  # the one host sync per step
+    return {**row, "grad_norm": float(grad_norm)}, n_tok
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    lang = get_language(args.lang)
+    if lang.code == "en":
+        raise CloError("--lang: the target language must not be English")
+    stages = parse_stages(args.stages)
+    device, dtype, autocast_dtype, use_compile = runtime(args)
     out = Path(args.out or f"runs/{args.method}-{lang.code}")
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
 
@@ -146,7 +182,6 @@ def main(argv=None):
     # 2. Model. Frozen weights stay in --dtype (bf16 on CUDA); trainable ones get fp32 master copies per stage.
     model = load_model(folder, device, dtype)
     model_id = model_fingerprint(folder)
-    autocast_dtype = torch.bfloat16 if use_amp else None  # bf16 matmuls; trainable weights stay fp32
     if args.lora:
         from clo.lora import apply_lora
 
@@ -213,39 +248,22 @@ def main(argv=None):
                 break
             if s != stage_idx:
                 stage_idx, stage = s, stages[s]
-                counts = set_trainable(model, stage.groups, lora=args.lora)
-                trainable = [p for n, p in model.named_parameters() if p.requires_grad]
-                for p in trainable:
-                    p.data = p.data.float()  # fp32 master weights; bf16 compute comes from autocast
+                optimizer, trainable, hidden_fn, counts = begin_stage(model, stage.groups, args, device, use_compile)
                 trained |= {n for n, p in model.named_parameters() if p.requires_grad}
                 bar.write(f"stage {s + 1}/{len(stages)}: {'+'.join(stage.groups)} for {stage.epochs} epoch(s), trainable {sum(counts.values()):,} params {counts}")
-                optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
                 if ckpt is not None and s == ckpt["position"].stage:
                     optimizer.load_state_dict(ckpt["optimizer"])
-                hidden_fn = torch.compile(model.hidden, dynamic=False) if use_compile else model.hidden
-                model.train()
 
             t0 = time.perf_counter()
             lr = lr_at(pos.step, total_steps, args.lr, args.warmup)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
             order = seeded_order(len(examples), args.seed, s, epoch)
-            n_tok, parts = 0, []
+            micro_batches = []
             for b in micro:
                 idx = order[b * args.batch_size : (b + 1) * args.batch_size]
-                batch = [examples[i] for i in idx]
-                with torch.autocast(device.type, autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-                    loss, metrics = batch_loss(model, hidden_fn, batch, None if ref_table is None else ref_table[idx], args, tok.pad_id, device)
-                (loss / len(micro)).backward()
-                n_tok += count_tokens(batch, SFT_SEQUENCES[args.sft_on] if args.method == "sft" else range(4))
-                parts.append(metrics)
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip if args.grad_clip > 0 else float("inf"))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+                micro_batches.append(([examples[i] for i in idx], None if ref_table is None else ref_table[idx]))
+            row, n_tok = optimizer_step(model, hidden_fn, optimizer, trainable, micro_batches, lr, args, tok.pad_id, device, autocast_dtype)
             pos = Position(s, epoch, micro.stop, pos.step + 1)
-
-            row = {k: sum(float(m[k]) for m in parts) / len(parts) for k in parts[0]}
-            row.update(step=pos.step, stage=s, epoch=epoch, lr=lr, grad_norm=float(grad_norm), tokens=n_tok, tokens_per_s=n_tok / (time.perf_counter() - t0))
+            row.update(step=pos.step, stage=s, epoch=epoch, lr=lr, tokens=n_tok, tokens_per_s=n_tok / (time.perf_counter() - t0))
             with metrics_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             bar.update(1)

@@ -1,0 +1,130 @@
+"""The benchmark scripts stay runnable: bench/bench_train.py and bench/bench_generate.py at a tiny size.
+
+CPU only: the CUDA paths (max_memory_allocated, fused AdamW, torch.compile, the sequential mode for
+two 7B workers) cannot run here. The random-weights path that `--device cuda` uses by default is
+checked on CPU with the `random:tiny` shape.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import train
+from clo.batching import EncodedExample
+from clo.config import ModelConfig
+from clo.data import demo_path, load_pairs
+from clo.freeze import set_trainable
+from clo.model import Transformer
+from tiny_chat_model import make_tiny_chat_model
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+import bench_train  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """A tiny ChatML model whose tokenizer was trained on the Swahili demo set."""
+    examples = load_pairs(demo_path("sw")).examples
+    texts = [t for ex in examples for t in (ex.prompt_en, ex.response_en, ex.prompt, ex.response)]
+    return make_tiny_chat_model(tmp_path_factory.mktemp("tiny"), texts)
+
+
+def run_script(script: str, *argv: str, cache: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CLO_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, str(REPO / "bench" / script), *argv], capture_output=True, text=True, env=env,
+                            cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_stretch_tiles_responses_to_the_length():
+    """Hand-worked: prompts 3 and 5 tokens, bodies 4 and 2 tokens + end-of-turn 9; length 12.
+
+    Room for a body: 12 - 1 - prompt = 8 (x_en) and 6 (x_t); scale = min(8/4, 8/2, 6/2, 6/4) = 1.5,
+    so bodies become 6 and 3 tokens: lengths 3+6+1 = 10, 3+3+1 = 7, 5+3+1 = 9, 5+6+1 = 12.
+    """
+    en, t = [1, 2, 3], [4, 5, 6, 7, 8]
+    y_en, y_t = [10, 11, 12, 13, 9], [20, 21, 9]
+    ex = EncodedExample("x", [(en, y_en), (en, y_t), (t, y_t), (t, y_en)])
+    out = bench_train.stretch(ex, 12)
+    assert out.sequences == [
+        (en, [10, 11, 12, 13, 10, 11, 9]),
+        (en, [20, 21, 20, 9]),
+        (t, [20, 21, 20, 9]),
+        (t, [10, 11, 12, 13, 10, 11, 9]),
+    ]
+    assert out.longest == 12
+    assert bench_train.stretch(ex, 8).longest == 8  # shorter than the example: bodies are cut, not dropped
+
+
+def test_step_flops_match_pytorchs_flop_counter():
+    """`step_flops` against torch's FlopCounterMode on the real step (train.batch_loss + backward).
+
+    The counter sees what runs, the formula counts what a step needs; they differ by exactly two
+    known terms: layer 0's q/k/v need no input gradient (the embedding is frozen), and the chunked
+    head recomputes its logits in backward (one more 2·V·D per response token).
+    """
+    hf = dict(architectures=["LlamaForCausalLM"], vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+              num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=64)
+    cfg = ModelConfig.from_hf(hf)
+    model = Transformer(cfg)
+    set_trainable(model, ("attn",))
+    prompt, response = [1, 2, 3, 4, 5], [6, 7, 8, 9, 10, 11, 12]  # equal lengths: no padding to count
+    batch = [EncodedExample("a", [(prompt, response)] * 4), EncodedExample("b", [(prompt, response)] * 4)]
+    args = train.parse_args(["--lang", "sw"])
+    args.bucket = 1
+    ref = torch.zeros(2, 4)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:  # the math path is plain matmuls
+        loss, _ = train.batch_loss(model, model.hidden, batch, ref, args, 0, torch.device("cpu"))
+        loss.backward()
+    n, r, sequences = len(prompt) + len(response), len(response), 8
+    qkv_0 = cfg.dim * cfg.head_dim * (cfg.n_heads + 2 * cfg.n_kv_heads)
+    head = cfg.vocab_size * cfg.dim
+    expected = bench_train.step_flops(cfg, batch) - sequences * (2 * qkv_0 * n - 2 * head * r)
+    assert counter.get_total_flops() == expected
+
+
+def test_random_shapes_give_both_sides_the_same_weights():
+    """`random:<shape>` (the CUDA default) builds clo and transformers models with identical logits."""
+    spec = {"model": "random:tiny"}
+    ours = bench_train.clo_model(spec, torch.device("cpu"), torch.float32)
+    theirs = bench_train.hf_model(spec, torch.device("cpu"), torch.float32).eval()
+    tokens = torch.randint(0, 512, (2, 24))
+    with torch.no_grad():
+        assert torch.allclose(ours(tokens), theirs(tokens).logits, atol=1e-5)
+
+
+def test_bench_train_runs_both_sides_on_the_same_tokens(tiny, tmp_path):
+    pytest.importorskip("trl")  # the peer: requirements-dev.txt
+    out = tmp_path / "train.json"
+    result = run_script("bench_train.py", "--model", str(tiny), "--lengths", "64", "--batch-sizes", "1", "--warmup", "1",
+                        "--rounds", "2", "--steps", "1", "--threads", "1", "--json", str(out), cache=tmp_path / "cache")
+    assert "| 64 | 1 |" in result.stdout and "speed-up" in result.stdout
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["same_tokens"] is True  # TRL's collator counted exactly clo's non-padding tokens
+    assert row["padded_length"] == 64
+    for side in ("clo", "trl"):
+        r = row[side]
+        assert r["timed_steps"] == 2 and r["tokens_per_s"] > 0 and r["amp"] == row["clo"]["amp"], r
+        assert 0 < r["baseline_bytes"] <= r["peak_bytes"], r  # the peak covers the steps, after the reset
+
+
+def test_bench_generate_matches_transformers_tokens(tiny, tmp_path):
+    out = tmp_path / "generate.json"
+    run_script("bench_generate.py", "--model", str(tiny), "--batch-sizes", "1", "3", "--new-tokens", "6", "--runs", "1",
+               "--threads", "1", "--json", str(out), cache=tmp_path / "cache")
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["batch"] for r in rows] == [1, 3]
+    for row in rows:
+        assert row["same_tokens"] == 1.0  # greedy, fp32: the same ids as transformers
+        for side in ("clo", "transformers"):
+            assert row[side]["lengths_ok"] and row[side]["decode_tokens_per_s"] > 0
