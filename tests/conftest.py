@@ -33,3 +33,14 @@ def smollm2_dir() -> Path:
         return resolve_model(DEFAULT_MODEL)
     except CloError as e:
         pytest.skip(f"default model unavailable: {e}")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine torch's thread pool
+    waits for a descheduled worker on every small op. Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

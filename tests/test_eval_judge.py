@@ -1,7 +1,6 @@
 """Pairwise judging (clo/judge.py): verdict parsing, both orders, the language rule, AlpacaEval export."""
 
 import pytest
-import torch
 
 import clo.judge as judge_module
 from clo.chat import detect_format
@@ -32,13 +31,7 @@ def test_parse_verdict(reply, verdict):
     assert parse_verdict(reply) == verdict
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine lose ~100x to contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

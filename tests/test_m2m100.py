@@ -18,14 +18,7 @@ FLORES = {"en": "eng_Latn", "sw": "swh_Latn", "yo": "yor_Latn", "id": "ind_Latn"
           "ko": "kor_Hang", "zh": "zho_Hans", "de": "deu_Latn"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine torch's thread pool
-    waits for a descheduled worker on every small op (milliseconds each)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_tiny_m2m100(folder: Path, vocab_size: int, seed: int = 0, eos_bias: float = 3.0,

@@ -7,7 +7,6 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
 import translate
 from clo.errors import CloError, run_cli
@@ -18,14 +17,7 @@ from clo.languages import get_language
 from test_m2m100 import write_tiny_m2m100, write_tiny_nllb_tokenizer, write_tiny_tokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine torch's thread pool
-    waits for a descheduled worker on every small op (milliseconds each)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- segmentation ---------------------------------------------------------------------------------
