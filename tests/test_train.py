@@ -279,7 +279,10 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(tiny, tmp_path):
     out = tmp_path / "run"
     argv = [sys.executable, "train.py", "--lang", "sw", "--model", str(folder), "--data", str(data), "--out", str(out), "--batch-size", "4", "--stages", "all:200", "--save-every", "0"]
     env = {**os.environ, "CLO_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.Popen(argv, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    # a shell's background job (as CI may run us) starts with SIGINT ignored; Python then never raises
+    # KeyboardInterrupt, so give the child the default disposition back
+    restore = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True, preexec_fn=restore)
     deadline = time.time() + 120
     while time.time() < deadline and not ((out / "metrics.jsonl").is_file() and len(metrics(out)) >= 3):
         time.sleep(0.2)
