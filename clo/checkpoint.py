@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from clo.atomic import atomic_folder
 from clo.config import ModelConfig
 from clo.errors import CloError
+from clo.jsonfile import read_json
 from clo.model import Transformer, rope_inv_freq
 
 TOKENIZER_FILES = (
@@ -54,7 +55,7 @@ def our_key(key: str) -> str:
 def weight_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        shards = sorted(set(read_json(index)["weight_map"].values()))
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
             raise CloError(f"{index}: shard {missing[0]} is listed but not in the folder")

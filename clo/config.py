@@ -4,11 +4,11 @@ One dataclass covers the paper's five models and the default: Llama-2, Llama-3 (
 RoPE scaling of 3.1/3.2), Mistral-7B-v0.1 (sliding window), Qwen-2.5 (q/k/v bias) and SmolLM2.
 """
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from clo.errors import CloError
+from clo.jsonfile import read_json
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
@@ -93,11 +93,7 @@ class ModelConfig:
         path = Path(folder) / "config.json"
         if not path.is_file():
             raise CloError(f"{folder}: no config.json (not a Hugging Face model folder)")
-        try:
-            hf = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise CloError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
-        return cls.from_hf(hf, source=str(path))
+        return cls.from_hf(read_json(path), source=str(path))
 
     @property
     def n_params(self) -> int:

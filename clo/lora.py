@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from clo.atomic import atomic_folder
 from clo.checkpoint import hf_key
 from clo.errors import CloError
+from clo.jsonfile import read_json
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -227,10 +228,7 @@ def load_adapter(model: nn.Module, folder: Path | str) -> list[str]:
     for path in (config_path, weights_path):
         if not path.is_file():
             raise CloError(f"{folder}: no {path.name} (not a PEFT LoRA adapter folder)")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CloError(f"{config_path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    config = read_json(config_path)
     for field in ("peft_type", "r", "lora_alpha", "target_modules"):
         if field not in config:
             raise CloError(f"{config_path}: field {field!r} is missing")

@@ -8,11 +8,11 @@
 starts with two BOS. Special tokens written in the text (`<|im_start|>`) become their ids.
 """
 
-import json
 import re
 from pathlib import Path
 
 from clo.errors import CloError
+from clo.jsonfile import read_json
 
 
 def _token_str(value) -> str | None:
@@ -20,15 +20,6 @@ def _token_str(value) -> str | None:
     if isinstance(value, dict):
         return value.get("content")
     return value
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CloError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
 
 
 class Tokenizer:
@@ -41,7 +32,7 @@ class Tokenizer:
 
     def __init__(self, folder: Path):
         self.folder = folder
-        config = _read_json(folder / "tokenizer_config.json")
+        config = read_json(folder / "tokenizer_config.json", missing_ok=True)
         self.chat_template = config.get("chat_template")
         if isinstance(self.chat_template, list):  # some checkpoints ship several named templates
             named = {t["name"]: t["template"] for t in self.chat_template}
@@ -58,7 +49,7 @@ class Tokenizer:
             token = _token_str(config.get(field))
             return None if token is None else self.token_id(token)
 
-        model_config = _read_json(folder / "config.json")
+        model_config = read_json(folder / "config.json", missing_ok=True)
         self.bos_id = special_id("bos_token")
         if self.bos_id is None:
             self.bos_id = model_config.get("bos_token_id")
@@ -75,7 +66,7 @@ class Tokenizer:
         else:
             self.adds_bos = self._default_adds_bos()
 
-        gen_eos = _read_json(folder / "generation_config.json").get("eos_token_id")
+        gen_eos = read_json(folder / "generation_config.json", missing_ok=True).get("eos_token_id")
         gen_eos = gen_eos if isinstance(gen_eos, list) else [gen_eos]
         self.stop_ids = {i for i in [self.eos_id, *gen_eos] if i is not None}
 
