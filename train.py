@@ -17,6 +17,7 @@ Limitations: one device (no multi-GPU); single-turn examples only; examples long
 """
 
 import argparse
+import functools
 import json
 import math
 import random
@@ -90,6 +91,7 @@ def lr_at(step: int, total: int, peak: float, warmup: float) -> float:
     return peak * max(0.0, (total - step) / max(1, total - warm))
 
 
+@functools.lru_cache(maxsize=1)  # called every step; the order changes once per epoch
 def seeded_order(n: int, seed: int, stage: int, epoch: int) -> list[int]:
     """The data order of one epoch: a pure function of (seed, stage, epoch), so a resume replays it."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + stage * 1009 + epoch)
