@@ -15,7 +15,9 @@ first token); runs alternate clo, transformers, clo, ... and the medians count:
     end-to-end tok/s = batch x new_tokens / t(new_tokens)
 
 transformers runs its default generate (dynamic KV cache, SDPA, no compile); clo.generate runs its
-static KV cache, uncompiled. The table also says whether the two produced the same tokens.
+static KV cache, its decode step compiled with static shapes (CUDA graphs) with `--compile auto` on
+CUDA, eager on CPU. The warm-up call compiles; timed calls reuse the graph. The table also says
+whether the two produced the same tokens.
 """
 
 import argparse
@@ -61,10 +63,10 @@ def hf_generate(model, prompts: list[list[int]], new_tokens: int, pad_id: int) -
     return out[:, L:].tolist()
 
 
-def clo_generate(model, prompts: list[list[int]], new_tokens: int, pad_id: int) -> list[list[int]]:
+def clo_generate(model, prompts: list[list[int]], new_tokens: int, pad_id: int, compile: bool) -> list[list[int]]:
     from clo.generate import generate
 
-    return generate(model, prompts, new_tokens, stop_ids=set(), pad_id=pad_id)
+    return generate(model, prompts, new_tokens, stop_ids=set(), pad_id=pad_id, compile=compile)
 
 
 def parse_args(argv=None):
@@ -73,6 +75,7 @@ def parse_args(argv=None):
     p.add_argument("--model", default="smollm2-135m-instruct", help=f"HF folder, the default model's name, or random:<shape> ({', '.join(RANDOM_SHAPES)})")
     p.add_argument("--tokenizer", help="folder whose tokenizer encodes the prompts (default: the model's, else the default model's)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="weights of both (auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="compile clo's decode step (auto: on for CUDA)")
     p.add_argument("--lang", default="sw", help="demo set whose prompts are used")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16], help="prompts per generate call")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per prompt (no early stop)")
@@ -109,14 +112,17 @@ def main(argv=None):
     ours = clo_model(spec, device, dtype)
     theirs = hf_model(spec, device, dtype).eval()
     vocab = model_config(spec)["vocab_size"]
-    implementations = {"clo": lambda p, n, pad: clo_generate(ours, p, n, pad), "transformers": lambda p, n, pad: hf_generate(theirs, p, n, pad)}
+    compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+    implementations = {"clo": lambda p, n, pad: clo_generate(ours, p, n, pad, compile), "transformers": lambda p, n, pad: hf_generate(theirs, p, n, pad)}
 
     rows = []
     for batch in args.batch_sizes:
         prompts, pad_id = bench_prompts(tokenizer, args.lang, batch, vocab)
         with torch.inference_mode():
-            for generate in implementations.values():  # warm-up: allocations, kernel choices
-                generate(prompts, 2, pad_id)
+            for name, generate in implementations.items():  # warm-up: allocations, kernel choices, compiling
+                start = time.perf_counter()
+                generate(prompts, 8, pad_id)  # CUDA graphs record on a later call than the compiling one
+                print(f"batch {batch}: {name} warm-up {time.perf_counter() - start:.1f} s", file=sys.stderr)
             times = {name: {1: [], args.new_tokens: []} for name in implementations}
             outputs = {}
             for _ in range(args.runs):
@@ -142,7 +148,8 @@ def main(argv=None):
 
     info = machine()
     title = (f"{model_spec if model_spec.startswith('random:') else Path(model_spec).name}, {args.device}, "
-             f"{str(dtype).removeprefix('torch.')}, greedy, {args.new_tokens} new tokens, median of {args.runs} runs; "
+             f"{str(dtype).removeprefix('torch.')}, greedy, {args.new_tokens} new tokens, median of {args.runs} runs, "
+             f"clo decode {'compiled' if compile else 'eager'}; "
              f"torch {torch.__version__}, transformers {transformers.__version__}")
     print(f"\n{title}\nmachine: {info['cpu']} ({info['cores']} cores, {info['torch_threads']} torch threads)"
           f"{', ' + info['gpu'] if 'gpu' in info else ''}\n")

@@ -291,13 +291,14 @@ def clo_worker(conn, spec: dict) -> None:
     from clo.reference import compute_reference_logps
 
     t0 = time.perf_counter()
-    args = train.parse_args(["--lang", spec["lang"], "--batch-size", str(spec["batch"]), "--max-length", str(spec["length"]), "--device", spec["device"]])
+    args = train.parse_args(["--lang", spec["lang"], "--batch-size", str(spec["batch"]), "--max-length", str(spec["length"]), "--device", spec["device"],
+                             *spec["clo_flags"]])
     device, _, autocast_dtype, use_compile = train.runtime(args)  # train.py's precision and compile policy
     batches, pad_id = bench_batches(spec)
     model = clo_model(spec, device, None)  # --dtype auto: bf16 on CUDA, fp32 on CPU
     examples = [ex for batch in batches for ex in batch]
     ref_table = compute_reference_logps(model, examples, pad_id, args.batch_size, args.bucket, autocast_dtype)
-    optimizer, trainable, hidden_fn, _ = train.begin_stage(model, ("attn",), args, device, use_compile)
+    optimizer, trainable, _ = train.begin_stage(model, ("attn",), args, device, use_compile)
     conn.send({"ready": True, "setup_s": time.perf_counter() - t0, "amp": autocast_dtype is not None, "compile": use_compile})
 
     B, step, measured = args.batch_size, 0, None
@@ -309,7 +310,7 @@ def clo_worker(conn, spec: dict) -> None:
             sync(device)
             t = time.perf_counter()
             lr = train.lr_at(step, 10**6, args.lr, args.warmup)
-            train.optimizer_step(model, hidden_fn, optimizer, trainable, [(batches[j], ref_table[j * B : (j + 1) * B])], lr, args, pad_id, device, autocast_dtype)
+            train.optimizer_step(model, optimizer, trainable, [(batches[j], ref_table[j * B : (j + 1) * B])], lr, args, pad_id, device, autocast_dtype)
             sync(device)
             times.append(time.perf_counter() - t)
             step += 1
@@ -422,7 +423,7 @@ def trl_steps(conn, spec: dict, tmp: str) -> None:
         precompute_ref_log_probs=True,
         precompute_ref_batch_size=2 * B,
         max_length=None,  # the ids are already the right length; never truncate
-        gradient_checkpointing=spec["trl_gradient_checkpointing"],  # TRL's default is on; clo has none
+        gradient_checkpointing=spec["trl_gradient_checkpointing"],  # TRL's default is on; clo's is off
         bf16=use_amp,  # the same autocast policy as clo's --amp auto
         use_cpu=device.type == "cpu",
         optim="adamw_torch_fused" if device.type == "cuda" else "adamw_torch",
@@ -568,8 +569,9 @@ NOTES = [
     "on CPU and bf16 on CUDA on both; the trainable q/k/v/o are fp32 master weights on both.",
     "Optimizer: torch AdamW over q/k/v/o only on both (fused on CUDA), clip 1.0; TRL's Trainer adds its linear LR "
     "scheduler and logs every 10 steps; clo sets the LR as train.py does.",
-    "Gradient checkpointing: off on both (TRL's default is on: pass --trl-gradient-checkpointing to measure that). "
-    "torch.compile: clo follows train.py (--compile auto: CUDA only); TRL does not compile (its default).",
+    "Gradient checkpointing: off on both unless asked for (TRL's default is on: --trl-gradient-checkpointing; clo's "
+    "--checkpoint-activations via --clo-flags). torch.compile: clo follows train.py (--compile auto: each block "
+    "compiled on CUDA, none on CPU); TRL does not compile (its default).",
     "Timing: clo from collate to zero_grad; TRL from one on_step_end to the next, inside trainer.train() (its batch "
     "fetch and collate, step, scheduler and logging). Reference log-probs: precomputed by both before timing, untimed.",
 ]
@@ -630,6 +632,7 @@ def parse_args(argv=None):
     p.add_argument("--sides", nargs="+", default=list(SIDES), choices=SIDES, help="which implementations to run")
     p.add_argument("--alternate", choices=["auto", "on", "off"], default="auto", help="alternate the sides round by round, "
                    "both workers alive (auto: on for CPU; off for CUDA, where two 7B setups do not fit one card)")
+    p.add_argument("--clo-flags", default="", help="extra train.py flags for the clo side, e.g. '--checkpoint-activations' or '--compile on'")
     p.add_argument("--trl-gradient-checkpointing", action="store_true", help="TRL with its default gradient checkpointing")
     p.add_argument("--threads", type=int, default=0, help="torch threads in each worker (0: torch's default)")
     p.add_argument("--json", help="where the results go (default runs/bench/train-<device>.json)")
@@ -679,7 +682,7 @@ def main(argv=None):
     for length, batch in settings:
         spec = {"device": args.device, "model": model, "tokenizer": tokenizer, "lang": args.lang, "length": length,
                 "batch": batch, "n_batches": args.steps, "vocab_size": vocab, "threads": args.threads,
-                "trl_gradient_checkpointing": args.trl_gradient_checkpointing}
+                "trl_gradient_checkpointing": args.trl_gradient_checkpointing, "clo_flags": args.clo_flags.split()}
         t = time.perf_counter()
         rows.append(measure(spec, args))
         print(f"seq {length} batch {batch}: {time.perf_counter() - t:.0f} s", file=sys.stderr)
@@ -689,6 +692,7 @@ def main(argv=None):
     versions = next((r["trl"]["versions"] for r in rows if "versions" in r.get("trl", {})), {})
     title = (f"{Path(model).name if not model.startswith('random:') else model}, {args.device}, "
              f"warm-up {args.warmup}, {args.rounds} rounds x {args.steps} steps per side"
+             f"{', clo flags ' + repr(args.clo_flags) if args.clo_flags else ''}"
              f"{', alternating' if rows and rows[0]['alternated'] else ''}; torch {torch.__version__}"
              + "".join(f", {k} {v}" for k, v in versions.items()))
     peak = next((r[s]["peak_kind"] + " over " + str(r[s].get("peak_covers")) for r in rows for s in sides if "peak_kind" in r.get(s, {})), "")

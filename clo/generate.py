@@ -3,11 +3,29 @@
 Prompts of different lengths are padded on the left, so every row's next token sits in the same
 cache slot; each row's RoPE positions start at 0 after its padding, and the attention mask hides
 the padding. Rows stop at a stop id; the batch stops when every row has, or at `max_new_tokens`.
+
+`compile=True` runs each one-token decode step through torch.compile with static shapes (on CUDA
+as a CUDA graph, gpt-fast's recipe): the cache length is rounded up to a multiple of
+`CACHE_BUCKET`, so calls with different prompt lengths reuse one graph per batch size, and the
+cache stays allocated between calls (its address is part of the graph; `model.clear_cache()` frees it).
+The prefill runs eagerly: its length changes with every batch.
 """
 
 import torch
 
 from clo.model import Transformer, attention_mask
+
+CACHE_BUCKET = 256  # compiled decode: cache lengths are multiples of this, so few shapes compile
+
+
+def compiled_decode_step(model: Transformer):
+    """model.forward for one new token per row [B, 1], compiled once per model (static shapes; CUDA graphs on CUDA)."""
+    step = getattr(model, "_compiled_decode", None)
+    if step is None:
+        cuda = model.embed_tokens.weight.device.type == "cuda"
+        step = torch.compile(model.forward, mode="reduce-overhead" if cuda else None, fullgraph=True, dynamic=False)
+        model._compiled_decode = step
+    return step
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
@@ -35,11 +53,18 @@ def generate(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    compile: bool = False,
 ) -> list[list[int]]:
-    """The new tokens of each prompt (stop token excluded). `use_cache=False` recomputes every step (a test oracle)."""
+    """The new tokens of each prompt (stop token excluded).
+
+    `use_cache=False` recomputes every step (a test oracle); `compile=True` compiles the decode step
+    (see the module docstring) and keeps the KV cache allocated after the call.
+    """
     device = model.embed_tokens.weight.device
     B, L = len(prompts), max(len(p) for p in prompts)
     S = L + max_new_tokens
+    if compile:
+        S = -(-S // CACHE_BUCKET) * CACHE_BUCKET  # static shapes: a few cache lengths, not one per call
     pads = torch.tensor([L - len(p) for p in prompts], device=device)
     seq = torch.full((B, S), pad_id, dtype=torch.long, device=device)
     for b, p in enumerate(prompts):
@@ -52,13 +77,16 @@ def generate(
 
     if use_cache:
         model.setup_cache(B, S)
+    decode = compiled_decode_step(model) if compile and use_cache else model
     try:
         cur = L  # slot of the token to be generated next
         for step in range(max_new_tokens):
             if use_cache:
                 q = slice(0, L) if step == 0 else slice(cur - 1, cur)
                 q_slots = slots[q]
-                logits = model(seq[:, q], positions[:, q], attention_mask(q_slots, valid, model.cfg.sliding_window), q_slots)
+                mask = attention_mask(q_slots, valid, model.cfg.sliding_window)
+                forward = model if step == 0 else decode  # the prefill's length varies: eager
+                logits = forward(seq[:, q], positions[:, q], mask, q_slots)
             else:
                 q_slots = slots[:cur]
                 mask = attention_mask(q_slots, valid[:, :cur], model.cfg.sliding_window)
@@ -72,7 +100,8 @@ def generate(
             if done.all():
                 break
     finally:
-        model.clear_cache()
+        if not compile:
+            model.clear_cache()
     return [cut_at_stop(row, stop_ids) for row in seq[:, L:cur].tolist()]
 
 

@@ -84,7 +84,7 @@ def test_step_flops_match_pytorchs_flop_counter():
     args.bucket = 1
     ref = torch.zeros(2, 4)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:  # the math path is plain matmuls
-        loss, _ = train.batch_loss(model, model.hidden, batch, ref, args, 0, torch.device("cpu"))
+        loss, _ = train.batch_loss(model, batch, ref, args, 0, torch.device("cpu"))
         loss.backward()
     n, r, sequences = len(prompt) + len(response), len(response), 8
     qkv_0 = cfg.dim * cfg.head_dim * (cfg.n_heads + 2 * cfg.n_kv_heads)

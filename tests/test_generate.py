@@ -55,3 +55,19 @@ def test_sampling_is_seeded_and_top_p_narrows_to_argmax():
     # top_p=0.5 on a distribution with a 0.6 token always picks it
     peaked = torch.log(torch.tensor([[0.6, 0.3, 0.1]]))
     assert all(sample_next(peaked, 1.0, 0.5).item() == 0 for _ in range(20))
+
+
+@pytest.mark.slow
+def test_compiled_decode_equals_eager(models):
+    """`compile=True` (static-shape decode step, the cache kept between calls) gives the eager tokens.
+
+    Two calls with different prompt sets and lengths share one compiled graph: the cache length is
+    bucketed and the kept cache's stale slots must stay masked.
+    """
+    _, ours = models
+    try:
+        for prompts, n in ((PROMPTS, 9), ([[3, 4, 5], [6] * 9, [11, 12]], 5)):
+            eager = generate(ours, prompts, max_new_tokens=n, stop_ids=set())
+            assert generate(ours, prompts, max_new_tokens=n, stop_ids=set(), compile=True) == eager
+    finally:
+        ours.clear_cache()

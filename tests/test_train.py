@@ -294,3 +294,26 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(tiny, tmp_path):
     assert 3 <= done < 400
     resumed = train.main(["--lang", "sw", "--model", str(folder), "--data", str(data), "--out", str(out), "--batch-size", "4", "--stages", "all:200", "--save-every", "0", "--resume", "--max-steps", str(done + 2)])
     assert [r["step"] for r in metrics(resumed)] == list(range(1, done + 3))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("option", [("--checkpoint-activations",), ("--compile", "on")], ids=["checkpointing", "compiled-blocks"])
+def test_speed_options_train_the_same(tiny, tmp_path, option):
+    """Activation checkpointing and per-block torch.compile change how a step runs, not what it computes.
+
+    fp32 (--amp off) so that only the order of floating-point operations could differ: the metrics
+    of 3 steps match the plain run to fp32 rounding. Checkpointing recomputes the same ops, so its
+    weights match to 1e-5; compiled kernels sum in another order, and Adam turns a gradient that is
+    ~0 into a ±lr step, so theirs match to 5% of how far the weights moved (a wrong gradient: ~100%).
+    """
+    args = ("--max-steps", "3", "--lr", "1e-3", "--amp", "off", "--dtype", "float32", "--device", "cpu")
+    plain = run(tiny, tmp_path / "plain", *args)
+    other = run(tiny, tmp_path / "other", *args, *option)
+    for a, b in zip(metrics(plain), metrics(other), strict=True):
+        for key in ("loss", "nll", "margin", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
+    wa, wb, w0 = weights(plain / "model"), weights(other / "model"), weights(tiny[0])
+    moved = max((wa[k] - w0[k]).abs().max().item() for k in wa)
+    assert moved > 1e-3  # the steps changed the weights, so equal weights mean equal updates
+    tolerance = 1e-5 if "--checkpoint-activations" in option else 0.05 * moved
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < tolerance

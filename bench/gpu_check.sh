@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Everything a GPU session checks, in one command, each part under its own time limit:
+#   1. the CUDA tests (tests/test_cuda.py)
+#   2. bench/bench_train.py --device cuda     (Llama-2-7B shape, random bf16 weights, sequence 1024, vs TRL)
+#   3. bench/bench_generate.py --device cuda  (same shape, batch 1 and 16, compiled decode vs transformers)
+#   4. bench/bench_train.py, clo only, with --checkpoint-activations (what recomputing costs and saves)
+# Logs and JSON results go to $OUT (default runs/gpu). Optional, for machines without internet:
+#   .whl/  wheels installed first (trl, datasets, ... : see BENCHMARKS.md), .tok/  the tokenizer folder.
+# Limits (seconds) can be changed with TESTS_S, TRAIN_S, GENERATE_S; DEVICE/MODEL/ARGS for a CPU dry run.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 HF_HUB_OFFLINE=1 CLO_CACHE=${CLO_CACHE:-/tmp/clo-cache}
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}  # both sides: less fragmentation near 80 GB
+DEVICE=${DEVICE:-cuda}
+MODEL=${MODEL:-random:llama2-7b}
+TOKENIZER=${TOKENIZER:-$( [ -d .tok ] && echo .tok || echo smollm2-135m-instruct )}
+WHEELS=${WHEELS-.whl}  # WHEELS= (empty) skips the install
+if [ -n "$WHEELS" ] && [ -d "$WHEELS" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || exit 1
+fi
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null
+  python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
+  python3 -c "import trl; print('trl', trl.__version__)"
+} 2>&1 | tee "$OUT/machine.txt"
+
+part() {  # part NAME SECONDS COMMAND...: run, tee the log, record the exit status and time
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  echo "=== $name (limit ${limit}s): $*"
+  timeout -k 15 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+  local rc=${PIPESTATUS[0]}
+  echo "=== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$OUT/$name.log"
+}
+
+part tests "${TESTS_S:-110}" python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py ${TEST_ARGS:-}
+part train "${TRAIN_S:-220}" python3 bench/bench_train.py --device "$DEVICE" --model "$MODEL" --tokenizer "$TOKENIZER" \
+  --json "$OUT/train.json" ${TRAIN_ARGS:-}
+part generate "${GENERATE_S:-140}" python3 bench/bench_generate.py --device "$DEVICE" --model "$MODEL" --tokenizer "$TOKENIZER" \
+  --json "$OUT/generate.json" ${GENERATE_ARGS:-}
+part train-checkpointing "${CHECKPOINTING_S:-70}" python3 bench/bench_train.py --device "$DEVICE" --model "$MODEL" \
+  --tokenizer "$TOKENIZER" --sides clo --clo-flags=--checkpoint-activations --json "$OUT/train-checkpointing.json" ${TRAIN_ARGS:-}

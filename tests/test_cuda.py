@@ -1,0 +1,114 @@
+"""The CUDA paths: logits against transformers on the GPU, train.py's default GPU step (bf16 autocast,
+compiled blocks, fused AdamW) and the CUDA-graph decode. Skipped where no GPU is visible (CI);
+run on a GPU machine with `python -m pytest -q tests/test_cuda.py` (bench/gpu_check.sh does).
+"""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from clo.checkpoint import load_model
+from clo.data import demo_path, load_pairs
+from clo.freeze import group_of
+from clo.generate import generate
+from hf_models import write_hf_model
+from tiny_chat_model import make_tiny_chat_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+PROMPTS = [[5, 9, 17, 33, 4], [7, 8], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50]]
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLO_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny ChatML model (tokenizer trained on the Swahili demo set) and 8 of its examples."""
+    examples = load_pairs(demo_path("sw")).examples
+    texts = [t for ex in examples for t in (ex.prompt_en, ex.response_en, ex.prompt, ex.response)]
+    folder = make_tiny_chat_model(tmp_path_factory.mktemp("tiny"), texts)
+    data = tmp_path_factory.mktemp("data") / "sw8.jsonl"
+    data.write_text("".join(line + "\n" for line in demo_path("sw").read_text(encoding="utf-8").splitlines()[:8]), encoding="utf-8")
+    return folder, data
+
+
+def run(tiny, out, *extra):
+    folder, data = tiny
+    return train.main(["--lang", "sw", "--model", str(folder), "--data", str(data), "--out", str(out), "--batch-size", "4",
+                       "--device", "cuda", *extra])
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_logits_match_transformers_on_cuda(tmp_path, family):
+    """fp32 to 1e-4 (as on CPU); bf16 no further from transformers' fp32 than transformers' own bf16 is."""
+    hf = write_hf_model(tmp_path, family).cuda()
+    x = torch.randint(3, 128, (2, 24), device="cuda")
+    with torch.no_grad():
+        expected = hf(x).logits
+        assert (load_model(tmp_path, "cuda", torch.float32)(x) - expected).abs().max().item() <= 1e-4
+        ours_bf16 = load_model(tmp_path, "cuda", torch.bfloat16)(x).float()
+        theirs_bf16 = hf.to(torch.bfloat16)(x).logits.float()
+    ours_err = (ours_bf16 - expected).abs().max().item()
+    theirs_err = (theirs_bf16 - expected).abs().max().item()
+    assert ours_err <= 2 * theirs_err + 1e-3, (ours_err, theirs_err)
+
+
+def test_default_gpu_step_trains_only_attention(tiny, tmp_path):
+    """train.py's CUDA defaults (bf16 autocast, bf16 frozen weights, compiled blocks, fused AdamW)."""
+    out = run(tiny, tmp_path / "run", "--max-steps", "3", "--lr", "1e-3")
+    rows = metrics(out)
+    assert len(rows) == 3 and all(torch.isfinite(torch.tensor([r["loss"], r["grad_norm"]])).all() for r in rows)
+    run_json = json.loads((out / "run.json").read_text())
+    assert run_json["compile"] == "auto" and run_json["summary"]["peak_memory_gib"] > 0
+    # --dtype auto holds frozen weights in bf16 on CUDA: this fp32 checkpoint's frozen weights come back
+    # rounded to bf16 and otherwise untouched; the attention weights moved.
+    before, after = load_file(tiny[0] / "model.safetensors"), load_file(out / "model" / "model.safetensors")
+    for key in before:
+        frozen = before[key].bfloat16().to(before[key].dtype)
+        changed = not torch.equal(frozen, after[key])
+        assert changed == (group_of(key.removeprefix("model.")) == "attn"), key
+
+
+@pytest.mark.parametrize("option", [("--checkpoint-activations",), ("--compile", "on")], ids=["checkpointing", "compiled-blocks"])
+def test_speed_options_train_the_same_on_cuda(tiny, tmp_path, option):
+    """As tests/test_train.py's CPU test: fp32, the metrics of 3 steps match the plain eager run."""
+    args = ("--max-steps", "3", "--lr", "1e-3", "--amp", "off", "--dtype", "float32")
+    plain = run(tiny, tmp_path / "plain", *args, "--compile", "off")
+    other = run(tiny, tmp_path / "other", *args, *option)
+    for a, b in zip(metrics(plain), metrics(other), strict=True):
+        for key in ("loss", "nll", "margin", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-4), key
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_decode_equals_eager(tmp_path, dtype):
+    """compile=True runs the decode step as a CUDA graph (no skips), call after call (one graph per batch size).
+
+    fp32: the tokens equal the eager decode's. bf16: the compiled kernels round differently, so a
+    random tiny model's near-ties may break the other way; the tokens must be well-formed and stable.
+    """
+    from torch._dynamo.utils import counters
+
+    write_hf_model(tmp_path, "llama")
+    model = load_model(tmp_path, "cuda", dtype)
+    counters.clear()
+    try:
+        for prompts, n in ((PROMPTS, 9), ([[3, 4, 5], [6] * 9, [11, 12]], 12), (PROMPTS, 6)):
+            compiled = generate(model, prompts, max_new_tokens=n, stop_ids=set(), compile=True)
+            assert all(len(row) == n for row in compiled)
+            assert generate(model, prompts, max_new_tokens=n, stop_ids=set(), compile=True) == compiled
+            if dtype == torch.float32:
+                assert compiled == generate(model, prompts, max_new_tokens=n, stop_ids=set())
+    finally:
+        model.clear_cache()
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
