@@ -77,6 +77,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="cuda, cpu, ... (auto: cuda if available)")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto", help="weights' dtype (auto: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--chat-format", default="auto", help="auto, chatml, llama3, llama2, mistral or plain (for every model)")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="answer with a compiled decode step, a CUDA graph on CUDA "
+                   "(auto: on for CUDA; ~30 s per batch shape for a 7B model, then several times faster decoding)")
     args = p.parse_args(argv)
     for flag in ("max_new_tokens", "batch_size", "max_length", "judge_max_new_tokens", "ngram"):
         if getattr(args, flag) < 1:
@@ -177,7 +179,8 @@ def main(argv=None):
         model = load_checked(folder, device, dtype)
         tok = load_tokenizer(folder)
         fmt = detect_format(tok, args.chat_format)
-        answers = generate_answers(model, tok, fmt, prompts, args.max_new_tokens, args.batch_size, desc=f"generate {name}")
+        compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+        answers = generate_answers(model, tok, fmt, prompts, args.max_new_tokens, args.batch_size, desc=f"generate {name}", compile=compile)
         records = grade_answers(name, prompts, answers, langid, args.max_new_tokens, args.copy_threshold, args.repeat_threshold, args.ngram)
         generations[name] = records
 

@@ -293,9 +293,9 @@ def clo_worker(conn, spec: dict) -> None:
     t0 = time.perf_counter()
     args = train.parse_args(["--lang", spec["lang"], "--batch-size", str(spec["batch"]), "--max-length", str(spec["length"]), "--device", spec["device"],
                              *spec["clo_flags"]])
-    device, _, autocast_dtype, use_compile = train.runtime(args)  # train.py's precision and compile policy
+    device, dtype, autocast_dtype, use_compile = train.runtime(args)  # train.py's precision and compile policy
     batches, pad_id = bench_batches(spec)
-    model = clo_model(spec, device, None)  # --dtype auto: bf16 on CUDA, fp32 on CPU
+    model = clo_model(spec, device, dtype)  # --dtype auto: frozen weights in bf16 when autocast is on
     examples = [ex for batch in batches for ex in batch]
     ref_table = compute_reference_logps(model, examples, pad_id, args.batch_size, args.bucket, autocast_dtype)
     optimizer, trainable, _ = train.begin_stage(model, ("attn",), args, device, use_compile)
@@ -335,15 +335,15 @@ def trl_steps(conn, spec: dict, tmp: str) -> None:
     from trl.trainer import dpo_trainer
 
     import train
-    from clo.checkpoint import bf16_is_fast, default_dtype
 
     t0 = time.perf_counter()
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     device = torch.device(spec["device"])
-    args = train.parse_args(["--lang", spec["lang"], "--batch-size", str(spec["batch"])])
-    use_amp = args.amp == "on" or (args.amp == "auto" and bf16_is_fast(device))
+    args = train.parse_args(["--lang", spec["lang"], "--batch-size", str(spec["batch"]), "--device", spec["device"], *spec["clo_flags"]])
+    _, dtype, autocast_dtype, _ = train.runtime(args)  # the same precision policy as the clo side
+    use_amp = autocast_dtype is not None
     batches, pad_id = bench_batches(spec)
     B = spec["batch"]
 
@@ -356,7 +356,7 @@ def trl_steps(conn, spec: dict, tmp: str) -> None:
                 rows.append({"prompt_ids": prompt, "chosen_ids": y_w, "rejected_ids": y_l})
     dataset = datasets.Dataset.from_list(rows)
 
-    model = hf_model(spec, device, default_dtype(device))  # same weights and dtype as clo's frozen ones
+    model = hf_model(spec, device, dtype)  # same weights and dtype as clo's frozen ones
     for name, p in model.named_parameters():
         p.requires_grad_(any(f"self_attn.{m}." in name for m in ATTENTION))
         if p.requires_grad:
@@ -565,8 +565,9 @@ NOTES = [
     "with Triton, and also computes per-token entropy, mean logit and top-1 for its metrics.",
     "Host syncs: TRL reads about ten metrics with .item() every step; clo converts its metrics to float once per step, "
     "as train.py does for its log line.",
-    "Precision: bf16 autocast on both sides whenever clo's --amp auto turns it on (CUDA, AMX CPUs); frozen weights fp32 "
-    "on CPU and bf16 on CUDA on both; the trainable q/k/v/o are fp32 master weights on both.",
+    "Precision: bf16 autocast on both sides whenever clo's --amp auto turns it on (CUDA, AMX CPUs); frozen weights "
+    "held in bf16 then (train.py's --dtype auto), fp32 otherwise, on both; the trainable q/k/v/o are fp32 master "
+    "weights on both.",
     "Optimizer: torch AdamW over q/k/v/o only on both (fused on CUDA), clip 1.0; TRL's Trainer adds its linear LR "
     "scheduler and logs every 10 steps; clo sets the LR as train.py does.",
     "Gradient checkpointing: off on both unless asked for (TRL's default is on: --trl-gradient-checkpointing; clo's "

@@ -106,6 +106,36 @@ def load_model(folder: Path | str, device="cpu", dtype: torch.dtype | None = Non
     return model.eval()
 
 
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def restore_originals(model: Transformer, folder: Path | str, names) -> list[str]:
+    """Give the parameters `names` back their checkpoint values and dtype wherever memory holds them narrower.
+
+    Training may hold frozen weights in bf16 (compute precision) while the checkpoint stores fp32;
+    the file stays their master copy. Called before a stage starts training a parameter, before a
+    LoRA merge and before saving, so nothing is ever rounded by having been frozen. Returns the
+    names restored (none when memory already holds the file's dtype).
+    """
+    params = dict(model.named_parameters())  # tied weights appear once, under embed_tokens
+    wanted = {hf_key(n): n for n in names if n in params}
+    restored = []
+    for path in weight_files(Path(folder)):
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                name = wanted.get(key)
+                if name is None:
+                    continue
+                p = params[name]
+                stored = SAFETENSORS_DTYPES.get(f.get_slice(key).get_dtype())
+                # exact in memory: the same dtype, or a wider float (bf16 and fp16 are both 16 bits, neither holds the other)
+                if stored is None or stored == p.dtype or torch.finfo(p.dtype).bits > torch.finfo(stored).bits:
+                    continue
+                p.data = f.get_tensor(key).to(p.device)
+                restored.append(name)
+    return restored
+
+
 def save_model(
     model: Transformer,
     out_dir: Path | str,

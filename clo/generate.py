@@ -23,6 +23,8 @@ def compiled_decode_step(model: Transformer):
     step = getattr(model, "_compiled_decode", None)
     if step is None:
         cuda = model.embed_tokens.weight.device.type == "cuda"
+        # one graph per (batch size, cache length): an eval's batches of sorted prompt lengths make several
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         step = torch.compile(model.forward, mode="reduce-overhead" if cuda else None, fullgraph=True, dynamic=False)
         model._compiled_decode = step
     return step
@@ -130,6 +132,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed for sampling")
     p.add_argument("--chat-format", default="auto", help="auto, chatml, llama3, llama2, mistral or plain")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="compiled decode step (auto: on for CUDA)")
     args = p.parse_args(argv)
     folder = resolve_model(args.model)
     tok = load_tokenizer(folder)
@@ -137,7 +140,8 @@ def main(argv=None):
     model = load_model(folder, args.device)
     prompts = [encode_prompt(tok, fmt, text) for text in args.prompts]
     generator = torch.Generator(args.device).manual_seed(args.seed)
-    answers = generate(model, prompts, args.max_new_tokens, stop_ids(tok, fmt), tok.pad_id, args.temperature, args.top_p, generator)
+    compile = args.compile == "on" or (args.compile == "auto" and torch.device(args.device).type == "cuda")
+    answers = generate(model, prompts, args.max_new_tokens, stop_ids(tok, fmt), tok.pad_id, args.temperature, args.top_p, generator, compile=compile)
     for text, ids in zip(args.prompts, answers):
         print(f">>> {text}\n{tok.decode(ids)}\n")
 

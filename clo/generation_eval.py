@@ -30,9 +30,13 @@ from clo.tokenizer import Tokenizer
 
 @torch.no_grad()
 def generate_answers(
-    model: Transformer, tok: Tokenizer, fmt: ChatFormat, prompts: list[EvalPrompt], max_new_tokens: int, batch_size: int, desc: str = "generate"
+    model: Transformer, tok: Tokenizer, fmt: ChatFormat, prompts: list[EvalPrompt], max_new_tokens: int, batch_size: int, desc: str = "generate",
+    compile: bool = False,
 ) -> list[tuple[str, int]]:
-    """Greedy answers, in the order of `prompts`: (text, number of new tokens, stop token excluded)."""
+    """Greedy answers, in the order of `prompts`: (text, number of new tokens, stop token excluded).
+
+    compile: decode with clo.generate's compiled static-shape step (one compile per batch shape).
+    """
     encoded = [encode_prompt(tok, fmt, p.text) for p in prompts]
     stops = stop_ids(tok, fmt)
     answers: list[tuple[str, int] | None] = [None] * len(prompts)
@@ -40,9 +44,10 @@ def generate_answers(
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
         idx = order[start : start + batch_size]
-        outputs = generate(model, [encoded[i] for i in idx], max_new_tokens, stops, tok.pad_id)
+        outputs = generate(model, [encoded[i] for i in idx], max_new_tokens, stops, tok.pad_id, compile=compile)
         for i, ids in zip(idx, outputs):
             answers[i] = (tok.decode(ids), len(ids))
+    model.clear_cache()  # a compiled decode keeps its cache between calls
     return answers
 
 

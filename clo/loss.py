@@ -21,11 +21,16 @@ IGNORE_INDEX = -100
 
 
 def _chunk_logits(h_c: Tensor, weight: Tensor, acc: torch.dtype) -> Tensor:
-    """[c, D] @ [D, V] in the inputs' own dtype, then upcast to `acc` for the softmax.
+    """[c, D] @ [D, V] -> [c, V] logits in `acc` (fp32) for the softmax.
 
-    Autocast is off so that forward and the backward's recompute round the logits identically.
+    bf16/fp16 inputs on CUDA: one matmul with fp32 output (cuBLAS accumulates in fp32 anyway), so
+    the logits are never rounded to bf16 — a rounding of ~0.1 at logit 20 that would otherwise enter
+    every log-prob. Elsewhere: the matmul in the inputs' dtype, then upcast. Autocast is off so that
+    forward and the backward's recompute compute the logits identically.
     """
     with torch.autocast(h_c.device.type, enabled=False):
+        if h_c.is_cuda and acc == torch.float32 and h_c.dtype in (torch.bfloat16, torch.float16):
+            return torch.mm(h_c, weight.T, out_dtype=acc)
         return (h_c @ weight.T).to(acc)
 
 

@@ -106,6 +106,19 @@ def test_batched_answers_equal_one_by_one(tiny):
         assert (text, n) == (tok.decode(alone), len(alone))
 
 
+@pytest.mark.slow
+def test_compiled_answers_equal_eager(tiny):
+    """eval.py --compile: the compiled decode answers as the eager one, over batches of two shapes
+    (2 prompts, then the last 1), and frees its kept KV cache at the end."""
+    folder = tiny[0]
+    tok, model = load_tokenizer(folder), load_model(folder)
+    fmt = detect_format(tok)
+    prompts = load_prompts(demo_path("sw", heldout=True), limit=3)
+    eager = generate_answers(model, tok, fmt, prompts, max_new_tokens=6, batch_size=2)
+    assert generate_answers(model, tok, fmt, prompts, max_new_tokens=6, batch_size=2, compile=True) == eager
+    assert all(layer.self_attn.kv_cache is None for layer in model.layers)
+
+
 def test_fidelity_by_hand():
     def rec(prompt_lang, answer_lang, degenerate=None):
         return {"prompt_lang": prompt_lang, "answer_lang": answer_lang, "degenerate": degenerate, "hit_max_new_tokens": False}

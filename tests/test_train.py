@@ -317,3 +317,32 @@ def test_speed_options_train_the_same(tiny, tmp_path, option):
     assert moved > 1e-3  # the steps changed the weights, so equal weights mean equal updates
     tolerance = 1e-5 if "--checkpoint-activations" in option else 0.05 * moved
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < tolerance
+
+
+def test_weights_held_in_bf16_are_saved_exactly(tiny, tmp_path):
+    """Frozen weights held in bf16 never reach the output rounded: with lr 0 every saved weight equals
+    the fp32 checkpoint's, bit for bit — the frozen ones (restored before saving) and the trained
+    ones (restored before their stage made fp32 master copies of them)."""
+    folder, _ = tiny
+    out = run(tiny, tmp_path / "run", "--dtype", "bfloat16", "--lr", "0", "--stages", "attn:1,mlp:1", "--max-steps", "3")
+    before, after = weights(folder), weights(out / "model")
+    assert all(t.dtype == torch.float32 for t in before.values())
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    rounded = {k: t.bfloat16().float() for k, t in before.items()}
+    assert any(not torch.equal(rounded[k], before[k]) for k in before)  # so bf16 rounding would have shown
+
+
+def test_restore_originals_only_where_memory_is_narrower(tiny):
+    from clo.checkpoint import load_model, restore_originals
+
+    folder, _ = tiny
+    model = load_model(folder, "cpu", torch.bfloat16)
+    names = ["layers.0.mlp.up_proj.weight", "embed_tokens.weight"]
+    assert sorted(restore_originals(model, folder, names)) == sorted(names)
+    params = dict(model.named_parameters())
+    for name in names:
+        assert params[name].dtype == torch.float32
+        assert torch.equal(params[name], weights(folder)["model." + name])
+    assert params["layers.0.mlp.down_proj.weight"].dtype == torch.bfloat16  # not asked for: untouched
+    assert model.lm_head.weight is model.embed_tokens.weight  # tied: restored together
+    assert restore_originals(load_model(folder, "cpu", torch.float32), folder, names) == []  # fp32 holds fp32 exactly
