@@ -346,3 +346,29 @@ def test_restore_originals_only_where_memory_is_narrower(tiny):
     assert params["layers.0.mlp.down_proj.weight"].dtype == torch.bfloat16  # not asked for: untouched
     assert model.lm_head.weight is model.embed_tokens.weight  # tied: restored together
     assert restore_originals(load_model(folder, "cpu", torch.float32), folder, names) == []  # fp32 holds fp32 exactly
+
+
+@pytest.mark.slow
+def test_compiled_blocks_build_one_graph_per_batch_shape(tiny, tmp_path, monkeypatch):
+    """--compile on: lengths are bucketed, and the blocks share their graphs (regional compilation):
+    two per padded batch shape whatever the depth, one for block 0 (its input, the frozen embedding,
+    needs no gradient) and one for every later block."""
+    from torch._dynamo.utils import counters
+
+    shapes = []
+
+    def recording_collate(*args, **kwargs):
+        tokens, labels = collate(*args, **kwargs)
+        shapes.append(tuple(tokens.shape))
+        return tokens, labels
+
+    collate = train.collate
+    monkeypatch.setattr(train, "collate", recording_collate)
+    examples = load_pairs(demo_path("sw")).examples
+    texts = [t for ex in examples for t in (ex.prompt_en, ex.response_en, ex.prompt, ex.response)]
+    deep = make_tiny_chat_model(tmp_path / "deep", texts, num_hidden_layers=5)  # one graph per block would be 5 per shape
+    torch._dynamo.reset()
+    counters.clear()
+    run((deep, tiny[1]), tmp_path / "run", "--compile", "on", "--amp", "off", "--batch-size", "3", "--bucket", "16", "--max-steps", "3")
+    assert len(set(shapes)) >= 2  # the last batch of 8 examples holds 2: a second shape at least
+    assert counters["stats"]["unique_graphs"] == 2 * len(set(shapes))
