@@ -35,7 +35,7 @@ import torch
 
 from clo.batching import encode_all
 from clo.chat import detect_format
-from clo.checkpoint import load_model, weight_files
+from clo.checkpoint import load_model, on_for_cuda, weight_files
 from clo.config import ModelConfig
 from clo.data import demo_path, load_pairs
 from clo.default_model import DEFAULT_MODEL, resolve_model
@@ -179,8 +179,8 @@ def main(argv=None):
         model = load_checked(folder, device, dtype)
         tok = load_tokenizer(folder)
         fmt = detect_format(tok, args.chat_format)
-        compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
-        answers = generate_answers(model, tok, fmt, prompts, args.max_new_tokens, args.batch_size, desc=f"generate {name}", compile=compile)
+        answers = generate_answers(model, tok, fmt, prompts, args.max_new_tokens, args.batch_size, desc=f"generate {name}",
+                                   compile=on_for_cuda(args.compile, device))
         records = grade_answers(name, prompts, answers, langid, args.max_new_tokens, args.copy_threshold, args.repeat_threshold, args.ngram)
         generations[name] = records
 

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from clo.batching import collate, count_tokens, encode_all
 from clo.chat import detect_format
-from clo.checkpoint import bf16_is_fast, load_model, restore_originals, save_model
+from clo.checkpoint import bf16_is_fast, load_model, on_for_cuda, restore_originals, save_model
 from clo.data import demo_path, load_pairs
 from clo.default_model import DEFAULT_MODEL, cache_dir, resolve_model
 from clo.errors import CloError, run_cli
@@ -133,7 +133,7 @@ def runtime(args):
     use_amp = args.amp == "on" or (args.amp == "auto" and bf16_is_fast(device))
     auto = torch.bfloat16 if device.type == "cuda" and use_amp else torch.float32
     dtype = {"auto": auto, "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
-    use_compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+    use_compile = on_for_cuda(args.compile, device)
     if use_compile:  # one graph per (batch, bucketed length) shape; allow more than dynamo's default 8
         torch._dynamo.config.recompile_limit = 64
     args.bucket = args.bucket or (64 if use_compile else 8)

@@ -96,7 +96,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     import transformers
 
-    from clo.checkpoint import default_dtype
+    from clo.checkpoint import default_dtype, on_for_cuda
     from clo.default_model import DEFAULT_MODEL, resolve_model
 
     transformers.logging.set_verbosity_error()
@@ -112,7 +112,7 @@ def main(argv=None):
     ours = clo_model(spec, device, dtype)
     theirs = hf_model(spec, device, dtype).eval()
     vocab = model_config(spec)["vocab_size"]
-    compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+    compile = on_for_cuda(args.compile, device)
     implementations = {"clo": lambda p, n, pad: clo_generate(ours, p, n, pad, compile), "transformers": lambda p, n, pad: hf_generate(theirs, p, n, pad)}
 
     rows = []

@@ -43,6 +43,11 @@ def bf16_is_fast(device: torch.device | str) -> bool:
     return device.type == "cpu" and amx is not None and bool(amx())
 
 
+def on_for_cuda(flag: str, device: torch.device | str) -> bool:
+    """An on/off/auto flag where auto means: on for CUDA (the --compile flags of train, eval and generate)."""
+    return flag == "on" or (flag == "auto" and torch.device(device).type == "cuda")
+
+
 def hf_key(name: str) -> str:
     """Our parameter name -> the Hugging Face checkpoint key."""
     return name if name.startswith("lm_head.") else "model." + name

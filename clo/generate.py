@@ -119,7 +119,7 @@ def main(argv=None):
     import argparse
 
     from clo.chat import detect_format, encode_prompt, stop_ids
-    from clo.checkpoint import load_model
+    from clo.checkpoint import load_model, on_for_cuda
     from clo.default_model import DEFAULT_MODEL, resolve_model
     from clo.tokenizer import load_tokenizer
 
@@ -140,7 +140,7 @@ def main(argv=None):
     model = load_model(folder, args.device)
     prompts = [encode_prompt(tok, fmt, text) for text in args.prompts]
     generator = torch.Generator(args.device).manual_seed(args.seed)
-    compile = args.compile == "on" or (args.compile == "auto" and torch.device(args.device).type == "cuda")
+    compile = on_for_cuda(args.compile, args.device)
     answers = generate(model, prompts, args.max_new_tokens, stop_ids(tok, fmt), tok.pad_id, args.temperature, args.top_p, generator, compile=compile)
     for text, ids in zip(args.prompts, answers):
         print(f">>> {text}\n{tok.decode(ids)}\n")
