@@ -19,10 +19,9 @@ from torch.utils.flop_counter import FlopCounterMode
 import train
 from clo.batching import EncodedExample
 from clo.config import ModelConfig
-from clo.data import demo_path, load_pairs
 from clo.freeze import set_trainable
 from clo.model import Transformer
-from tiny_chat_model import make_tiny_chat_model
+from tiny_chat_model import demo_texts, make_tiny_chat_model
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
@@ -33,9 +32,7 @@ import bench_train  # noqa: E402
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     """A tiny ChatML model whose tokenizer was trained on the Swahili demo set."""
-    examples = load_pairs(demo_path("sw")).examples
-    texts = [t for ex in examples for t in (ex.prompt_en, ex.response_en, ex.prompt, ex.response)]
-    return make_tiny_chat_model(tmp_path_factory.mktemp("tiny"), texts)
+    return make_tiny_chat_model(tmp_path_factory.mktemp("tiny"), demo_texts("sw"))
 
 
 def run_script(script: str, *argv: str, cache: Path) -> subprocess.CompletedProcess:

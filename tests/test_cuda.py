@@ -11,11 +11,10 @@ from safetensors.torch import load_file
 
 import train
 from clo.checkpoint import load_model
-from clo.data import demo_path, load_pairs
 from clo.freeze import group_of
 from clo.generate import generate
 from hf_models import write_hf_model
-from tiny_chat_model import make_tiny_chat_model
+from tiny_chat_model import make_tiny_training_setup
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -29,13 +28,7 @@ def _cache(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A tiny ChatML model (tokenizer trained on the Swahili demo set) and 8 of its examples."""
-    examples = load_pairs(demo_path("sw")).examples
-    texts = [t for ex in examples for t in (ex.prompt_en, ex.response_en, ex.prompt, ex.response)]
-    folder = make_tiny_chat_model(tmp_path_factory.mktemp("tiny"), texts)
-    data = tmp_path_factory.mktemp("data") / "sw8.jsonl"
-    data.write_text("".join(line + "\n" for line in demo_path("sw").read_text(encoding="utf-8").splitlines()[:8]), encoding="utf-8")
-    return folder, data
+    return make_tiny_training_setup(tmp_path_factory.mktemp("tiny"))
 
 
 def run(tiny, out, *extra):

@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from clo.data import demo_path, load_pairs
+from clo.data import load_pairs
 from clo.errors import CloError
 from clo.freeze import group_of
-from tiny_chat_model import make_tiny_chat_model
+from tiny_chat_model import demo_texts, make_tiny_chat_model, make_tiny_training_setup
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,12 +27,7 @@ def _cache(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny ChatML model whose tokenizer was trained on the Swahili demo set, and 8 of its examples."""
-    examples = load_pairs(demo_path("sw")).examples
-    texts = [t for ex in examples for t in (ex.prompt_en, ex.response_en, ex.prompt, ex.response)]
-    folder = make_tiny_chat_model(tmp_path_factory.mktemp("tiny"), texts)
-    data = tmp_path_factory.mktemp("data") / "sw8.jsonl"
-    data.write_text("".join(line + "\n" for line in demo_path("sw").read_text(encoding="utf-8").splitlines()[:8]), encoding="utf-8")
-    return folder, data
+    return make_tiny_training_setup(tmp_path_factory.mktemp("tiny"))
 
 
 def run(tiny, out, *extra):
@@ -364,9 +359,7 @@ def test_compiled_blocks_build_one_graph_per_batch_shape(tiny, tmp_path, monkeyp
 
     collate = train.collate
     monkeypatch.setattr(train, "collate", recording_collate)
-    examples = load_pairs(demo_path("sw")).examples
-    texts = [t for ex in examples for t in (ex.prompt_en, ex.response_en, ex.prompt, ex.response)]
-    deep = make_tiny_chat_model(tmp_path / "deep", texts, num_hidden_layers=5)  # one graph per block would be 5 per shape
+    deep = make_tiny_chat_model(tmp_path / "deep", demo_texts("sw"), num_hidden_layers=5)  # one graph per block would be 5 per shape
     torch._dynamo.reset()
     counters.clear()
     run((deep, tiny[1]), tmp_path / "run", "--compile", "on", "--amp", "off", "--batch-size", "3", "--bucket", "16", "--max-steps", "3")

@@ -37,3 +37,21 @@ def make_tiny_chat_model(folder: Path, texts: list[str], vocab_size: int = 384, 
         folder, family, vocab_size=tok.get_vocab_size(), bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=True, **config
     )
     return folder
+
+
+def demo_texts(lang: str = "sw") -> list[str]:
+    """Every prompt and response of a demo set, English and target language: text for a tiny tokenizer."""
+    from clo.data import demo_path, load_pairs
+
+    return [t for ex in load_pairs(demo_path(lang)).examples for t in (ex.prompt_en, ex.response_en, ex.prompt, ex.response)]
+
+
+def make_tiny_training_setup(root: Path, n_examples: int = 8) -> tuple[Path, Path]:
+    """(a tiny ChatML model whose tokenizer learned the Swahili demo set, a JSONL of its first n pairs)."""
+    from clo.data import demo_path
+
+    folder = make_tiny_chat_model(root / "tiny", demo_texts("sw"))
+    data = root / f"sw{n_examples}.jsonl"
+    lines = demo_path("sw").read_text(encoding="utf-8").splitlines()[:n_examples]
+    data.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return folder, data
