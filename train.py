@@ -125,7 +125,7 @@ def runtime(args):
     Frozen weights: bf16 on CUDA (with autocast), fp32 on CPU (`--dtype auto`). fp32 keeps the
     residual stream and the head in fp32 while the matmuls inside the blocks still run in bf16: in
     the default job the step-1 rewards (policy vs cached reference, equal weights) stay within
-    ±0.003, against ±0.05 with `--dtype bfloat16`, which trades that for ~0.45 GiB less memory
+    ±0.0031, against ±0.047 with `--dtype bfloat16`, which trades that for ~0.45 GiB less memory
     (BENCHMARKS.md). Either way the checkpoint file stays the master copy of frozen weights
     (clo.checkpoint.restore_originals): untrained weights are saved exactly as they were loaded.
     """
@@ -164,8 +164,8 @@ def compile_blocks(model) -> None:
     """torch.compile each decoder block in place, once (static shapes: one graph per bucketed length).
 
     Regional compilation: the blocks share their code, so one graph serves all of them and it builds
-    in seconds; compiling `model.hidden` whole unrolls every layer (SmolLM2, CPU: 80 s vs 13.5 s to
-    the first step, the same step time after). Embedding, RoPE tables and the final norm stay eager.
+    in seconds; compiling `model.hidden` whole unrolls every layer (SmolLM2, CPU, cold caches: 100 s vs
+    28 s to the first step, the same step time after: bench/bench_compile.py). Embedding, RoPE tables and the final norm stay eager.
     """
     for layer in model.layers:
         if getattr(layer, "_compiled_call_impl", None) is None:
