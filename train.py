@@ -2,7 +2,7 @@
 
     python train.py --lang sw                        # CLO on the demo set, default model, CPU or GPU
     python train.py --lang sw --method sft           # baseline: SFT on the target-language pairs
-    python train.py --lang sw --method dpo --model runs/sft-sw/model   # baseline: SFT+DPO
+    python train.py --lang sw --method sft-dpo       # baseline: SFT, then DPO from the SFT model
 
 Reads top to bottom like the method: data -> four sequences per example -> reference log-probs
 (once, cached) -> stages of training with the CLO loss -> an HF-format model folder.
@@ -12,7 +12,8 @@ Reads top to bottom like the method: data -> four sequences per example -> refer
 Features: stages of parameter groups (`--stages attn:1,all:1`), optional LoRA, AdamW with fp32
 master weights and bf16 autocast on CUDA, linear warmup/decay, gradient accumulation and clipping,
 torch.compile of each block on CUDA, optional activation checkpointing, metrics as JSONL, atomic
-checkpoints with exact `--resume`, Ctrl-C saves.
+checkpoints with exact `--resume` (refused when a setting that changes the computation differs),
+Ctrl-C / SIGTERM save between steps, one run per --out (a lock), the SFT+DPO baseline as one command.
 Limitations: one device (no multi-GPU); single-turn examples only; examples longer than
 --max-length are dropped, not cut; the NLL is a token mean per micro-batch.
 """
@@ -22,8 +23,10 @@ import functools
 import json
 import math
 import random
+import shutil
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -35,13 +38,16 @@ from clo.chat import detect_format
 from clo.checkpoint import bf16_is_fast, load_model, on_for_cuda, restore_originals, save_model
 from clo.data import demo_path, load_pairs
 from clo.default_model import DEFAULT_MODEL, cache_dir, resolve_model
+from clo.device import resolve_device
 from clo.errors import CloError, run_cli
 from clo.freeze import parse_stages, set_trainable
+from clo.interrupt import stop_requests
 from clo.languages import get_language
+from clo.lock import output_lock
 from clo.loss import FourWay, clo_loss, dpo_only_loss, response_logps, token_mean_nll
-from clo.reference import cache_key, cached_reference_logps, compute_reference_logps, model_fingerprint
+from clo.reference import cache_key, cached_reference_logps, compute_reference_logps, data_digest, model_fingerprint
 from clo.tokenizer import load_tokenizer
-from clo.train_checkpoint import Position, load_checkpoint, save_checkpoint, set_rng_state
+from clo.train_checkpoint import Position, load_checkpoint, remove_leftovers, save_checkpoint, set_rng_state
 
 SFT_SEQUENCES = {"target": [2], "english": [0], "both": [0, 2]}  # indices into clo/batching.py's four
 
@@ -51,8 +57,13 @@ def parse_args(argv=None):
     p.add_argument("--lang", required=True, help="target language: sw, yo, id, ko, zh or de")
     p.add_argument("--data", help="cross-lingual JSONL (translate.py writes it); default: the demo set data/demo/<lang>.jsonl")
     p.add_argument("--max-examples", type=int, default=0, help="use only the first N examples (the paper's data-size study: 200 .. 6400); 0: all")
-    p.add_argument("--model", "--init", dest="model", default=DEFAULT_MODEL, help="starting checkpoint: an HF folder, a hub id, or the default; also the DPO reference")
-    p.add_argument("--method", choices=["clo", "sft", "dpo"], default="clo", help="CLO, or the paper's baselines")
+    p.add_argument("--model", "--init", dest="model", default=DEFAULT_MODEL, help="starting checkpoint: an HF folder, a hub id, or the default; also the reference policy of clo and dpo")
+    p.add_argument("--method", choices=["clo", "sft", "sft-dpo", "dpo"], default="clo",
+                   help="clo: the paper's method. sft: baseline 1, NLL on the target-language pairs. sft-dpo: baseline 2, "
+                        "SFT into <out>/sft, then DPO on the same pairs with the SFT model as start and reference, into <out>. "
+                        "dpo: the DPO phase alone, from --model (give it an SFT model; from a base model it is not the paper's baseline). "
+                        "Every method trains --stages (default: attention only, as the paper's CLO does), so that a comparison "
+                        "differs in the loss alone; --stages all:2 trains everything")
     p.add_argument("--sft-on", choices=list(SFT_SEQUENCES), default="target", help="--method sft: which responses get the NLL")
     p.add_argument("--lam", type=float, default=0.5, help="λ: weight of the NLL term (paper: 0.5)")
     p.add_argument("--beta", type=float, default=0.1, help="β of the DPO-style terms (paper: 0.1)")
@@ -70,14 +81,16 @@ def parse_args(argv=None):
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--max-length", type=int, default=512, help="longest sequence in tokens; longer examples are dropped")
     p.add_argument("--bucket", type=int, default=0, help="pad lengths to a multiple of this, so compiled shapes stay few (0: 64 when compiling, else 8)")
-    p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0: run all stages)")
+    p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0: run all stages); the schedule still follows the stages, so a later --resume may raise it")
     p.add_argument("--seed", type=int, default=0, help="seed for data order and initialisation")
     p.add_argument("--out", help="output folder (default: runs/<method>-<lang>)")
     p.add_argument("--save-every", type=int, default=100, help="write a resumable checkpoint every N steps")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt; every setting that changes the computation must match the checkpoint's")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (without it, such an --out is refused)")
+    p.add_argument("--recompute-reference", action="store_true", help="compute the reference log-probs again even if they are cached")
     p.add_argument("--device", default="auto", help="cuda, cpu, ... (auto: cuda if available)")
-    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto", help="dtype frozen weights are held in (auto: bf16 on CUDA, fp32 on CPU); saved weights are exact either way")
-    p.add_argument("--amp", choices=["auto", "on", "off"], default="auto", help="bf16 autocast for compute (auto: on for CUDA and for CPUs with AMX, where bf16 matmuls are ~8x faster)")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto", help="dtype frozen weights are held in (auto: bf16 on CUDA, fp32 on CPU); bfloat16 needs bf16 autocast (not --amp off); saved weights are exact either way")
+    p.add_argument("--amp", choices=["auto", "on", "off"], default="auto", help="bf16 autocast for compute (auto: on for CUDA, for CPUs with AMX, where bf16 matmuls are ~8x faster, and with --dtype bfloat16; off: fp32 compute)")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile the decoder (auto: on for CUDA)")
     p.add_argument("--checkpoint-activations", action="store_true", help="recompute each block in backward: much less activation memory, ~1/3 more compute")
     p.add_argument("--chat-format", default="auto", help="auto, chatml, llama3, llama2, mistral or plain")
@@ -126,11 +139,13 @@ def runtime(args):
     residual stream and the head in fp32 while the matmuls inside the blocks still run in bf16: in
     the default job the step-1 rewards (policy vs cached reference, equal weights) stay within
     ±0.0031, against ±0.047 with `--dtype bfloat16`, which trades that for ~0.45 GiB less memory
-    (BENCHMARKS.md). Either way the checkpoint file stays the master copy of frozen weights
+    (BENCHMARKS.md). `--dtype bfloat16` needs autocast (check_args refuses it with --amp off): without
+    it a bf16 activation would meet an fp32 master weight. Either way the checkpoint file stays the master copy of frozen weights
     (clo.checkpoint.restore_originals): untrained weights are saved exactly as they were loaded.
     """
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
-    use_amp = args.amp == "on" or (args.amp == "auto" and bf16_is_fast(device))
+    device = resolve_device(args.device)
+    # frozen weights held in bf16 need bf16 compute: --dtype bfloat16 turns auto autocast on everywhere
+    use_amp = args.amp == "on" or (args.amp == "auto" and (bf16_is_fast(device) or args.dtype == "bfloat16"))
     auto = torch.bfloat16 if device.type == "cuda" and use_amp else torch.float32
     dtype = {"auto": auto, "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     use_compile = on_for_cuda(args.compile, device)
@@ -192,12 +207,41 @@ def optimizer_step(model, optimizer, trainable, micro_batches, lr, args, pad_id,
 
 def main(argv=None):
     args = parse_args(argv)
+    check_args(args)
+    resolve_device(args.device)
+    if args.method == "sft-dpo":
+        return sft_then_dpo(args)
+    return train(args)
+
+
+def sft_then_dpo(args) -> Path:
+    """The paper's second baseline as one command: SFT into <out>/sft, then DPO from that model into <out>.
+
+    The DPO phase's reference policy is the SFT model (as in the paper's SFT+DPO). --resume skips a
+    finished SFT phase and resumes whichever phase was interrupted.
+    """
+    out = Path(args.out or f"runs/sft-dpo-{get_language(args.lang).code}")
+    phases = [("sft", args.model, out / "sft"), ("dpo", str(out / "sft" / "model"), out)]
+    for method, model, phase_out in phases:
+        if method == "sft" and args.resume and (phase_out / "model" / "config.json").is_file():
+            print(f"sft-dpo: SFT phase already finished in {phase_out}", file=sys.stderr)
+            continue
+        resume = args.resume and (phase_out / "checkpoint.pt").is_file()
+        overwrite = args.overwrite or (args.resume and not resume)  # nothing saved yet: the files are this command's own
+        print(f"sft-dpo: {method} phase -> {phase_out}", file=sys.stderr)
+        train(argparse.Namespace(**{**vars(args), "method": method, "model": model, "out": str(phase_out), "resume": resume, "overwrite": overwrite}))
+    return out
+
+
+def train(args) -> Path:
+    """One training run (clo, sft or dpo) from validated flags. -> the output folder."""
     lang = get_language(args.lang)
     if lang.code == "en":
         raise CloError("--lang: the target language must not be English")
     stages = parse_stages(args.stages)
     device, dtype, autocast_dtype, use_compile = runtime(args)
     out = Path(args.out or f"runs/{args.method}-{lang.code}")
+    check_out(out, args)
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
 
     # 1. Data: validate every line before anything expensive, then four sequences per example.
@@ -212,126 +256,212 @@ def main(argv=None):
     if not examples:
         raise CloError(f"{data_path}: every example is longer than --max-length {args.max_length}")
 
-    # 2. Model. Frozen weights are held in --dtype (bf16 on CUDA); trainable ones get fp32 master copies per stage.
-    model = load_model(folder, device, dtype)
-    model_id = model_fingerprint(folder)
-    if args.lora:
-        from clo.lora import apply_lora
+    # Everything that decides what this run computes; a resume must match all of it.
+    model_id = model_fingerprint(folder, memo=cache_dir() / "fingerprints.json")
+    precision = f"{dtype}/{autocast_dtype}"
+    settings = run_settings(args, fmt, precision, model_id, data_digest(examples))
+    checkpoint_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
 
-        targets = [m for g in {g for s in stages for g in s.groups} for m in LORA_TARGETS.get(g, ())]
-        apply_lora(model, targets=targets or LORA_TARGETS["attn"], r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
-        model.to(device)
+    with output_lock(out):
+        leftovers = remove_leftovers(checkpoint_path) + remove_folder_leftovers(out)
+        if leftovers:
+            print(f"removed {len(leftovers)} temporary file(s) left in {out} by a killed run", file=sys.stderr)
+        ckpt = load_checkpoint(checkpoint_path, settings, SETTING_FLAGS) if args.resume else None
 
-    # 3. Reference log-probs of the starting model, once, cached on disk (never a second model in memory).
-    ref_table = None
-    if args.method != "sft":
-        key = cache_key(model_id, f"{model.embed_tokens.weight.dtype}/{autocast_dtype}", examples)
-        from contextlib import nullcontext
-
-        adapters_off = nullcontext()
+        # 2. Model. Frozen weights are held in --dtype (bf16 on CUDA); trainable ones get fp32 master copies per stage.
+        model = load_model(folder, device, dtype)
         if args.lora:
-            from clo.lora import disable_adapters
+            from clo.lora import apply_lora
 
-            adapters_off = disable_adapters(model)
-        with adapters_off:
-            ref_table, hit = cached_reference_logps(
-                cache_dir() / "reference", key,
-                lambda: compute_reference_logps(model, examples, tok.pad_id, args.batch_size, args.bucket, autocast_dtype),
-            )
-        print(f"reference log-probs: {'cached' if hit else 'computed'} ({key})", file=sys.stderr)
+            targets = [m for g in {g for s in stages for g in s.groups} for m in LORA_TARGETS.get(g, ())]
+            apply_lora(model, targets=targets or LORA_TARGETS["attn"], r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
+            model.to(device)
 
-    # 4. Where to resume from, and how long the run is.
-    batches_per_epoch = math.ceil(len(examples) / args.batch_size)
-    steps_per_epoch = math.ceil(batches_per_epoch / args.grad_accum)
-    total_steps = sum(s.epochs for s in stages) * steps_per_epoch
-    settings = {k: getattr(args, k) for k in ("method", "lang", "stages", "lora", "batch_size", "grad_accum", "seed", "lr", "max_length", "max_examples")}
-    settings["data"] = str(data_path)
-    pos, ckpt = Position(), None
-    checkpoint_path = out / "checkpoint.pt"
-    metrics_path = out / "metrics.jsonl"
-    if args.resume:
-        ckpt = load_checkpoint(checkpoint_path, model_id, settings)
-        pos = ckpt["position"]
-        params = dict(model.named_parameters())
-        for name, value in ckpt["weights"].items():
-            params[name].data = value.to(device)  # keeps the saved dtype: fp32 master weights stay fp32
-        set_rng_state(ckpt["rng"])  # nothing random happens between here and the next step
-        keep_metrics_until(metrics_path, pos.step)
-        print(f"resuming from {checkpoint_path} at step {pos.step}", file=sys.stderr)
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        metrics_path.unlink(missing_ok=True)
-    (out / "run.json").write_text(json.dumps({**vars(args), "model_folder": str(folder), "data": str(data_path), "examples": len(examples), "total_steps": total_steps}, indent=2))
-    if args.max_steps:
-        total_run = min(total_steps, args.max_steps)
-    else:
-        total_run = total_steps
+        # 3. Reference log-probs of the starting model, once, cached on disk (never a second model in memory).
+        ref_table = None
+        if args.method != "sft":
+            key = cache_key(model_id, precision, examples, batching=f"batch {args.batch_size}, bucket {args.bucket}")
+            adapters_off = nullcontext()
+            if args.lora:
+                from clo.lora import disable_adapters
 
-    # 5. Train: every optimizer step from the resume position on; a new stage rebuilds the optimizer.
-    trained: set[str] = set(ckpt["weights"]) if ckpt else set()
-    bar = tqdm(total=total_run, initial=pos.step, desc=f"{args.method} {lang.code}", unit="step")
-    optimizer, stage_idx = None, None
+                adapters_off = disable_adapters(model)
+            with adapters_off:
+                ref_table, hit = cached_reference_logps(
+                    cache_dir() / "reference", key,
+                    lambda: compute_reference_logps(model, examples, tok.pad_id, args.batch_size, args.bucket, autocast_dtype),
+                    rows=len(examples), recompute=args.recompute_reference,
+                )
+            print(f"reference log-probs: {'cached' if hit else 'computed'} ({key})", file=sys.stderr)
 
-    def save():
-        save_checkpoint(checkpoint_path, weights={n: p for n, p in model.named_parameters() if n in trained}, optimizer=optimizer, position=pos, model_id=model_id, settings=settings)
+        # 4. Where to resume from, and how long the run is.
+        batches_per_epoch = math.ceil(len(examples) / args.batch_size)
+        steps_per_epoch = math.ceil(batches_per_epoch / args.grad_accum)
+        total_steps = sum(s.epochs for s in stages) * steps_per_epoch
+        pos = Position()
+        if ckpt is not None:
+            pos = ckpt["position"]
+            params = dict(model.named_parameters())
+            for name, value in ckpt["weights"].items():
+                params[name].data = value.to(device)  # keeps the saved dtype: fp32 master weights stay fp32
+            set_rng_state(ckpt["rng"])  # nothing random happens between here and the next step
+            keep_metrics_until(metrics_path, pos.step)
+            print(f"resuming from {checkpoint_path} at step {pos.step}", file=sys.stderr)
+        else:
+            clear_run(out)  # only a run the user asked to --overwrite gets here with files in it
+            out.mkdir(parents=True, exist_ok=True)
+        (out / "run.json").write_text(json.dumps({**vars(args), "model_folder": str(folder), "data": str(data_path), "chat_format": fmt.name, "examples": len(examples), "total_steps": total_steps}, indent=2))
+        total_run = min(total_steps, args.max_steps) if args.max_steps else total_steps
 
-    try:
-        for s, epoch, micro in steps_from(Position(**vars(pos)), stages, batches_per_epoch, args.grad_accum):
-            if args.max_steps and pos.step >= args.max_steps:
-                break
-            if s != stage_idx:
-                stage_idx, stage = s, stages[s]
-                optimizer, trainable, counts = begin_stage(model, stage.groups, args, device, use_compile, folder, trained)
-                trained |= {n for n, p in model.named_parameters() if p.requires_grad}
-                bar.write(f"stage {s + 1}/{len(stages)}: {'+'.join(stage.groups)} for {stage.epochs} epoch(s), trainable {sum(counts.values()):,} params {counts}")
-                if ckpt is not None and s == ckpt["position"].stage:
-                    optimizer.load_state_dict(ckpt["optimizer"])
+        # 5. Train: every optimizer step from the resume position on; a new stage rebuilds the optimizer.
+        trained: set[str] = set(ckpt["weights"]) if ckpt else set()
+        bar = tqdm(total=total_run, initial=pos.step, desc=f"{args.method} {lang.code}", unit="step")
+        optimizer, stage_idx = None, None
 
-            t0 = time.perf_counter()
-            lr = lr_at(pos.step, total_steps, args.lr, args.warmup)
-            order = seeded_order(len(examples), args.seed, s, epoch)
-            micro_batches = []
-            for b in micro:
-                idx = order[b * args.batch_size : (b + 1) * args.batch_size]
-                micro_batches.append(([examples[i] for i in idx], None if ref_table is None else ref_table[idx]))
-            row, n_tok = optimizer_step(model, optimizer, trainable, micro_batches, lr, args, tok.pad_id, device, autocast_dtype)
-            pos = Position(s, epoch, micro.stop, pos.step + 1)
-            row.update(step=pos.step, stage=s, epoch=epoch, lr=lr, tokens=n_tok, tokens_per_s=n_tok / (time.perf_counter() - t0))
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            bar.update(1)
-            bar.set_postfix({"loss": f"{row['loss']:.3f}", **({"margin": f"{row['margin']:.3f}"} if "margin" in row else {}), "tok/s": f"{row['tokens_per_s']:.0f}"})
-            if args.save_every and pos.step % args.save_every == 0:
-                save()
-    except KeyboardInterrupt:
+        def save():
+            save_checkpoint(checkpoint_path, weights={n: p for n, p in model.named_parameters() if n in trained}, optimizer=optimizer, position=pos, settings=settings)
+
+        # Ctrl-C / SIGTERM are read between steps, so an update is never saved without its position.
+        with stop_requests() as stop:
+            for s, epoch, micro in steps_from(Position(**vars(pos)), stages, batches_per_epoch, args.grad_accum):
+                if (args.max_steps and pos.step >= args.max_steps) or stop.requested:
+                    break
+                if s != stage_idx:
+                    stage_idx, stage = s, stages[s]
+                    optimizer, trainable, counts = begin_stage(model, stage.groups, args, device, use_compile, folder, trained)
+                    trained |= {n for n, p in model.named_parameters() if p.requires_grad}
+                    bar.write(f"stage {s + 1}/{len(stages)}: {'+'.join(stage.groups)} for {stage.epochs} epoch(s), trainable {sum(counts.values()):,} params {counts}")
+                    if ckpt is not None and s == ckpt["position"].stage:
+                        optimizer.load_state_dict(ckpt["optimizer"])
+
+                t0 = time.perf_counter()
+                lr = lr_at(pos.step, total_steps, args.lr, args.warmup)
+                order = seeded_order(len(examples), args.seed, s, epoch)
+                micro_batches = []
+                for b in micro:
+                    idx = order[b * args.batch_size : (b + 1) * args.batch_size]
+                    micro_batches.append(([examples[i] for i in idx], None if ref_table is None else ref_table[idx]))
+                row, n_tok = optimizer_step(model, optimizer, trainable, micro_batches, lr, args, tok.pad_id, device, autocast_dtype)
+                pos = Position(s, epoch, micro.stop, pos.step + 1)
+                row.update(step=pos.step, stage=s, epoch=epoch, lr=lr, tokens=n_tok, tokens_per_s=n_tok / (time.perf_counter() - t0))
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                bar.update(1)
+                bar.set_postfix({"loss": f"{row['loss']:.3f}", **({"margin": f"{row['margin']:.3f}"} if "margin" in row else {}), "tok/s": f"{row['tokens_per_s']:.0f}"})
+                if args.save_every and pos.step % args.save_every == 0:
+                    save()
         bar.close()
         if optimizer is not None:
             save()
-        print(f"\ninterrupted: checkpoint saved to {checkpoint_path}; continue with --resume", file=sys.stderr)
-        sys.exit(130)
-    bar.close()
-    if optimizer is not None:
-        save()
+        if stop.requested:
+            print(f"\ninterrupted: checkpoint saved to {checkpoint_path} at step {pos.step}; continue with --resume", file=sys.stderr)
+            sys.exit(128 + stop.signum)
 
-    report_summary(out, metrics_path, device)
+        report_summary(out, metrics_path, device)
 
-    # 6. Outputs: an HF-format folder transformers loads (and PEFT adapters with --lora). Weights that
-    # never trained go back to the checkpoint's own values first (they may be held in bf16).
-    optimizer = None  # frees the AdamW state before the originals come back
-    model.eval()
-    restore_originals(model, folder, [n for n, _ in model.named_parameters() if n not in trained])
-    save_dtype = getattr(torch, model.cfg.raw.get("torch_dtype") or model.cfg.raw.get("dtype") or "float32")  # the checkpoint's own
-    if args.lora:
-        from clo.lora import merge_lora, save_adapter
+        # 6. Outputs: an HF-format folder transformers loads (and PEFT adapters with --lora). Weights that
+        # never trained go back to the checkpoint's own values first (they may be held in bf16).
+        optimizer = None  # frees the AdamW state before the originals come back
+        model.eval()
+        restore_originals(model, folder, [n for n, _ in model.named_parameters() if n not in trained])
+        save_dtype = getattr(torch, model.cfg.raw.get("torch_dtype") or model.cfg.raw.get("dtype") or "float32")  # the checkpoint's own
+        if args.lora:
+            from clo.lora import merge_lora, save_adapter
 
-        save_adapter(model, out / "adapter", base_model=str(args.model))
-        print(f"adapter saved to {out / 'adapter'}", file=sys.stderr)
-        if not args.save_merged:
-            return out
-        merge_lora(model)
-    save_model(model, out / "model", tokenizer_from=folder, dtype=save_dtype)
-    print(f"model saved to {out / 'model'}", file=sys.stderr)
+            save_adapter(model, out / "adapter", base_model=str(args.model))
+            print(f"adapter saved to {out / 'adapter'}", file=sys.stderr)
+            if not args.save_merged:
+                return out
+            merge_lora(model)
+        save_model(model, out / "model", tokenizer_from=folder, dtype=save_dtype, chat_format=fmt.name)
+        print(f"model saved to {out / 'model'}", file=sys.stderr)
     return out
+
+
+# --- validation and the run's identity -----------------------------------------------------------
+
+def check_args(args) -> None:
+    """Every numeric flag's range, before any work: one line naming the flag and its value."""
+    finite = math.isfinite
+    rules = {
+        "batch_size": (args.batch_size >= 1, "at least 1"),
+        "grad_accum": (args.grad_accum >= 1, "at least 1"),
+        "lr": (finite(args.lr) and args.lr >= 0, "0 or more"),
+        "warmup": (0 <= args.warmup <= 1, "a fraction in [0, 1]"),
+        "weight_decay": (finite(args.weight_decay) and args.weight_decay >= 0, "0 or more"),
+        "grad_clip": (finite(args.grad_clip) and args.grad_clip >= 0, "0 (off) or more"),
+        "lam": (0 <= args.lam <= 1, "in [0, 1]"),
+        "beta": (finite(args.beta) and args.beta > 0, "a positive number"),
+        "max_length": (args.max_length >= 2, "at least 2"),
+        "max_examples": (args.max_examples >= 0, "0 (all) or more"),
+        "max_steps": (args.max_steps >= 0, "0 (all) or more"),
+        "bucket": (args.bucket >= 0, "0 (auto) or more"),
+        "save_every": (args.save_every >= 0, "0 (only at the end) or more"),
+        "lora_r": (args.lora_r >= 1, "at least 1"),
+        "lora_alpha": (finite(args.lora_alpha) and args.lora_alpha > 0, "a positive number"),
+        "lora_dropout": (0 <= args.lora_dropout < 1, "in [0, 1)"),
+    }
+    for name, (ok, wanted) in rules.items():
+        if not ok:
+            raise CloError(f"--{name.replace('_', '-')} {getattr(args, name)!r}: must be {wanted}")
+    if args.dtype == "bfloat16" and args.amp == "off":
+        raise CloError("--dtype bfloat16 with --amp off: frozen bf16 weights meet the fp32 master copies only under "
+                       "bf16 autocast; use --amp on (bf16 compute) or --dtype float32 (fp32 compute)")
+    if args.lr == 0:
+        print("warning: --lr 0: the weights will not change (a dry run of the pipeline)", file=sys.stderr)
+    if args.resume and args.overwrite:
+        raise CloError("--resume and --overwrite: choose one (continue the run in --out, or replace it)")
+
+
+RUN_FILES = ("run.json", "metrics.jsonl", "checkpoint.pt", "model", "adapter")
+
+
+def check_out(out: Path, args) -> None:
+    """--out must be a folder that holds no other run, unless the user resumes or overwrites it."""
+    if out.exists() and not out.is_dir():
+        raise CloError(f"--out {out}: exists and is not a folder")
+    if not args.resume and not args.overwrite:
+        held = [name for name in RUN_FILES if (out / name).exists()]
+        if held:
+            raise CloError(f"--out {out}: holds a run ({held[0]}); --resume continues it, --overwrite replaces it, or choose another --out")
+
+
+def clear_run(out: Path) -> None:
+    """Remove an earlier run's files from `out` (called only for a fresh run; --overwrite asked for it)."""
+    for name in RUN_FILES:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def remove_folder_leftovers(out: Path) -> list[Path]:
+    """Temporary output folders (`.model.XXXX`, `.adapter.XXXX`) of a save that was killed."""
+    found = [p for name in ("model", "adapter") for p in out.glob(f".{name}.*") if p.is_dir()]
+    for p in found:
+        shutil.rmtree(p, ignore_errors=True)
+    return found
+
+
+COMPUTE_FLAGS = ("method", "lang", "sft_on", "lam", "beta", "directions", "stages", "lr", "warmup", "weight_decay",
+                 "grad_clip", "batch_size", "grad_accum", "max_length", "max_examples", "bucket", "seed", "lora")
+LORA_FLAGS = ("lora_r", "lora_alpha", "lora_dropout")
+SETTING_FLAGS = {
+    **{k: "--" + k.replace("_", "-") for k in COMPUTE_FLAGS + LORA_FLAGS},
+    "chat_format": "--chat-format",
+    "precision": "precision (--dtype/--amp: frozen weights/autocast)",
+    "model": "--model (a hash of its weights)",
+    "data": "--data (a hash of its token ids)",
+}
+
+
+def run_settings(args, fmt, precision: str, model_id: str, data_id: str) -> dict:
+    """Every setting that changes what a run computes (--max-steps only says where to stop: the
+    schedule follows the stages, so a resume may move it). Saved in checkpoints, compared on --resume."""
+    settings = {k: getattr(args, k) for k in COMPUTE_FLAGS + (LORA_FLAGS if args.lora else ())}
+    settings.update(chat_format=f"{fmt.name}, system {fmt.system!r}", precision=precision, model=model_id, data=data_id)
+    return settings
 
 
 LORA_TARGETS = {
@@ -378,10 +508,25 @@ def report_summary(out: Path, metrics_path: Path, device: torch.device) -> None:
 
 
 def keep_metrics_until(path: Path, step: int) -> None:
-    """Drop metric lines past the checkpoint's step (they will be written again)."""
-    if path.is_file():
-        rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        path.write_text("".join(r + "\n" for r in rows))
+    """Drop metric lines past the checkpoint's step (they will be written again), and a last line
+    torn by a kill; any other line that is not a metrics row is a one-line error."""
+    if not path.is_file():
+        return
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    complete = lines[:-1]  # after the last newline: empty, or a line torn mid-write
+    kept = []
+    for number, line in enumerate(complete, 1):
+        try:
+            row = json.loads(line)
+            at = row["step"]
+        except (ValueError, KeyError, TypeError):
+            raise CloError(f"{path}:{number}: not a metrics line (field 'step' missing or invalid JSON)") from None
+        if at <= step:
+            kept.append(line)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(r + "\n" for r in kept), encoding="utf-8")
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

@@ -69,8 +69,14 @@ def _template_system_prompt(template: str) -> str | None:
 
 
 def detect_format(tokenizer: Tokenizer, name: str = "auto", system: str | None = None) -> ChatFormat:
-    """The chat format for this checkpoint: from its template when `name` is "auto", else `name`."""
+    """The chat format for this checkpoint when `name` is "auto", else `name`.
+
+    auto: the format train.py recorded when it saved the checkpoint (a model trained with
+    `--chat-format plain` is served in plain), else the one its template implies.
+    """
     template = tokenizer.chat_template or ""
+    if name == "auto" and tokenizer.chat_format in FORMATS:
+        name = tokenizer.chat_format
     if name == "auto":
         if "<|im_start|>" in template:
             name = "chatml"

@@ -147,10 +147,14 @@ def save_model(
     tokenizer_from: Path | str | None = None,
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = 5 * 2**30,
+    chat_format: str | None = None,
 ) -> Path:
     """Write config.json + safetensors (sharded above `max_shard_bytes`) + tokenizer files, atomically.
 
     The folder appears complete or not at all: everything is written into a temporary sibling first.
+    chat_format: the format the model was trained with, recorded as "clo_chat_format" in
+    tokenizer_config.json so that eval.py and clo.generate serve it in that format (transformers
+    ignores the field).
     """
     out_dir = Path(out_dir)
     with atomic_folder(out_dir) as tmp:
@@ -191,4 +195,8 @@ def save_model(
                 src = Path(tokenizer_from) / name
                 if src.is_file():
                     shutil.copy2(src, tmp / name)
+        if chat_format is not None:
+            config_path = tmp / "tokenizer_config.json"
+            tok_config = read_json(config_path, missing_ok=True)
+            (tmp / "tokenizer_config.json").write_text(json.dumps({**tok_config, "clo_chat_format": chat_format}, indent=2, ensure_ascii=False))
     return out_dir

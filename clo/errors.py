@@ -1,7 +1,8 @@
 """One error type for everything a user can get wrong, and the CLI wrapper that prints it.
 
 Scripts call `run_cli(main)`: a `CloError` becomes one line on stderr
-(`error: <file>:<line>: <field>: what is wrong`) and exit status 2, never a traceback.
+(`error: <file>:<line>: <field>: what is wrong`) and exit status 2, never a traceback; Ctrl-C
+outside a loop that saves its own progress becomes `interrupted` and exit status 130.
 """
 
 import sys
@@ -17,3 +18,6 @@ def run_cli(main) -> None:
     except CloError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)

@@ -3,37 +3,82 @@
 DPO-style losses compare the policy with the starting model π_ref. Instead of keeping a second model
 in memory and running it every step (TRL's default), we run the starting model once over every
 sequence, with no grad, and keep log π_ref(y|x) as an [N, 4] float32 table, N examples by the four
-sequences of clo/batching.py. The file is keyed by a hash of the model's identity, the dtype and the
-exact token ids, so any change to model, data or tokenization settings computes a new table.
+sequences of clo/batching.py. The file is keyed by a hash of the weights' content, the precision, the
+batching and the exact token ids, so any change to model, data or tokenization settings computes a
+new table. A table is cached only when every row was computed and is finite.
 """
 
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from clo.batching import EncodedExample, collate
+from clo.checkpoint import weight_files
+from clo.errors import CloError
 from clo.loss import response_logps
 
 
-def model_fingerprint(folder: Path) -> str:
-    """Identity of a checkpoint folder: its config and the names, sizes and times of its weight files."""
+def model_fingerprint(folder: Path, memo: Path | None = None) -> str:
+    """Identity of a checkpoint folder by content: config.json and the SHA-256 of every weight file.
+
+    Hashing reads the weights once (about 1 GB/s, so ~15 s for a 7B model in bf16). The digest of
+    each file is remembered in `memo` (a JSON file) under the file's path, size, mtime, ctime and
+    inode: a file rewritten in place or copied with its mtime restored (cp -p, rsync -a, tar) always
+    gets a new ctime, which no user tool can set back, so it is hashed again.
+    """
     parts = [(folder / "config.json").read_text()]
-    for f in sorted(folder.glob("*.safetensors")):
+    known = _read_memo(memo)
+    for f in weight_files(folder):
         st = f.stat()
-        parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
+        stamp = f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
+        if stamp not in known:
+            known[stamp] = file_sha256(f)
+        parts.append(f"{f.name}:{known[stamp]}")
+    if memo is not None:
+        _write_memo(memo, known)
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def cache_key(model_id: str, precision: str, examples: list[EncodedExample]) -> str:
-    """Hash of the model, the numeric precision (weights dtype / autocast dtype) and every token id."""
-    h = hashlib.sha256(f"{model_id}|{precision}".encode())
+def file_sha256(path: Path, block: int = 2**24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_memo(memo: Path | None) -> dict:
+    try:
+        known = json.loads(memo.read_text()) if memo is not None else {}
+        return known if isinstance(known, dict) else {}
+    except (OSError, ValueError):
+        return {}  # missing or damaged: only costs a rehash
+
+
+def _write_memo(memo: Path, known: dict) -> None:
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo.with_name(f".{memo.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(dict(list(known.items())[-256:])))  # the newest 256 files
+    os.replace(tmp, memo)
+
+
+def cache_key(model_id: str, precision: str, examples: list[EncodedExample], batching: str = "") -> str:
+    """Hash of the model, the numeric precision (weights dtype / autocast dtype), the batching
+    (batch size and length bucket decide the padded shapes, hence the float rounding) and every token id."""
+    return hashlib.sha256(f"{model_id}|{precision}|{batching}|{data_digest(examples)}".encode()).hexdigest()[:24]
+
+
+def data_digest(examples: list[EncodedExample]) -> str:
+    """Hash of every example's token ids in order: what a run trains on, whatever file it came from."""
+    h = hashlib.sha256()
     for ex in examples:
         h.update(json.dumps(ex.sequences).encode())
-    return h.hexdigest()[:24]
+    return h.hexdigest()[:16]
 
 
 @torch.no_grad()
@@ -44,7 +89,9 @@ def compute_reference_logps(
     was_training = model.training
     model.eval()
     device = model.embed_tokens.weight.device
-    out = torch.empty(len(examples), 4)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    out = torch.full((len(examples), 4), float("nan"))  # a row left unfilled can never pass as a log-prob
     # shortest first: less padding, and a bar that speeds up is better than one that slows down
     order = sorted(range(len(examples)), key=lambda i: examples[i].longest)
     for start in tqdm(range(0, len(order), batch_size), desc="reference log-probs", unit="batch"):
@@ -56,17 +103,37 @@ def compute_reference_logps(
         logps, _ = response_logps(hidden.to(head.dtype), head, labels.to(device))
         out[idx] = logps.float().cpu().view(4, len(idx)).T
     model.train(was_training)
+    bad = (~torch.isfinite(out)).any(1).nonzero().flatten()
+    if len(bad):
+        i = int(bad[0])
+        raise CloError(f"reference log-probs of example {examples[i].id!r} are not finite ({out[i].tolist()}): the starting model gives inf/NaN")
     return out
 
 
-def cached_reference_logps(cache_dir: Path, key: str, compute) -> tuple[torch.Tensor, bool]:
-    """Load the table for `key` from `cache_dir`, or `compute()` and save it atomically. Returns (table, hit)."""
+def cached_reference_logps(cache_dir: Path, key: str, compute, rows: int, recompute: bool = False) -> tuple[torch.Tensor, bool]:
+    """The [rows, 4] table for `key` from `cache_dir`, or `compute()` it and save it atomically. -> (table, hit).
+
+    A cached file that is unreadable, of the wrong shape or not finite is computed again and replaced
+    (with a warning naming it), as is any file when `recompute`.
+    """
     path = Path(cache_dir) / f"ref-{key}.pt"
-    if path.is_file():
-        return torch.load(path, weights_only=True), True
+    if path.is_file() and not recompute:
+        try:
+            table = torch.load(path, weights_only=True)
+            if isinstance(table, torch.Tensor) and table.shape == (rows, 4) and torch.isfinite(table).all():
+                return table, True
+            problem = "wrong shape or values"
+        except Exception as e:
+            problem = type(e).__name__
+        print(f"warning: {path}: damaged reference cache ({problem}); computing it again", file=sys.stderr)
     table = compute()
+    if table.shape != (rows, 4) or not torch.isfinite(table).all():
+        raise CloError(f"reference log-probs: expected a finite [{rows}, 4] table, got {list(table.shape)}")  # never cached
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(table, tmp)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save(table, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return table, False

@@ -27,7 +27,9 @@ class Tokenizer:
 
     Attributes: bos_id, eos_id, pad_id (ints or None); stop_ids (ids that end generation);
     adds_bos (whether this model's own tokenizer puts BOS before a plain prompt);
-    chat_template (the checkpoint's Jinja template string, or None).
+    chat_template (the checkpoint's Jinja template string, or None);
+    chat_format (the format train.py trained this checkpoint with, recorded in tokenizer_config.json
+    as "clo_chat_format", or None).
     """
 
     def __init__(self, folder: Path):
@@ -37,6 +39,7 @@ class Tokenizer:
         if isinstance(self.chat_template, list):  # some checkpoints ship several named templates
             named = {t["name"]: t["template"] for t in self.chat_template}
             self.chat_template = named.get("default")
+        self.chat_format = config.get("clo_chat_format")
         self._special: dict[str, int] = {}
         if (folder / "tokenizer.json").is_file():
             self._init_json(folder / "tokenizer.json")

@@ -2,8 +2,13 @@
 
 One file, `<out>/checkpoint.pt`, written atomically (temp file + os.replace), holding the weights
 that have trained so far (or the LoRA adapters), the optimizer state, the RNG states, the position
-in the data (stage, epoch, next batch), the global step, and the identity of the starting model.
+in the data (stage, epoch, next batch), the global step, and the settings of the run (every flag
+that changes what it computes, the starting model's identity, a hash of the data's token ids).
 The learning-rate schedule is a pure function of the step, so it needs no state of its own.
+
+The file holds only tensors and plain Python values, so it is read with `torch.load(...,
+weights_only=True)`: a run folder is something people download and share, and a pickle that could
+run code on `--resume` is refused instead of executed.
 """
 
 import os
@@ -26,47 +31,89 @@ class Position:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python, NumPy, torch (and CUDA) RNG states as tensors and plain values (weights_only-loadable)."""
+    version, words, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(words), gauss],
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, words, gauss = state["python"]
+    random.setstate((version, tuple(words), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: Path, *, weights: dict, optimizer, position: Position, model_id: str, settings: dict) -> None:
+def temp_name(path: Path) -> Path:
+    """Where `save_checkpoint` writes before the rename; `remove_leftovers` knows the pattern."""
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def remove_leftovers(path: Path) -> list[Path]:
+    """Delete temporary checkpoint files a killed run left beside `path` (call with the folder locked)."""
+    found = sorted(path.parent.glob(f".{path.name}.tmp*"))
+    for leftover in found:
+        leftover.unlink(missing_ok=True)
+    return found
+
+
+def save_checkpoint(path: Path, *, weights: dict, optimizer, position: Position, settings: dict) -> None:
     payload = {
         "weights": {k: v.detach().cpu() for k, v in weights.items()},
         "optimizer": optimizer.state_dict(),
         "position": asdict(position),
         "rng": rng_state(),
-        "model_id": model_id,
         "settings": settings,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    tmp = temp_name(path)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def load_checkpoint(path: Path, model_id: str, settings: dict) -> dict:
-    """Read a checkpoint and check it belongs to this model and these settings (one-line error if not)."""
+def read_checkpoint(path: Path) -> dict:
+    """The checkpoint's contents, loaded without running any pickled code (one-line error if unreadable)."""
     if not path.is_file():
         raise CloError(f"--resume: no checkpoint at {path}")
     try:
-        ckpt = torch.load(path, weights_only=False, map_location="cpu")
+        ckpt = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:
-        raise CloError(f"{path}: cannot read checkpoint: {str(e).splitlines()[0]}") from None
-    if ckpt.get("model_id") != model_id:
-        raise CloError(f"{path}: checkpoint was made from a different model ({ckpt.get('model_id')} != {model_id})")
-    for key, value in settings.items():
-        if ckpt["settings"].get(key) != value:
-            raise CloError(f"{path}: checkpoint has {key}={ckpt['settings'].get(key)!r}, this run has {value!r}")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CloError(f"{path}: cannot read checkpoint (not written by this version of train.py, or unsafe): {first[:200]}") from None
+    if not isinstance(ckpt, dict) or not {"weights", "optimizer", "position", "rng", "settings"} <= set(ckpt):
+        raise CloError(f"{path}: not a train.py checkpoint (fields missing)")
+    return ckpt
+
+
+def check_settings(path: Path, saved: dict, current: dict, names: dict) -> None:
+    """Refuse to resume when any setting that changes the computation differs; `names` maps keys to flags."""
+    for key, value in current.items():
+        old = saved.get(key)
+        if old != value:
+            flag = names.get(key, key)
+            raise CloError(f"{path}: the run was made with {flag} {old!r}, this one has {value!r}; use the same settings or a new --out")
+    extra = sorted(set(saved) - set(current))
+    if extra:
+        raise CloError(f"{path}: the run was made with {names.get(extra[0], extra[0])} {saved[extra[0]]!r}, which this run does not set")
+
+
+def load_checkpoint(path: Path, settings: dict, names: dict | None = None) -> dict:
+    """Read a checkpoint and check it belongs to these settings (model and data identity included)."""
+    ckpt = read_checkpoint(path)
+    check_settings(path, ckpt["settings"], settings, names or {})
     ckpt["position"] = Position(**ckpt["position"])
     return ckpt

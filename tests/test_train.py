@@ -2,6 +2,8 @@
 
 import json
 import math
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -44,9 +46,13 @@ def weights(folder):
     return load_file(folder / "model.safetensors")
 
 
-def test_step0_loss_is_nll_plus_log2(tiny, tmp_path):
+AMP = pytest.mark.parametrize("amp", ["on", "off"])  # bf16 and fp32 compute, on every CPU whatever its default
+
+
+@AMP
+def test_step0_loss_is_nll_plus_log2(tiny, tmp_path, amp):
     """Policy == reference at step 0: every reward is 0, so L = λ·NLL + (1−λ)·log 2 (PAPER.md "Loss")."""
-    out = run(tiny, tmp_path / "run", "--max-steps", "1", "--lam", "0.3")
+    out = run(tiny, tmp_path / "run", "--max-steps", "1", "--lam", "0.3", "--amp", amp)
     first = metrics(out)[0]
     for key in ("en/chosen_reward", "en/rejected_reward", "t/chosen_reward", "t/rejected_reward"):
         assert abs(first[key]) < 1e-5
@@ -74,8 +80,9 @@ def test_two_stages_rebuild_what_trains(tiny, tmp_path):
     assert {row["stage"] for row in metrics(out)} == {0, 1}
 
 
-def test_resume_equals_uninterrupted(tiny, tmp_path):
-    args = ("--lr", "1e-3", "--stages", "attn:1,all:1", "--save-every", "0")
+@AMP
+def test_resume_equals_uninterrupted(tiny, tmp_path, amp):
+    args = ("--lr", "1e-3", "--stages", "attn:1,all:1", "--save-every", "0", "--amp", amp)
     full = run(tiny, tmp_path / "full", *args)
     part = run(tiny, tmp_path / "part", *args, "--max-steps", "3")  # stops mid-stage-2 and checkpoints
     assert len(metrics(part)) == 3
@@ -163,7 +170,7 @@ def test_bad_flags(tiny, tmp_path, extra, message):
 def test_resume_from_another_model_is_refused(tiny, tmp_path):
     run(tiny, tmp_path / "run", "--max-steps", "1")
     other = make_tiny_chat_model(tmp_path / "other", ["some other text"] * 10, seed=1)
-    with pytest.raises(CloError, match="different model"):
+    with pytest.raises(CloError, match="made with --model"):
         train.main(["--lang", "sw", "--model", str(other), "--data", str(tiny[1]), "--out", str(tmp_path / "run"), "--batch-size", "4", "--resume"])
 
 
@@ -319,7 +326,7 @@ def test_weights_held_in_bf16_are_saved_exactly(tiny, tmp_path):
     the fp32 checkpoint's, bit for bit — the frozen ones (restored before saving) and the trained
     ones (restored before their stage made fp32 master copies of them)."""
     folder, _ = tiny
-    out = run(tiny, tmp_path / "run", "--dtype", "bfloat16", "--lr", "0", "--stages", "attn:1,mlp:1", "--max-steps", "3")
+    out = run(tiny, tmp_path / "run", "--dtype", "bfloat16", "--amp", "on", "--lr", "0", "--stages", "attn:1,mlp:1", "--max-steps", "3")
     before, after = weights(folder), weights(out / "model")
     assert all(t.dtype == torch.float32 for t in before.values())
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -365,3 +372,230 @@ def test_compiled_blocks_build_one_graph_per_batch_shape(tiny, tmp_path, monkeyp
     run((deep, tiny[1]), tmp_path / "run", "--compile", "on", "--amp", "off", "--batch-size", "3", "--bucket", "16", "--max-steps", "3")
     assert len(set(shapes)) >= 2  # the last batch of 8 examples holds 2: a second shape at least
     assert counters["stats"]["unique_graphs"] == 2 * len(set(shapes))
+
+
+def test_bf16_weights_need_autocast(tiny, tmp_path):
+    """--dtype bfloat16 --amp off would meet bf16 activations with fp32 master weights: refused before any work.
+    --amp auto with --dtype bfloat16 turns autocast on, on every CPU (it used to crash without AMX)."""
+    with pytest.raises(CloError, match="--dtype bfloat16 with --amp off"):
+        run(tiny, tmp_path / "off", "--dtype", "bfloat16", "--amp", "off")
+    assert not (tmp_path / "off").exists()
+    out = run(tiny, tmp_path / "auto", "--dtype", "bfloat16", "--max-steps", "1")
+    assert json.loads((out / "run.json").read_text())["summary"]["steps"] == 1
+
+
+# --- interrupts and resume: an update is never saved without its position ---------------------------
+
+
+def test_signal_right_after_an_update_is_saved_with_its_position(tiny, tmp_path, monkeypatch):
+    """SIGINT landing just after the 2nd AdamW.step() (before the step's host sync and the position
+    update): the checkpoint holds step 2 with its update, and the resumed run equals an uninterrupted one."""
+    import os
+    import signal
+
+    args = ("--lr", "1e-3", "--stages", "attn:1", "--save-every", "0", "--amp", "off")
+    full = run(tiny, tmp_path / "full", *args, "--max-steps", "4")
+    real_step, calls = torch.optim.AdamW.step, []
+
+    def step_then_signal(self, *a, **k):
+        result = real_step(self, *a, **k)
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_then_signal)
+    with pytest.raises(SystemExit) as stopped:
+        run(tiny, tmp_path / "part", *args, "--max-steps", "4")
+    assert stopped.value.code == 130
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    saved = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)
+    adam_steps = {float(s["step"]) for s in saved["optimizer"]["state"].values()}
+    assert saved["position"]["step"] == 2 and adam_steps == {2.0}
+    run(tiny, tmp_path / "part", *args, "--max-steps", "4", "--resume")
+    assert [r["loss"] for r in metrics(tmp_path / "part")] == [r["loss"] for r in metrics(full)]
+    wa, wb = weights(full / "model"), weights(tmp_path / "part" / "model")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize(
+    "flags, flag",
+    [
+        (("--lam", "0.3"), "--lam"),
+        (("--beta", "0.2"), "--beta"),
+        (("--directions", "sum"), "--directions"),
+        (("--warmup", "0.5"), "--warmup"),
+        (("--grad-clip", "0.5"), "--grad-clip"),
+        (("--weight-decay", "0.1"), "--weight-decay"),
+        (("--chat-format", "plain"), "--chat-format"),
+        (("--bucket", "16"), "--bucket"),
+        (("--amp", "on"), "precision"),
+        (("--lora", "--lora-r", "4"), "--lora"),
+    ],
+)
+def test_resume_refuses_changed_settings(tiny, tmp_path, flags, flag):
+    run(tiny, tmp_path / "run", "--max-steps", "1", "--amp", "off")
+    with pytest.raises(CloError, match=f"made with {flag} "):
+        run(tiny, tmp_path / "run", "--max-steps", "2", "--amp", "off", "--resume", *flags)  # a later --amp wins
+
+
+def test_resume_refuses_other_lora_rank_and_other_data(tiny, tmp_path):
+    """--lora-r 4 after an r=8 run used to swap in r=8 tensors under r=4 scaling; an edited data file
+    at the same path used to resume silently."""
+    run(tiny, tmp_path / "run", "--max-steps", "1", "--lora", "--lora-r", "8")
+    with pytest.raises(CloError, match="made with --lora-r 8, this one has 4"):
+        run(tiny, tmp_path / "run", "--max-steps", "2", "--lora", "--lora-r", "4", "--resume")
+    folder, data = tiny
+    edited = tmp_path / "edited.jsonl"
+    lines = data.read_text(encoding="utf-8").splitlines()
+    edited.write_text("\n".join(lines[1:] + lines[:1]) + "\n", encoding="utf-8")  # same examples, another order
+    run((folder, edited), tmp_path / "data", "--max-steps", "1")
+    edited.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(CloError, match="made with --data"):
+        run((folder, edited), tmp_path / "data", "--max-steps", "2", "--resume")
+    run((folder, edited), tmp_path / "steps", "--max-steps", "1")  # --max-steps only says where to stop
+    run((folder, edited), tmp_path / "steps", "--max-steps", "2", "--resume")
+    assert len(metrics(tmp_path / "steps")) == 2
+
+
+def test_checkpoint_with_a_pickle_payload_is_refused_unrun(tiny, tmp_path):
+    run(tiny, tmp_path / "run", "--max-steps", "1")
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            import os
+
+            return (os.system, (f"touch {marker}",))
+
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    ckpt["settings"]["lam"] = Payload()
+    torch.save(ckpt, tmp_path / "run" / "checkpoint.pt")
+    with pytest.raises(CloError, match="cannot read checkpoint"):
+        run(tiny, tmp_path / "run", "--max-steps", "2", "--resume")
+    assert not marker.exists()
+
+
+def test_reference_cache_follows_the_weights_content(tiny, tmp_path, capsys):
+    """Weights rewritten with the same size and mtime (as cp -p, rsync -a, tar leave them) are a new
+    model: the reference is computed again, so step-1 rewards stay 0. --recompute-reference forces it."""
+    import os
+
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny[0], folder)
+    run((folder, tiny[1]), tmp_path / "a", "--max-steps", "1")
+    path = folder / "model.safetensors"
+    st = path.stat()
+    w = weights(folder)
+    w["model.layers.0.self_attn.q_proj.weight"] = w["model.layers.0.self_attn.q_proj.weight"] * 1.5
+    save_file(w, path, metadata={"format": "pt"})
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+    capsys.readouterr()
+    out = run((folder, tiny[1]), tmp_path / "b", "--max-steps", "1")
+    assert "reference log-probs: computed" in capsys.readouterr().err
+    first = metrics(out)[0]
+    assert max(abs(first[k]) for k in ("en/chosen_reward", "en/rejected_reward", "t/chosen_reward", "t/rejected_reward")) < 1e-5
+    run((folder, tiny[1]), tmp_path / "c", "--max-steps", "1")
+    assert "reference log-probs: cached" in capsys.readouterr().err
+    run((folder, tiny[1]), tmp_path / "d", "--max-steps", "1", "--recompute-reference")
+    assert "reference log-probs: computed" in capsys.readouterr().err
+
+
+def test_model_folder_records_its_chat_format(tiny, tmp_path):
+    """Trained with --chat-format plain on a ChatML checkpoint: eval.py and clo.generate (both through
+    detect_format's auto) serve the saved model in plain."""
+    from clo.chat import detect_format
+    from clo.tokenizer import load_tokenizer
+
+    assert detect_format(load_tokenizer(tiny[0])).name == "chatml"
+    out = run(tiny, tmp_path / "run", "--max-steps", "1", "--chat-format", "plain")
+    assert detect_format(load_tokenizer(out / "model")).name == "plain"
+    assert detect_format(load_tokenizer(out / "model"), "chatml").name == "chatml"  # a flag still overrides
+    out = run(tiny, tmp_path / "auto", "--max-steps", "1")
+    assert detect_format(load_tokenizer(out / "model")).name == "chatml"
+
+
+def test_sft_dpo_is_one_command_with_the_sft_model_as_reference(tiny, tmp_path, capsys):
+    out = run(tiny, tmp_path / "run", "--method", "sft-dpo", "--lr", "1e-2", "--stages", "attn:1")
+    sft, dpo = metrics(out / "sft"), metrics(out)
+    assert "margin" not in sft[0] and "margin" in dpo[0]
+    assert json.loads((out / "run.json").read_text())["model"] == str(out / "sft" / "model")
+    # the DPO phase starts at its reference: the SFT model (the base model would give rewards far from 0)
+    assert max(abs(dpo[0][k]) for k in ("en/chosen_reward", "t/chosen_reward", "en/rejected_reward", "t/rejected_reward")) < 1e-5
+    assert (out / "model" / "config.json").is_file()
+    capsys.readouterr()
+    run(tiny, tmp_path / "run", "--method", "sft-dpo", "--lr", "1e-2", "--stages", "attn:1", "--resume")
+    assert "SFT phase already finished" in capsys.readouterr().err
+
+
+# --- bad input for train.py: one line, before any work, nothing changed ------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
+        (["--batch-size", "-1"], "--batch-size -1"),
+        (["--grad-accum", "0"], "--grad-accum 0"),
+        (["--lr", "-1"], "--lr -1.0"),
+        (["--lr", "nan"], "--lr nan"),
+        (["--max-steps", "-1"], "--max-steps -1"),
+        (["--max-examples", "-1"], "--max-examples -1"),
+        (["--warmup", "2"], "--warmup 2.0"),
+        (["--lam", "1.5"], "--lam 1.5"),
+        (["--beta", "0"], "--beta 0.0"),
+        (["--max-length", "0"], "--max-length 0"),
+        (["--lora-r", "0"], "--lora-r 0"),
+        (["--lora-dropout", "1"], "--lora-dropout 1.0"),
+        (["--device", "bogus"], "--device 'bogus'"),
+        (["--resume", "--overwrite"], "choose one"),
+    ],
+)
+def test_bad_numeric_flags(tiny, tmp_path, extra, message):
+    cache = tmp_path / "cache"
+    with pytest.raises(CloError, match=re.escape(message)):
+        run(tiny, tmp_path / "out", *extra)
+    assert not (tmp_path / "out").exists() and not (cache / "reference").exists()
+
+
+def test_a_finished_run_is_refused_not_damaged(tiny, tmp_path):
+    out = run(tiny, tmp_path / "run", "--max-steps", "1")
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(CloError, match="holds a run"):
+        run(tiny, out, "--max-steps", "2")
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    run(tiny, out, "--max-steps", "2", "--overwrite")
+    assert len(metrics(out)) == 2
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CloError, match="is not a folder"):
+        run(tiny, tmp_path / "file")
+
+
+def test_one_run_per_out(tiny, tmp_path):
+    from clo.lock import output_lock
+
+    with output_lock(tmp_path / "run"):
+        with pytest.raises(CloError, match="in use by another run"):
+            run(tiny, tmp_path / "run", "--max-steps", "1")
+
+
+def test_leftovers_of_a_killed_save_are_removed(tiny, tmp_path):
+    """A kill during a save leaves `.checkpoint.pt.tmp<pid>` (as large as the checkpoint) or a
+    `.model.XXXX/` folder; the next run on the folder removes them."""
+    out = run(tiny, tmp_path / "run", "--max-steps", "1")
+    (out / ".checkpoint.pt.tmp99999").write_bytes(b"\0" * 1000)
+    (out / ".model.abc123").mkdir()
+    (out / ".model.abc123" / "model.safetensors").write_bytes(b"\0" * 10)
+    run(tiny, out, "--max-steps", "2", "--resume")
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.jsonl", "model", "run.json"]
+
+
+def test_torn_metrics_line_is_dropped_on_resume(tiny, tmp_path):
+    out = run(tiny, tmp_path / "run", "--max-steps", "1")
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 2, "lo')  # killed mid-write
+    run(tiny, out, "--max-steps", "2", "--resume")
+    assert [r["step"] for r in metrics(out)] == [1, 2]
