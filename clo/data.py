@@ -5,7 +5,8 @@
      "prompt": "...",    "response": "..."}      # x_t,  y_t:  the same in the target language
 
 translate.py writes it; train.py and eval.py read it. Every line is checked before any training:
-the first bad line stops the run with `file:line: what is wrong`. Duplicate ids are skipped and
+the first bad line stops the run with `file:line: what is wrong`. Lines end at "\n" only
+(clo/jsonl.py), so a raw U+2028 inside a string is read as written. Duplicate ids are skipped and
 counted (the first one is kept).
 """
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clo.errors import CloError
+from clo.jsonl import read_lines
 from clo.languages import get_language
 
 FIELDS = ("id", "lang", "prompt_en", "response_en", "prompt", "response")
@@ -61,14 +63,8 @@ def load_pairs(path: Path | str, lang: str | None = None) -> LoadReport:
     path = Path(path)
     if lang is not None:
         get_language(lang)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise CloError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise CloError(f"{path}: cannot read: {e}") from None
     report, seen = LoadReport([]), set()
-    for n, line in enumerate(lines, 1):
+    for n, line in enumerate(read_lines(path), 1):
         if not line.strip():
             continue
         ex = parse_line(line, f"{path}:{n}")

@@ -20,11 +20,14 @@ prompt is wholly in one language (the instruction templates below contain no Eng
 Limits: the files carry no article boundaries, so a window may straddle two articles and the "next
 sentence" then starts a new one. Pass `doc_ids` (one id per line, e.g. the URL column of FLORES'
 metadata_devtest.tsv) to keep windows inside one document; blank lines are boundaries too.
+Lines end at "\n" only, as the files' line alignment is defined (FLORES, MAFAND): a U+2028 or
+U+0085 inside a sentence stays in that sentence (clo/jsonl.py `read_lines`).
 """
 
 from pathlib import Path
 
 from clo.errors import CloError
+from clo.jsonl import read_lines
 from clo.languages import get_language
 
 # "Write the next sentence of this text.", one per supported language, each wholly in that language.
@@ -39,14 +42,6 @@ INSTRUCTIONS = {
 }
 # How sentences of a passage are joined; Chinese writes no space between sentences.
 JOINERS = {"zh": ""}
-
-
-def read_lines(path: str | Path) -> list[str]:
-    path = Path(path)
-    try:
-        return path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise CloError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
 
 
 def continuation_pairs(src_path: str | Path, tgt_path: str | Path, lang: str, context: int = 2,

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from clo.data import load_pairs
 from clo.errors import CloError
+from clo.jsonl import read_text, split_lines
 from clo.languages import LANGUAGES, get_language
 
 
@@ -31,12 +32,7 @@ class EvalPrompt:
 
 def _read_records(path: Path) -> list[tuple[int, object]]:
     """(line number, parsed JSON) for each record: a .json list (line = index + 1) or JSON lines."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise CloError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise CloError(f"{path}: cannot read: {e}") from None
+    text = read_text(path)
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
@@ -45,7 +41,7 @@ def _read_records(path: Path) -> list[tuple[int, object]]:
             raise CloError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
         return list(enumerate(records, 1))
     out = []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(split_lines(text), 1):
         if line.strip():
             try:
                 out.append((n, json.loads(line)))

@@ -18,12 +18,15 @@ import os
 import tempfile
 from pathlib import Path
 
+from clo.jsonl import dumps_line
+
 
 def write_atomic(path: Path, text: str | bytes) -> None:
     """Write `path` through a temp file in the same folder and os.replace: all or nothing."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it private (0600); give it a new file's mode
         with os.fdopen(fd, "wb") as f:
             f.write(text.encode("utf-8") if isinstance(text, str) else text)
         os.replace(tmp, path)
@@ -32,8 +35,14 @@ def write_atomic(path: Path, text: str | bytes) -> None:
         raise
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_atomic(path, "".join(dumps_line(r) for r in rows))
 
 
 def write_json(path: Path, data) -> None:

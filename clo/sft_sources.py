@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clo.errors import CloError
+from clo.jsonl import split_lines
 
 FORMATS = ("auto", "oasst1", "alpaca", "jsonl")
 
@@ -76,11 +77,12 @@ def sample_examples(examples: list[SftExample], n: int | None, seed: int) -> lis
 
 
 def read_text(path: Path) -> str:
+    """The file's text (gunzipped if .gz), line ends untouched: lines end at "\n" only (clo/jsonl.py)."""
     try:
         if path.name.endswith(".gz"):
-            with gzip.open(path, "rt", encoding="utf-8") as f:
-                return f.read()
-        return path.read_text(encoding="utf-8")
+            with gzip.open(path, "rb") as f:
+                return f.read().decode("utf-8")
+        return path.read_bytes().decode("utf-8")
     except (OSError, UnicodeDecodeError, EOFError) as e:
         raise CloError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
 
@@ -88,7 +90,7 @@ def read_text(path: Path) -> str:
 def json_lines(path: Path) -> list[tuple[int, dict]]:
     """(line number, object) for each non-blank line."""
     records = []
-    for number, line in enumerate(read_text(path).splitlines(), start=1):
+    for number, line in enumerate(split_lines(read_text(path)), start=1):
         if not line.strip():
             continue
         try:
@@ -105,7 +107,7 @@ def detect_format(path: Path) -> str:
     name = path.name.removesuffix(".gz")
     if name.endswith(".json"):
         return "alpaca"
-    first_line = next((line for line in read_text(path).splitlines() if line.strip()), "{}")
+    first_line = next((line for line in split_lines(read_text(path)) if line.strip()), "{}")
     try:
         first = json.loads(first_line)
     except json.JSONDecodeError:
