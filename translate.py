@@ -10,7 +10,9 @@ Both write the JSONL that `train.py --data` reads, one record per English exampl
 
 `mt` (the default mode) is resumable: records are appended and flushed after every model batch, so a
 crash loses at most the work in flight; running the same command again skips the ids already in
---out and never writes one twice (a torn last line left by a crash is cut away first).
+--out and never writes one twice (a torn last line left by a crash is cut away first). An existing
+--out is checked whole before it is touched: a file that is not this tool's output for --lang is
+refused unchanged. One run per --out at a time (clo/lock.py). `parallel` replaces --out atomically.
 
 Features: OASST1 (both release formats), Alpaca JSON and plain JSONL sources (clo/sft_sources.py);
 responses cut at line breaks and sentences and put back together with their lists, tables and code
@@ -30,11 +32,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from clo.device import resolve_device
 from clo.errors import CloError, run_cli
+from clo.jsonl import dumps_line, split_lines
 from clo.languages import Language, get_language
+from clo.lock import output_lock
 from clo.m2m100 import GenerationSettings, M2M100Config, generate, load_m2m100
 from clo.m2m100_tokenizer import load_tokenizer
 from clo.parallel_pairs import continuation_pairs, read_doc_ids
+from clo.report import write_atomic
 from clo.segment import Segmented, reassemble, segment
 from clo.sft_sources import FORMATS, SftExample, read_sft_source, sample_examples
 
@@ -80,51 +86,101 @@ class Translator:
 
 # --- the output file ------------------------------------------------------------------------------
 
+# Every line record_line writes starts with these bytes, so a torn last line (a crash cut a write
+# short) starts with them too, or is a prefix of them. Any other unfinished last line is not ours.
+RECORD_START = b'{"id": "'
 
-def done_ids(out: Path, lang: str) -> set[str]:
-    """Ids already in `out`. A last line without its newline is a record torn by a crash: it is
-    truncated away (unless it is a complete record, which then gets its newline)."""
+
+@dataclass
+class ExistingOut:
+    """What an existing --out holds, found without changing it."""
+
+    ids: set[str]  # ids of its records
+    complete: int  # bytes up to the end of its last complete line
+    last_line: str | None  # a last line without its newline: "record" (complete) or "torn"; None if none
+
+
+def read_out(out: Path, lang: str) -> ExistingOut:
+    """Check an existing --out before anything is written to it: every line must be a record this
+    tool wrote for `lang`, and a last line without its newline either such a record or the start of
+    one torn by a crash. Anything else (another file, another language) is a one-line CloError and
+    the file is left as it was; `repair` later fixes the last line."""
     if not out.exists():
-        return set()
+        return ExistingOut(set(), 0, None)
     try:
         data = out.read_bytes()
     except OSError as e:
         raise CloError(f"{out}: cannot read ({e.strerror})") from None
-    if data and not data.endswith(b"\n"):
-        cut = data.rfind(b"\n") + 1
-        try:
-            json.loads(data[cut:])
-            complete = True
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            complete = False
-        with open(out, "r+b") as f:
-            if complete:
-                f.seek(0, os.SEEK_END)
-                f.write(b"\n")
-            else:
-                f.truncate(cut)
-                print(f"{out}: dropped a torn last line left by an interrupted run", file=sys.stderr)
-        data = out.read_bytes()
-    ids = set()
-    for number, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CloError(f"{out}:{number}: not valid JSON ({e.msg}); not a file this tool wrote?") from None
-        if not isinstance(record, dict) or not isinstance(record.get("id"), str):
-            raise CloError(f"{out}:{number}: field 'id' is missing; not a file this tool wrote?")
-        if record.get("lang") != lang:
-            raise CloError(f"{out}:{number}: field 'lang' is {record.get('lang')!r}, not {lang!r}; choose another --out")
-        if record["id"] in ids:
-            raise CloError(f"{out}:{number}: duplicate id {record['id']!r}")
-        ids.add(record["id"])
-    return ids
+    complete = data.rfind(b"\n") + 1
+    try:
+        text = data[:complete].decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise CloError(f"{out}:{line}: not UTF-8 text; not a file this tool wrote? choose another --out") from None
+    lines = split_lines(text)
+    ids: set[str] = set()
+    for number, line in enumerate(lines, start=1):
+        if line.strip():
+            check_record(out, number, json_of(out, number, line), lang, ids)
+    tail, last_line = data[complete:], None
+    if tail:
+        if is_torn(tail):
+            last_line = "torn"
+        else:
+            check_record(out, len(lines) + 1, json_of(out, len(lines) + 1, tail), lang, ids)
+            last_line = "record"
+    return ExistingOut(ids, complete, last_line)
+
+
+def is_torn(tail: bytes) -> bool:
+    """Whether an unfinished last line is the start of a record this tool was writing."""
+    try:
+        json.loads(tail)
+        return False  # whole JSON: a complete line without its newline, checked as one
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return tail.startswith(RECORD_START) or RECORD_START.startswith(tail)
+
+
+def json_of(out: Path, number: int, line: str | bytes):
+    """Line `number` of --out, parsed; a one-line CloError if it is not JSON."""
+    try:
+        return json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        reason = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8"
+        raise CloError(f"{out}:{number}: not valid JSON ({reason}); not a file this tool wrote? choose another --out") from None
+
+
+def check_record(out: Path, number: int, record, lang: str, ids: set[str]) -> None:
+    """A record of translate.py for `lang` whose id is not in `ids` yet (it is added)."""
+    where = f"{out}:{number}"
+    if not isinstance(record, dict):
+        raise CloError(f"{where}: not a JSON object; not a file this tool wrote? choose another --out")
+    for key in RECORD_KEYS:  # id and lang first: a file of ours for another language says so
+        if not isinstance(record.get(key), str):
+            raise CloError(f"{where}: field {key!r} is missing or not a string; not a file this tool wrote? choose another --out")
+        if key == "lang" and record["lang"] != lang:
+            raise CloError(f"{where}: field 'lang' is {record['lang']!r}, not {lang!r}; choose another --out")
+    if record["id"] in ids:
+        raise CloError(f"{where}: duplicate id {record['id']!r}")
+    ids.add(record["id"])
+
+
+def repair(out: Path, existing: ExistingOut) -> None:
+    """Make the last line of a checked --out whole before appending: a complete last record gets its
+    newline, a torn one is cut away."""
+    if existing.last_line is None:
+        return
+    with open(out, "r+b") as f:
+        if existing.last_line == "record":
+            f.seek(0, os.SEEK_END)
+            f.write(b"\n")
+        else:
+            f.truncate(existing.complete)
+            print(f"{out}: dropped a torn last line left by an interrupted run", file=sys.stderr)
 
 
 def record_line(record: dict) -> str:
-    return json.dumps({key: record[key] for key in RECORD_KEYS}, ensure_ascii=False) + "\n"
+    return dumps_line({key: record[key] for key in RECORD_KEYS})
 
 
 # --- mt: translate an English SFT source -----------------------------------------------------------
@@ -159,8 +215,6 @@ def chunks(jobs: list[Job], sentences_per_chunk: int) -> list[list[Job]]:
 
 def run_mt(args) -> None:
     language = get_language(args.lang)
-    if language.code == "en":
-        raise CloError("--lang en: the source is already English; choose a target language")
     source = read_sft_source(args.source, args.format)
     for line in source.skipped[:3]:
         print(f"skipped: {line}", file=sys.stderr)
@@ -170,51 +224,56 @@ def run_mt(args) -> None:
     if args.n is not None and args.n > len(examples):
         print(f"--n {args.n}: the source has only {len(examples)} usable examples; taking all", file=sys.stderr)
     out = Path(args.out)
-    done = done_ids(out, language.code)
-    todo = [e for e in examples if e.id not in done]
-    if not todo:
-        print(f"nothing to do: all {len(examples)} examples are already in {out}", file=sys.stderr)
-        return
+    with output_lock(out):
+        existing = read_out(out, language.code)  # --out is checked, not yet changed
+        todo = [e for e in examples if e.id not in existing.ids]
+        if not todo:
+            repair(out, existing)
+            print(f"nothing to do: all {len(examples)} examples are already in {out}", file=sys.stderr)
+            return
+        translator = Translator(args.model, language, args.device, args.dtype, args.beams, args.max_length)
+        jobs = [Job(e, segment(e.prompt, args.max_chars), segment(e.response, args.max_chars)) for e in todo]
+        groups = chunks(jobs, args.batch_size * args.chunk_batches)
+        total = sum(len({p for job in group for p in job.pieces}) for group in groups)
+        print(f"{len(existing.ids)} of {len(examples)} examples already in {out}; translating {len(todo)} "
+              f"({total} sentences) into {language.name} on {args.device} ({args.dtype}), "
+              f"beams {translator.settings.num_beams}, max length {translator.settings.max_length}", file=sys.stderr)
 
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
-    translator = Translator(args.model, language, device, dtype, args.beams, args.max_length)
-    jobs = [Job(e, segment(e.prompt, args.max_chars), segment(e.response, args.max_chars)) for e in todo]
-    groups = chunks(jobs, args.batch_size * args.chunk_batches)
-    total = sum(len({p for job in group for p in job.pieces}) for group in groups)
-    print(f"{len(done)} of {len(examples)} examples already in {out}; translating {len(todo)} "
-          f"({total} sentences) into {language.name} on {device} ({dtype}), "
-          f"beams {translator.settings.num_beams}, max length {translator.settings.max_length}", file=sys.stderr)
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    start, written = time.perf_counter(), 0
-    with open(out, "a", encoding="utf-8") as f, tqdm(total=total, unit="sent", dynamic_ncols=True) as bar:
-        for group in groups:
-            written += translate_group(group, translator, language.code, args.batch_size, f, bar)
+        repair(out, existing)  # every check has passed: only now is --out changed
+        start, written, empty = time.perf_counter(), 0, 0
+        with open(out, "a", encoding="utf-8") as f, tqdm(total=total, unit="sent", dynamic_ncols=True) as bar:
+            for group in groups:
+                group_written, group_empty = translate_group(group, translator, language.code, args.batch_size, f, bar)
+                written, empty = written + group_written, empty + group_empty
     elapsed = time.perf_counter() - start
-    print(f"wrote {written} records to {out} ({total / elapsed:.2f} sentences/s)", file=sys.stderr)
+    skipped = f"; skipped {empty} whose translation came out empty (a rerun tries them again)" if empty else ""
+    print(f"wrote {written} records to {out} ({total / elapsed:.2f} sentences/s){skipped}", file=sys.stderr)
 
 
-def translate_group(group: list[Job], translator: Translator, lang: str, batch_size: int, f, bar) -> int:
+def translate_group(group: list[Job], translator: Translator, lang: str, batch_size: int, f, bar) -> tuple[int, int]:
     """Translate the distinct pieces of `group`, longest first in batches of batch_size; after each
     batch, append (and flush) the records of the leading jobs that are now complete, so the file keeps
-    the source order. Returns the number of records written."""
+    the source order. A record whose prompt or response translates to nothing but whitespace is
+    skipped: train.py's loader refuses a file with an empty field. Returns (written, skipped)."""
     encoded = {piece: translator.encode(piece) for job in group for piece in job.pieces}
     order = sorted(encoded, key=lambda piece: -len(encoded[piece]))
     translated: dict[str, str] = {}
-    written = 0
+    finished, written = 0, 0
 
     def write_complete_jobs() -> None:
-        nonlocal written
-        while written < len(group) and all(p in translated for p in group[written].pieces):
-            job = group[written]
-            f.write(record_line({
+        nonlocal finished, written
+        while finished < len(group) and all(p in translated for p in group[finished].pieces):
+            job = group[finished]
+            finished += 1
+            record = {
                 "id": job.example.id, "lang": lang,
                 "prompt_en": job.example.prompt, "response_en": job.example.response,
                 "prompt": reassemble(job.prompt, [translated[p] for p in job.prompt.pieces]),
                 "response": reassemble(job.response, [translated[p] for p in job.response.pieces]),
-            }))
-            written += 1
+            }
+            if record["prompt"].strip() and record["response"].strip():  # the test clo/data.py applies
+                f.write(record_line(record))
+                written += 1
         f.flush()
 
     write_complete_jobs()  # jobs with nothing to translate (all code, say)
@@ -223,7 +282,7 @@ def translate_group(group: list[Job], translator: Translator, lang: str, batch_s
         translated.update(zip(batch, translator.translate_batch([encoded[p] for p in batch])))
         bar.update(len(batch))
         write_complete_jobs()
-    return written
+    return written, finished - written
 
 
 # --- parallel: pairs from human translations ------------------------------------------------------
@@ -232,12 +291,13 @@ def translate_group(group: list[Job], translator: Translator, lang: str, batch_s
 def run_parallel(args) -> None:
     doc_ids = read_doc_ids(args.doc_ids) if args.doc_ids else None
     records = continuation_pairs(args.src, args.tgt, args.lang, args.context, doc_ids)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(record_line(r) for r in records)
-    os.replace(tmp, out)
+    out, made_from = Path(args.out), Path(args.tgt).name
+    with output_lock(out):
+        # --out is replaced whole: only a file of pairs from the same --tgt file may be
+        foreign = sorted(i for i in read_out(out, args.lang).ids if not i.startswith(f"{made_from}:"))
+        if foreign:
+            raise CloError(f"{out}: holds records not made from {made_from} (id {foreign[0]!r}); choose another --out")
+        write_atomic(out, "".join(record_line(r) for r in records))
     print(f"wrote {len(records)} continuation pairs to {out}", file=sys.stderr)
 
 
@@ -276,15 +336,53 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_args(args) -> None:
+    """Every flag, checked before any work (one line naming the flag and its value); resolves
+    --device and --dtype "auto". File contents are checked by their readers, still before any work."""
+    for flag in ("batch_size", "beams", "max_length", "max_chars", "chunk_batches", "n", "context"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            raise CloError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    if get_language(args.lang).code == "en":
+        raise CloError("--lang en: English is the source side; choose a target language")
+    inputs = {"--source": getattr(args, "source", None), "--src": getattr(args, "src", None),
+              "--tgt": getattr(args, "tgt", None), "--doc-ids": getattr(args, "doc_ids", None)}
+    inputs = {flag: Path(value) for flag, value in inputs.items() if value is not None}
+    for flag, path in inputs.items():
+        if not path.is_file():
+            raise CloError(f"{flag} {path}: {'is a folder, not a file' if path.is_dir() else 'no such file'}")
+    if args.mode == "mt":
+        if not Path(args.model).is_dir():
+            raise CloError(f"--model {args.model}: no such folder (an M2M100 or NLLB-200 checkpoint folder)")
+        device = resolve_device(args.device)
+        args.device = str(device)
+        if args.dtype == "auto":
+            args.dtype = "bfloat16" if device.type == "cuda" else "float32"
+    check_out(Path(args.out), inputs)
+
+
+def check_out(out: Path, inputs: dict[str, Path]) -> None:
+    """--out can be written as a file, and is none of the input files."""
+    if out.is_dir():
+        raise CloError(f"--out {out}: is a folder; give a file name")
+    folder = out.parent
+    while not folder.exists():  # the nearest existing folder: the run creates the rest
+        folder = folder.parent
+    if not folder.is_dir():
+        raise CloError(f"--out {out}: {folder} is a file, not a folder")
+    if not os.access(out if out.exists() else folder, os.W_OK):
+        raise CloError(f"--out {out}: {out if out.exists() else folder} is not writable")
+    for flag, path in inputs.items():
+        if out.exists() and os.path.samefile(out, path):
+            raise CloError(f"--out {out}: is the {flag} file; choose another --out")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in ("mt", "parallel", "-h", "--help"):
         argv.insert(0, "mt")
     args = build_parser().parse_args(argv)
-    for flag in ("batch_size", "beams", "max_length", "max_chars", "chunk_batches", "n"):
-        value = getattr(args, flag, None)
-        if value is not None and value < 1:
-            raise CloError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    check_args(args)
     args.run(args)
 
 

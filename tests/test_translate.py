@@ -3,13 +3,17 @@ parallel pairs, and one-line errors on bad input."""
 
 import gzip
 import json
+import os
 import re
+import stat
 from pathlib import Path
 
 import pytest
 
 import translate
+from clo.data import load_pairs
 from clo.errors import CloError, run_cli
+from clo.lock import output_lock
 from clo.parallel_pairs import INSTRUCTIONS, continuation_pairs
 from clo.segment import reassemble, segment
 from clo.sft_sources import read_sft_source, sample_examples
@@ -191,7 +195,9 @@ def mt_setup(tmp_path_factory):
     corpus = [e["prompt"] + " " + e["response"] for e in EXAMPLES] * 5 + ["Tell me a story about a small cat."] * 5
     model = root / "model"
     vocab_size = write_tiny_tokenizer(model, corpus, vocab_size=120, drop=0)
-    write_tiny_m2m100(model, vocab_size, generation={"num_beams": 2, "max_length": 8, "early_stopping": True})
+    # seed 4: a random model whose outputs are mostly not empty (most seeds decode to language
+    # tokens only, i.e. to "", and translate.py skips such records)
+    write_tiny_m2m100(model, vocab_size, seed=4, generation={"num_beams": 2, "max_length": 8, "early_stopping": True})
     return root, source, model
 
 
@@ -298,7 +304,7 @@ def test_bad_input_gives_one_line_error_and_leaves_output_alone(mt_setup, tmp_pa
     no_tokenizer.mkdir()
     (no_tokenizer / "config.json").write_text((model / "config.json").read_text())
     cases = {
-        "cannot read": args(source=tmp_path / "missing.jsonl"),
+        "missing.jsonl: no such file": args(source=tmp_path / "missing.jsonl"),
         "field 'response' is missing": args(source=no_text),
         "unknown language 'xx'; supported: en, sw": args(lang="xx"),
         "'model_type' is 'llama'": args(model=not_m2m),
@@ -311,6 +317,75 @@ def test_bad_input_gives_one_line_error_and_leaves_output_alone(mt_setup, tmp_pa
     other = tmp_path / "other_lang.jsonl"
     other.write_text(json.dumps({"id": "a", "lang": "yo"}) + "\n")
     assert "field 'lang' is 'yo', not 'sw'" in run_cli_main(args(out=other), capsys)
+
+
+def test_mt_output_round_trips_line_separators(mt_setup, tmp_path, monkeypatch):
+    """U+2028, U+2029 and U+0085 in the source (raw, as other tools write JSONL) and in translations:
+    the output is one line per record for every reader, train.py loads it, and a rerun resumes."""
+    root, source, model = mt_setup
+    tricky = tmp_path / "tricky.jsonl"
+    tricky.write_text("".join(json.dumps({"id": f"t{i}", "prompt": f"Line\u2028break {i}. Next\x85one?",
+                                          "response": f"Para\u2029graph {i}."}, ensure_ascii=False) + "\n"
+                              for i in range(3)), encoding="utf-8")
+    real_batch = translate.Translator.translate_batch
+    monkeypatch.setattr(translate.Translator, "translate_batch",
+                        lambda self, batch: [f"x\u2028{t}\x85" for t in real_batch(self, batch)])
+    out = tmp_path / "sw.jsonl"
+    argv = mt_args(mt_setup, out)
+    argv[argv.index("--source") + 1] = str(tricky)
+    translate.main(argv)
+    text = out.read_text(encoding="utf-8")
+    assert len(text.splitlines()) == 3 and "\u2028" not in text and "\\u2028" in text
+    examples = load_pairs(out, "sw").examples
+    assert [ex.prompt_en for ex in examples] == [f"Line\u2028break {i}. Next\x85one?" for i in range(3)]
+    assert all("\u2028" in ex.response for ex in examples)
+    translate.main(argv)  # resumes: nothing to do, nothing written twice
+    assert out.read_text(encoding="utf-8") == text
+
+
+def test_empty_translations_are_skipped_and_counted(mt_setup, tmp_path, monkeypatch, capsys):
+    """A record whose prompt translates to nothing is not written ("  " would make train.py refuse
+    the whole file); the summary counts it, and a rerun tries it again."""
+    by_id = {e["id"]: e for e in EXAMPLES}
+    empty = set(segment(by_id["ex2"]["prompt"]).pieces)  # ex2's prompt: both its sentences
+    real_batch = translate.Translator.translate_batch
+
+    def some_empty(self, batch):
+        empty_ids = [self.encode(piece) for piece in empty]
+        return ["" if ids in empty_ids else text for ids, text in zip(batch, real_batch(self, batch))]
+
+    monkeypatch.setattr(translate.Translator, "translate_batch", some_empty)
+    out = tmp_path / "sw.jsonl"
+    translate.main(mt_args(mt_setup, out))
+    assert "skipped 1 whose translation came out empty" in capsys.readouterr().err
+    ids = [ex.id for ex in load_pairs(out, "sw").examples]
+    assert "ex2" not in ids and len(ids) == len(EXAMPLES) - 1
+    translate.main(mt_args(mt_setup, out))
+    assert "skipped 1 whose translation came out empty" in capsys.readouterr().err
+    assert [ex.id for ex in load_pairs(out, "sw").examples] == ids
+
+
+def test_complete_last_record_without_newline_gets_one(mt_setup, tmp_path):
+    reference = tmp_path / "reference.jsonl"
+    translate.main(mt_args(mt_setup, reference))
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(reference.read_bytes()[:-1])  # every record there, the last newline missing
+    translate.main(mt_args(mt_setup, out))
+    assert out.read_bytes() == reference.read_bytes()
+
+
+def test_a_second_run_on_one_out_is_refused(mt_setup, tmp_path, capsys):
+    out = tmp_path / "sw.jsonl"
+    translate.main(mt_args(mt_setup, out, "--n", "2"))
+    before = out.read_bytes()
+    with output_lock(out):  # another run is writing it (tests/test_lock.py: across processes)
+        assert f"{out} is in use by another run (pid {os.getpid()})" in run_cli_main(mt_args(mt_setup, out), capsys)
+        src = tmp_path / "en.txt"
+        src.write_text("a\nb\nc\n")
+        argv = ["parallel", "--src", str(src), "--tgt", str(src), "--lang", "sw", "--out", str(out)]
+        assert "is in use by another run" in run_cli_main(argv, capsys)
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["en.txt", "sw.jsonl"]  # no lock file left
 
 
 # --- parallel pairs -------------------------------------------------------------------------------
@@ -365,3 +440,23 @@ def test_parallel_errors(shared_data, tmp_path, capsys):
     assert "1 lines, but" in run_cli_main([*base, "--tgt", str(short), "--lang", "sw"], capsys)
     assert "unknown language 'xx'" in run_cli_main([*base, "--tgt", str(short), "--lang", "xx"], capsys)
     assert not out.exists()
+
+
+def test_parallel_replaces_its_own_output_only(tmp_path, capsys):
+    src, tgt = tmp_path / "en.txt", tmp_path / "sw.txt"
+    src.write_text("One.\nTwo.\nThree.\nFour.\n")
+    tgt.write_text("Moja.\nMbili.\nTatu.\nNne.\n")
+    out = tmp_path / "pairs.jsonl"
+    argv = ["parallel", "--src", str(src), "--tgt", str(tgt), "--lang", "sw", "--out", str(out)]
+    translate.main([*argv, "--context", "1"])
+    translate.main(argv)  # the same --tgt: replaced
+    assert [r["id"] for r in read_records(out)] == ["sw.txt:3", "sw.txt:4"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask  # a normal file, not mkstemp's 0600
+    before = out.read_bytes()
+    other = tmp_path / "sw2.txt"
+    other.write_bytes(tgt.read_bytes())
+    assert "holds records not made from sw2.txt (id 'sw.txt:3')" in run_cli_main([*argv, "--tgt", str(other)], capsys)
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["en.txt", "pairs.jsonl", "sw.txt", "sw2.txt"]
