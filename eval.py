@@ -7,7 +7,7 @@
         --mmlu mmlu/data/test/*_test.csv --mmlu-shots 5 --judge /path/to/Qwen2.5-7B-Instruct
 
 Reads top to bottom: check every input (prompt files, held-out pairs, CSVs, checkpoint folders)
-before any model runs; then for each model, one at a time in memory:
+and --out before any model runs; then for each model, one at a time in memory:
   1. answer every prompt (greedy, batched, KV cache, training's chat format) and grade each answer:
      its language (py3langid over --langs) and whether it is degenerate (clo/degenerate.py);
   2. score the held-out pairs without generating: preference for the answer in the prompt's
@@ -21,12 +21,14 @@ then, with --judge, judge every model against the first (clo/judge.py), and writ
     alpaca_eval/<name>.json each model's answers in AlpacaEval's format, for an external judge
     report.md (+ .png)      the comparison table (the plot when matplotlib is installed)
 
-All files are written at the end, each atomically: a failed run leaves nothing half-written.
+All files are written at the end, each atomically: a failed run leaves nothing half-written. An
+existing --out must hold nothing but these (an earlier eval.py run's, which are replaced).
 Limitations: greedy decoding only; one device; judged pairs are each model vs the first.
 """
 
 import argparse
 import gc
+import os
 import re
 import sys
 from pathlib import Path
@@ -39,6 +41,7 @@ from clo.checkpoint import load_model, on_for_cuda, weight_files
 from clo.config import ModelConfig
 from clo.data import demo_path, load_pairs
 from clo.default_model import DEFAULT_MODEL, resolve_model
+from clo.device import resolve_device
 from clo.degenerate import COPY_THRESHOLD, NGRAM, REPEAT_THRESHOLD
 from clo.errors import CloError, run_cli
 from clo.generation_eval import fidelity, generate_answers, grade_answers
@@ -86,7 +89,39 @@ def parse_args(argv=None):
     for flag in ("limit", "mmlu_shots"):
         if getattr(args, flag) < 0:
             raise CloError(f"--{flag.replace('_', '-')}: must be >= 0, got {getattr(args, flag)}")
+    for flag in ("copy_threshold", "repeat_threshold"):
+        if not 0 < getattr(args, flag) <= 1:
+            raise CloError(f"--{flag.replace('_', '-')}: must be in (0, 1], got {getattr(args, flag)}")
+    args.device = resolve_device(args.device)
     return args
+
+
+# What eval.py writes into --out (a file, or a folder for alpaca_eval); see the docstring.
+OUTPUTS = {"generations.jsonl": False, "metrics.jsonl": False, "metrics.json": False, "judgments.jsonl": False,
+           "report.md": False, "report.png": False, "alpaca_eval": True}
+
+
+def check_out(out: Path) -> None:
+    """--out can take eval.py's files, checked before any work (a run that fails after an hour of
+    generation because of --out loses that hour): it is a folder or can be made one, and holds
+    nothing but what an earlier eval.py run wrote, which it may replace (a training run's
+    metrics.jsonl, say, must not be)."""
+    folder = out
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise CloError(f"--out {out}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK):
+        raise CloError(f"--out {out}: {folder} is not writable")
+    if folder != out:
+        return
+    for entry in sorted(out.iterdir()):
+        if any(entry.name.startswith(f".{name}.") for name in OUTPUTS):
+            continue  # the temporary file of an interrupted write (clo/report.py write_atomic)
+        if entry.name not in OUTPUTS:
+            raise CloError(f"--out {out}: holds {entry.name}, which eval.py does not write; choose another --out")
+        if entry.is_dir() != OUTPUTS[entry.name]:
+            raise CloError(f"--out {out}: {entry.name} is a {'folder' if entry.is_dir() else 'file'}; eval.py writes a {'folder' if OUTPUTS[entry.name] else 'file'} there")
 
 
 def model_name(spec: str, folder: Path) -> str:
@@ -141,11 +176,12 @@ def main(argv=None):
     lang = get_language(args.lang)
     if lang.code == "en":
         raise CloError("--lang: the target language must not be English")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+    device = args.device
     dtype = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     out = Path(args.out or f"runs/eval-{lang.code}")
 
-    # 0. Every input is checked before any model runs: a typo costs seconds, not an hour.
+    # 0. Every input and output is checked before any model runs: a typo costs seconds, not an hour.
+    check_out(out)
     langid = LanguageId(args.langs)
     heldout_path = Path(args.heldout) if args.heldout else demo_path(lang.code, heldout=True)
     heldout = load_pairs(heldout_path, lang.code).examples
@@ -166,6 +202,10 @@ def main(argv=None):
     folders = [check_checkpoint(spec, args.chat_format) for spec in args.models]
     judge_folder = check_checkpoint(args.judge, "auto") if args.judge else None
     names = unique(args.names or [model_name(spec, folder) for spec, folder in zip(args.models, folders)])
+    exports = {}
+    for name in names:  # one AlpacaEval file per model: two names must not map to one file
+        if (other := exports.setdefault(file_safe(name), name)) != name:
+            raise CloError(f"--names: {other!r} and {name!r} would both be written to alpaca_eval/{file_safe(name)}.json")
     print(
         f"eval: {len(prompts)} prompts from {', '.join(map(str, prompt_files))}; {len(heldout)} held-out pairs from {heldout_path}; "
         f"{sum(map(len, mmlu))} multiple-choice questions; {len(folders)} models; device {device}",
