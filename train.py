@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from clo.batching import collate, count_tokens, encode_all
+from clo.batching import count_tokens, encode_all, flat_sequences
 from clo.chat import detect_format
 from clo.checkpoint import bf16_is_fast, load_model, on_for_cuda, restore_originals, save_model
 from clo.data import demo_path, load_pairs
@@ -44,7 +44,8 @@ from clo.freeze import parse_stages, set_trainable
 from clo.interrupt import stop_requests
 from clo.languages import get_language
 from clo.lock import output_lock
-from clo.loss import FourWay, clo_loss, dpo_only_loss, response_logps, token_mean_nll
+from clo.forward import sequence_logps
+from clo.loss import FourWay, clo_loss, dpo_only_loss, token_mean_nll
 from clo.reference import cache_key, cached_reference_logps, compute_reference_logps, data_digest, model_fingerprint
 from clo.tokenizer import load_tokenizer
 from clo.train_checkpoint import Position, load_checkpoint, remove_leftovers, save_checkpoint, set_rng_state
@@ -81,6 +82,7 @@ def parse_args(argv=None):
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--max-length", type=int, default=512, help="longest sequence in tokens; longer examples are dropped")
     p.add_argument("--bucket", type=int, default=0, help="pad lengths to a multiple of this, so compiled shapes stay few (0: 64 when compiling, else 8)")
+    p.add_argument("--length-groups", type=int, default=0, help="run each micro-batch's sequences as N length-sorted groups, each padded to its own longest: the same numbers from fewer padded tokens (0: auto, 4 on CPU, 1 on CUDA)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0: run all stages); the schedule still follows the stages, so a later --resume may raise it")
     p.add_argument("--seed", type=int, default=0, help="seed for data order and initialisation")
     p.add_argument("--out", help="output folder (default: runs/<method>-<lang>)")
@@ -115,11 +117,8 @@ def seeded_order(n: int, seed: int, stage: int, epoch: int) -> list[int]:
 
 def batch_loss(model, batch, ref_rows, args, pad_id, device):
     """(loss, metrics) of one micro-batch for the chosen method."""
-    head = model.lm_head.weight
     which = SFT_SEQUENCES[args.sft_on] if args.method == "sft" else range(4)
-    tokens, labels = collate(batch, pad_id, args.bucket, which)
-    hidden = model.hidden(tokens.to(device))
-    logps, n_tokens = response_logps(hidden.to(head.dtype), head, labels.to(device))
+    logps, n_tokens = sequence_logps(model, flat_sequences(batch, which), pad_id, args.bucket, args.length_groups)
     if args.method == "sft":
         nll = token_mean_nll(logps, n_tokens)
         return nll, {"loss": nll.detach(), "nll": nll.detach()}
@@ -152,6 +151,9 @@ def runtime(args):
     if use_compile:  # one graph per (batch, bucketed length) shape; allow more than dynamo's default 8
         torch._dynamo.config.recompile_limit = 64
     args.bucket = args.bucket or (64 if use_compile else 8)
+    # CPU: a third of the demo's padded tokens were padding, and 4 groups cut a step by ~25% (BENCHMARKS.md);
+    # CUDA: not yet measured there, so one padded tensor as before
+    args.length_groups = args.length_groups or (1 if device.type == "cuda" else 4)
     return device, dtype, torch.bfloat16 if use_amp else None, use_compile
 
 
@@ -280,7 +282,7 @@ def train(args) -> Path:
         # 3. Reference log-probs of the starting model, once, cached on disk (never a second model in memory).
         ref_table = None
         if args.method != "sft":
-            key = cache_key(model_id, precision, examples, batching=f"batch {args.batch_size}, bucket {args.bucket}")
+            key = cache_key(model_id, precision, examples, batching=f"batch {args.batch_size}, bucket {args.bucket}, groups {args.length_groups}")
             adapters_off = nullcontext()
             if args.lora:
                 from clo.lora import disable_adapters
@@ -289,7 +291,7 @@ def train(args) -> Path:
             with adapters_off:
                 ref_table, hit = cached_reference_logps(
                     cache_dir() / "reference", key,
-                    lambda: compute_reference_logps(model, examples, tok.pad_id, args.batch_size, args.bucket, autocast_dtype),
+                    lambda: compute_reference_logps(model, examples, tok.pad_id, args.batch_size, args.bucket, autocast_dtype, args.length_groups),
                     rows=len(examples), recompute=args.recompute_reference,
                 )
             print(f"reference log-probs: {'cached' if hit else 'computed'} ({key})", file=sys.stderr)
@@ -396,6 +398,7 @@ def check_args(args) -> None:
         "max_examples": (args.max_examples >= 0, "0 (all) or more"),
         "max_steps": (args.max_steps >= 0, "0 (all) or more"),
         "bucket": (args.bucket >= 0, "0 (auto) or more"),
+        "length_groups": (args.length_groups >= 0, "0 (auto) or more"),
         "save_every": (args.save_every >= 0, "0 (only at the end) or more"),
         "lora_r": (args.lora_r >= 1, "at least 1"),
         "lora_alpha": (finite(args.lora_alpha) and args.lora_alpha > 0, "a positive number"),
@@ -445,7 +448,7 @@ def remove_folder_leftovers(out: Path) -> list[Path]:
 
 
 COMPUTE_FLAGS = ("method", "lang", "sft_on", "lam", "beta", "directions", "stages", "lr", "warmup", "weight_decay",
-                 "grad_clip", "batch_size", "grad_accum", "max_length", "max_examples", "bucket", "seed", "lora")
+                 "grad_clip", "batch_size", "grad_accum", "max_length", "max_examples", "bucket", "length_groups", "seed", "lora")
 LORA_FLAGS = ("lora_r", "lora_alpha", "lora_dropout")
 SETTING_FLAGS = {
     **{k: "--" + k.replace("_", "-") for k in COMPUTE_FLAGS + LORA_FLAGS},

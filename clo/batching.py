@@ -53,13 +53,22 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def flat_sequences(batch: list[EncodedExample], which=range(4)) -> list[tuple[list[int], list[int]]]:
+    """The (prompt, response) pairs `which` of every example, ordered [all k0 | all k1 | ...]."""
+    return [ex.sequences[k] for k in which for ex in batch]
+
+
 def collate(batch: list[EncodedExample], pad_id: int, bucket: int = 64, which=range(4)):
-    """tokens [k*B, T] and labels [k*B, T] for the sequences `which` (default all four).
+    """tokens [k*B, T] and labels [k*B, T] for the sequences `which` (default all four)."""
+    return collate_sequences(flat_sequences(batch, which), pad_id, bucket)
+
+
+def collate_sequences(seqs: list[tuple[list[int], list[int]]], pad_id: int, bucket: int = 64):
+    """tokens [N, T] and labels [N, T] for N (prompt, response) pairs, right-padded to a multiple of `bucket`.
 
     labels[i, t] is the token at t+1 when that token belongs to the response, else IGNORE_INDEX:
     the log-prob of a response token is read from the hidden state just before it.
     """
-    seqs = [ex.sequences[k] for k in which for ex in batch]
     T = round_up(max(len(p) + len(r) for p, r in seqs), bucket)
     tokens = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     labels = torch.full((len(seqs), T), IGNORE_INDEX, dtype=torch.long)

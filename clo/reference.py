@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from clo.batching import EncodedExample, collate
+from clo.batching import EncodedExample, flat_sequences
 from clo.checkpoint import weight_files
 from clo.errors import CloError
-from clo.loss import response_logps
+from clo.forward import sequence_logps
 
 
 def model_fingerprint(folder: Path, memo: Path | None = None) -> str:
@@ -83,7 +83,7 @@ def data_digest(examples: list[EncodedExample]) -> str:
 
 @torch.no_grad()
 def compute_reference_logps(
-    model, examples: list[EncodedExample], pad_id: int, batch_size: int, bucket: int, autocast_dtype=None
+    model, examples: list[EncodedExample], pad_id: int, batch_size: int, bucket: int, autocast_dtype=None, groups: int = 1
 ) -> torch.Tensor:
     """log π_ref for every sequence: [N, 4] float32, row i = example i, columns in SEQUENCE_NAMES order."""
     was_training = model.training
@@ -96,11 +96,8 @@ def compute_reference_logps(
     order = sorted(range(len(examples)), key=lambda i: examples[i].longest)
     for start in tqdm(range(0, len(order), batch_size), desc="reference log-probs", unit="batch"):
         idx = order[start : start + batch_size]
-        tokens, labels = collate([examples[i] for i in idx], pad_id, bucket)
         with torch.autocast(device.type, autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            hidden = model.hidden(tokens.to(device))
-        head = model.lm_head.weight
-        logps, _ = response_logps(hidden.to(head.dtype), head, labels.to(device))
+            logps, _ = sequence_logps(model, flat_sequences([examples[i] for i in idx]), pad_id, bucket, groups)
         out[idx] = logps.float().cpu().view(4, len(idx)).T
     model.train(was_training)
     bad = (~torch.isfinite(out)).any(1).nonzero().flatten()

@@ -359,13 +359,16 @@ def test_compiled_blocks_build_one_graph_per_batch_shape(tiny, tmp_path, monkeyp
 
     shapes = []
 
+    import clo.forward
+
     def recording_collate(*args, **kwargs):
         tokens, labels = collate(*args, **kwargs)
-        shapes.append(tuple(tokens.shape))
+        if torch.is_grad_enabled():  # training steps, not the (eager, no-grad) reference pass
+            shapes.append(tuple(tokens.shape))
         return tokens, labels
 
-    collate = train.collate
-    monkeypatch.setattr(train, "collate", recording_collate)
+    collate = clo.forward.collate_sequences
+    monkeypatch.setattr(clo.forward, "collate_sequences", recording_collate)
     deep = make_tiny_chat_model(tmp_path / "deep", demo_texts("sw"), num_hidden_layers=5)  # one graph per block would be 5 per shape
     torch._dynamo.reset()
     counters.clear()
