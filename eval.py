@@ -43,7 +43,8 @@ from clo.data import demo_path, load_pairs
 from clo.default_model import DEFAULT_MODEL, resolve_model
 from clo.device import resolve_device
 from clo.degenerate import COPY_THRESHOLD, NGRAM, REPEAT_THRESHOLD
-from clo.errors import CloError, run_cli
+from clo.errors import ArgumentParser, CloError, run_cli
+from clo.lock import output_lock
 from clo.generation_eval import fidelity, generate_answers, grade_answers
 from clo.judge import alpaca_eval_outputs, judge_pairs
 from clo.langid import DEFAULT_LANGS, LanguageId
@@ -56,7 +57,7 @@ from clo.tokenizer import load_tokenizer
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--lang", required=True, help="target language: sw, yo, id, ko, zh or de")
     p.add_argument("--models", nargs="+", default=[DEFAULT_MODEL], help="checkpoints to compare: HF folders, hub ids, or the default model's name")
     p.add_argument("--names", nargs="+", help="a short name per model for the report (default: from the folder, runs/X/model -> X)")
@@ -212,67 +213,68 @@ def main(argv=None):
         file=sys.stderr,
     )
 
-    # 1-3. Each model in turn: generate and grade, held-out preference and NLL, multiple choice.
-    results, generations = [], {}
-    for name, folder in zip(names, folders):
-        print(f"eval: {name} ({folder})", file=sys.stderr)
-        model = load_checked(folder, device, dtype)
-        tok = load_tokenizer(folder)
-        fmt = detect_format(tok, args.chat_format)
-        answers = generate_answers(model, tok, fmt, prompts, args.max_new_tokens, args.batch_size, desc=f"generate {name}",
-                                   compile=on_for_cuda(args.compile, device))
-        records = grade_answers(name, prompts, answers, langid, args.max_new_tokens, args.copy_threshold, args.repeat_threshold, args.ngram)
-        generations[name] = records
+    with output_lock(out):  # one eval per --out: a second stops at once, not after an hour of generation
+        # 1-3. Each model in turn: generate and grade, held-out preference and NLL, multiple choice.
+        results, generations = [], {}
+        for name, folder in zip(names, folders):
+            print(f"eval: {name} ({folder})", file=sys.stderr)
+            model = load_checked(folder, device, dtype)
+            tok = load_tokenizer(folder)
+            fmt = detect_format(tok, args.chat_format)
+            answers = generate_answers(model, tok, fmt, prompts, args.max_new_tokens, args.batch_size, desc=f"generate {name}",
+                                       compile=on_for_cuda(args.compile, device))
+            records = grade_answers(name, prompts, answers, langid, args.max_new_tokens, args.copy_threshold, args.repeat_threshold, args.ngram)
+            generations[name] = records
 
-        encoded, too_long = encode_all(tok, fmt, heldout, args.max_length)
-        preference = None
-        if encoded:
-            preference = preference_metrics(four_way_logps(model, encoded, tok.pad_id, args.batch_size), encoded)
-            preference["skipped_too_long"] = too_long
-        mc = evaluate_mc(model, tok, mmlu, mmlu_dev, args.mmlu_shots, args.batch_size, args.limit) if mmlu else None
+            encoded, too_long = encode_all(tok, fmt, heldout, args.max_length)
+            preference = None
+            if encoded:
+                preference = preference_metrics(four_way_logps(model, encoded, tok.pad_id, args.batch_size), encoded)
+                preference["skipped_too_long"] = too_long
+            mc = evaluate_mc(model, tok, mmlu, mmlu_dev, args.mmlu_shots, args.batch_size, args.limit) if mmlu else None
 
-        sets = sorted({r["set"] for r in records})
-        results.append({
-            "name": name, "model": str(folder), "chat_format": fmt.name,
-            "fidelity": fidelity(records),
-            "fidelity_by_set": {s: fidelity([r for r in records if r["set"] == s]) for s in sets},
-            "preference": preference, "mc": mc, "judge": None,
-        })  # fmt: skip
-        del model
-        gc.collect()
+            sets = sorted({r["set"] for r in records})
+            results.append({
+                "name": name, "model": str(folder), "chat_format": fmt.name,
+                "fidelity": fidelity(records),
+                "fidelity_by_set": {s: fidelity([r for r in records if r["set"] == s]) for s in sets},
+                "preference": preference, "mc": mc, "judge": None,
+            })  # fmt: skip
+            del model
+            gc.collect()
 
-    # 4. Pairwise judging: every model against the first, both presentation orders.
-    judgments = []
-    if judge_folder is not None:
-        print(f"eval: judging with {judge_folder}", file=sys.stderr)
-        judge = load_checked(judge_folder, device, dtype)
-        judge_tok = load_tokenizer(judge_folder)
-        judge_fmt = detect_format(judge_tok)  # the judge speaks its own format
-        baseline = names[0]
-        for result in results[1:]:
-            rows, summary = judge_pairs(
-                judge, judge_tok, judge_fmt, generations[result["name"]], generations[baseline],
-                args.batch_size, args.judge_max_new_tokens, args.judge_language_check,
-            )  # fmt: skip
-            result["judge"] = {"against": baseline, "judge": str(judge_folder), **summary}
-            judgments += [{"model_a": result["name"], "model_b": baseline, **row} for row in rows]
-        del judge
-        gc.collect()
+        # 4. Pairwise judging: every model against the first, both presentation orders.
+        judgments = []
+        if judge_folder is not None:
+            print(f"eval: judging with {judge_folder}", file=sys.stderr)
+            judge = load_checked(judge_folder, device, dtype)
+            judge_tok = load_tokenizer(judge_folder)
+            judge_fmt = detect_format(judge_tok)  # the judge speaks its own format
+            baseline = names[0]
+            for result in results[1:]:
+                rows, summary = judge_pairs(
+                    judge, judge_tok, judge_fmt, generations[result["name"]], generations[baseline],
+                    args.batch_size, args.judge_max_new_tokens, args.judge_language_check,
+                )  # fmt: skip
+                result["judge"] = {"against": baseline, "judge": str(judge_folder), **summary}
+                judgments += [{"model_a": result["name"], "model_b": baseline, **row} for row in rows]
+            del judge
+            gc.collect()
 
-    # 5. Outputs, each file atomically.
-    settings = vars(args) | {"heldout": str(heldout_path), "prompts": [str(p) for p in prompt_files], "device": str(device)}
-    write_jsonl(out / "generations.jsonl", [r for name in names for r in generations[name]])
-    write_jsonl(out / "metrics.jsonl", results)
-    write_json(out / "metrics.json", {"lang": lang.code, "settings": settings, "models": results})
-    if judgments:
-        write_jsonl(out / "judgments.jsonl", judgments)
-    for name in names:
-        write_json(out / "alpaca_eval" / f"{file_safe(name)}.json", alpaca_eval_outputs(generations[name], name))
-    report = markdown_report(results, lang.code, settings)
-    write_atomic(out / "report.md", report)
-    plotted = plot_main_numbers(results, lang.code, out / "report.png")
-    print(report.split("\n## ")[0], file=sys.stderr)
-    print(f"eval: wrote {out}/report.md{' and report.png' if plotted else ' (no plot: matplotlib is not installed)'}", file=sys.stderr)
+        # 5. Outputs, each file atomically.
+        settings = vars(args) | {"heldout": str(heldout_path), "prompts": [str(p) for p in prompt_files], "device": str(device)}
+        write_jsonl(out / "generations.jsonl", [r for name in names for r in generations[name]])
+        write_jsonl(out / "metrics.jsonl", results)
+        write_json(out / "metrics.json", {"lang": lang.code, "settings": settings, "models": results})
+        if judgments:
+            write_jsonl(out / "judgments.jsonl", judgments)
+        for name in names:
+            write_json(out / "alpaca_eval" / f"{file_safe(name)}.json", alpaca_eval_outputs(generations[name], name))
+        report = markdown_report(results, lang.code, settings)
+        write_atomic(out / "report.md", report)
+        plotted = plot_main_numbers(results, lang.code, out / "report.png")
+        print(report.split("\n## ")[0], file=sys.stderr)
+        print(f"eval: wrote {out}/report.md{' and report.png' if plotted else ' (no plot: matplotlib is not installed)'}", file=sys.stderr)
     return results
 
 

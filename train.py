@@ -39,7 +39,7 @@ from clo.checkpoint import bf16_is_fast, load_model, on_for_cuda, restore_origin
 from clo.data import demo_path, load_pairs
 from clo.default_model import DEFAULT_MODEL, cache_dir, resolve_model
 from clo.device import resolve_device
-from clo.errors import CloError, run_cli
+from clo.errors import ArgumentParser, CloError, run_cli
 from clo.freeze import parse_stages, set_trainable
 from clo.interrupt import stop_requests
 from clo.languages import get_language
@@ -48,13 +48,13 @@ from clo.forward import sequence_logps
 from clo.loss import FourWay, clo_loss, dpo_only_loss, token_mean_nll
 from clo.reference import cache_key, cached_reference_logps, compute_reference_logps, data_digest, model_fingerprint
 from clo.tokenizer import load_tokenizer
-from clo.train_checkpoint import Position, load_checkpoint, remove_leftovers, save_checkpoint, set_rng_state
+from clo.train_checkpoint import Position, read_checkpoint, remove_leftovers, resume_from, save_checkpoint, set_rng_state
 
 SFT_SEQUENCES = {"target": [2], "english": [0], "both": [0, 2]}  # indices into clo/batching.py's four
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--lang", required=True, help="target language: sw, yo, id, ko, zh or de")
     p.add_argument("--data", help="cross-lingual JSONL (translate.py writes it); default: the demo set data/demo/<lang>.jsonl")
     p.add_argument("--max-examples", type=int, default=0, help="use only the first N examples (the paper's data-size study: 200 .. 6400); 0: all")
@@ -244,34 +244,35 @@ def train(args) -> Path:
     device, dtype, autocast_dtype, use_compile = runtime(args)
     out = Path(args.out or f"runs/{args.method}-{lang.code}")
     check_out(out, args)
-    random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
-
-    # 1. Data: validate every line before anything expensive, then four sequences per example.
-    data_path = Path(args.data) if args.data else demo_path(lang.code)
-    report = load_pairs(data_path, lang.code)
-    folder = resolve_model(args.model)
-    tok = load_tokenizer(folder)
-    fmt = detect_format(tok, args.chat_format)
-    chosen = report.examples[: args.max_examples] if args.max_examples else report.examples
-    examples, too_long = encode_all(tok, fmt, chosen, args.max_length)
-    print(f"data: {data_path}: {report.summary()}, {too_long} longer than {args.max_length} tokens dropped; chat format {fmt.name}", file=sys.stderr)
-    if not examples:
-        raise CloError(f"{data_path}: every example is longer than --max-length {args.max_length}")
-
-    # Everything that decides what this run computes; a resume must match all of it.
-    model_id = model_fingerprint(folder, memo=cache_dir() / "fingerprints.json")
-    precision = f"{dtype}/{autocast_dtype}"
-    settings = run_settings(args, fmt, precision, model_id, data_digest(examples))
     checkpoint_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
-
-    with output_lock(out):
+    with output_lock(out):  # one run per --out; taken first, so a second run stops at once
         leftovers = remove_leftovers(checkpoint_path) + remove_folder_leftovers(out)
         if leftovers:
             print(f"removed {len(leftovers)} temporary file(s) left in {out} by a killed run", file=sys.stderr)
-        ckpt = load_checkpoint(checkpoint_path, settings, SETTING_FLAGS) if args.resume else None
+        random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
+
+        # 1. Data: validate every line before anything expensive, then four sequences per example.
+        # (Nothing is printed before the last check: a bad input is one line on stderr.)
+        data_path = Path(args.data) if args.data else demo_path(lang.code)
+        report = load_pairs(data_path, lang.code)
+        folder = resolve_model(args.model)
+        tok = load_tokenizer(folder)
+        fmt = detect_format(tok, args.chat_format)
+        chosen = report.examples[: args.max_examples] if args.max_examples else report.examples
+        examples, too_long = encode_all(tok, fmt, chosen, args.max_length)
+        if not examples:
+            raise CloError(f"{data_path}: every example is longer than --max-length {args.max_length}")
 
         # 2. Model. Frozen weights are held in --dtype (bf16 on CUDA); trainable ones get fp32 master copies per stage.
+        saved = read_checkpoint(checkpoint_path) if args.resume else None
         model = load_model(folder, device, dtype)
+
+        # Everything that decides what this run computes; a resume must match all of it.
+        model_id = model_fingerprint(folder, memo=cache_dir() / "fingerprints.json")
+        precision = f"{dtype}/{autocast_dtype}"
+        settings = run_settings(args, fmt, precision, model_id, data_digest(examples))
+        ckpt = resume_from(checkpoint_path, saved, settings, SETTING_FLAGS) if saved else None
+        print(f"data: {data_path}: {report.summary()}, {too_long} longer than {args.max_length} tokens dropped; chat format {fmt.name}", file=sys.stderr)
         if args.lora:
             from clo.lora import apply_lora
 
@@ -493,7 +494,7 @@ def peak_memory_gib(device: torch.device) -> float:
 
 def report_summary(out: Path, metrics_path: Path, device: torch.device) -> None:
     """Median tokens/s, peak memory and first/last margin, printed and added to run.json."""
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    rows = [json.loads(line) for line in metrics_path.read_text().split("\n") if line]
     if not rows:
         return
     summary = {

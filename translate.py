@@ -33,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 from clo.device import resolve_device
-from clo.errors import CloError, run_cli
+from clo.errors import ArgumentParser, CloError, run_cli
 from clo.jsonl import dumps_line, split_lines
 from clo.languages import Language, get_language
 from clo.lock import output_lock
@@ -304,8 +304,8 @@ def run_parallel(args) -> None:
 # --- command line ---------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="mode 'mt' is the default")
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], epilog="mode 'mt' is the default")
     modes = parser.add_subparsers(dest="mode", required=True)
 
     mt = modes.add_parser("mt", help="translate English SFT data with an M2M100 or NLLB-200 checkpoint (default)")

@@ -13,6 +13,9 @@ def atomic_folder(out_dir: Path | str):
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; an output folder gets a normal folder's mode
     try:
         yield tmp
         if out_dir.exists():

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from clo.atomic import atomic_folder
@@ -83,7 +83,7 @@ def load_model(folder: Path | str, device="cpu", dtype: torch.dtype | None = Non
 
     state = {}
     for path in weight_files(folder):
-        with safe_open(path, framework="pt", device="cpu") as f:
+        with _open_weights(path) as f:
             for key in f.keys():
                 if key not in expected:
                     if cfg.tie_word_embeddings and key == "lm_head.weight":
@@ -109,6 +109,14 @@ def load_model(folder: Path | str, device="cpu", dtype: torch.dtype | None = Non
         model.lm_head.weight = model.embed_tokens.weight  # assign=True breaks the tie; restore it
     model.inv_freq = rope_inv_freq(cfg).to(device)
     return model.eval()
+
+
+def _open_weights(path: Path):
+    """safe_open, with a truncated or garbage file as a one-line CloError naming it."""
+    try:
+        return safe_open(path, framework="pt", device="cpu")
+    except SafetensorError as e:
+        raise CloError(f"{path}: unreadable safetensors file ({e})") from None
 
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}

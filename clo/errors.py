@@ -5,11 +5,20 @@ Scripts call `run_cli(main)`: a `CloError` becomes one line on stderr
 outside a loop that saves its own progress becomes `interrupted` and exit status 130.
 """
 
+import argparse
 import sys
 
 
 class CloError(Exception):
     """A problem with the user's input (files, flags, checkpoints), stated in one line."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose mistakes are CloErrors: `error: train.py: argument --batch-size: invalid int
+    value: 'x'` in one line (plain argparse prints its usage too), exit status 2 as before."""
+
+    def error(self, message):
+        raise CloError(f"{self.prog}: {message}")
 
 
 def run_cli(main) -> None:

@@ -116,14 +116,13 @@ def cut_at_stop(ids: list[int], stop_ids: set[int]) -> list[int]:
 
 def main(argv=None):
     """python -m clo.generate --model M "prompt" ...: answer prompts with a checkpoint's chat format."""
-    import argparse
-
     from clo.chat import detect_format, encode_prompt, stop_ids
+    from clo.errors import ArgumentParser
     from clo.checkpoint import load_model, on_for_cuda
     from clo.default_model import DEFAULT_MODEL, resolve_model
     from clo.tokenizer import load_tokenizer
 
-    p = argparse.ArgumentParser(description=main.__doc__)
+    p = ArgumentParser(description=main.__doc__)
     p.add_argument("prompts", nargs="+", help="one or more prompts, answered as one batch")
     p.add_argument("--model", default=DEFAULT_MODEL, help="HF folder, hub id, or the default model")
     p.add_argument("--max-new-tokens", type=int, default=128, help="longest answer in tokens")

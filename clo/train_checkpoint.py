@@ -111,9 +111,8 @@ def check_settings(path: Path, saved: dict, current: dict, names: dict) -> None:
         raise CloError(f"{path}: the run was made with {names.get(extra[0], extra[0])} {saved[extra[0]]!r}, which this run does not set")
 
 
-def load_checkpoint(path: Path, settings: dict, names: dict | None = None) -> dict:
-    """Read a checkpoint and check it belongs to these settings (model and data identity included)."""
-    ckpt = read_checkpoint(path)
+def resume_from(path: Path, ckpt: dict, settings: dict, names: dict | None = None) -> dict:
+    """A checkpoint read by `read_checkpoint`, checked to belong to these settings (model and data identity included)."""
     check_settings(path, ckpt["settings"], settings, names or {})
     ckpt["position"] = Position(**ckpt["position"])
     return ckpt

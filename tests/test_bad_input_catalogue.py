@@ -14,8 +14,9 @@ argv is one string, split like a shell line after its `{name}`s are filled in (t
     {m2m}      a tiny random M2M100 folder            {source}   an English SFT JSONL (3 examples)
     {en} {sw}  line-aligned English / Swahili files    {chat}     a tiny ChatML model folder
     {broken}   {chat}'s config with garbage weights      {pid}      this process (holding `held`)
+    {pairs}    4 cross-lingual pairs (train.py --data)
 `held` names an output that another run is writing: the test holds its lock (clo/lock.py) meanwhile.
-MT, PARALLEL and EVAL are working command lines to start from: argparse keeps the last value of a
+MT, PARALLEL, EVAL and TRAIN are working command lines to start from: argparse keeps the last value of a
 flag given twice, so `MT + " --batch-size 0"` is MT with one bad flag.
 """
 
@@ -70,7 +71,8 @@ CSV_BAD = "Q?,a,b,c,d,A\nQ2?,a\n"
 MT = "--source {source} --model {m2m} --lang sw --out {dir}/out.jsonl --batch-size 2"
 PARALLEL = "parallel --src {en} --tgt {sw} --lang sw --out {dir}/out.jsonl"
 EVAL = "--lang sw --models {chat} --limit 1 --max-new-tokens 2 --out {dir}/eval"
-
+TRAIN = "--lang sw --model {chat} --data {pairs} --out {dir}/run --max-steps 1"
+RUN = {"run/run.json": "{}", "run/metrics.jsonl": '{"step": 1}\n', "run/checkpoint.pt": b"\0"}  # a finished run
 CASES = [
     # --- translate.py (mt): flags ---
     Case("mt-batch-size-0", "translate.py", MT + " --batch-size 0", "--batch-size must be at least 1, got 0"),
@@ -143,6 +145,39 @@ CASES = [
     Case("eval-out-under-a-file", "eval.py", EVAL + " --out {dir}/notes.txt/eval", "{dir}/notes.txt is a file, not a folder", {"notes.txt": NOTES}),
     Case("eval-out-training-run", "eval.py", EVAL + " --out {dir}/run", "holds run.json, which eval.py does not write", {"run/metrics.jsonl": '{"step": 1}\n', "run/run.json": "{}"}),
     Case("eval-out-wrong-kind", "eval.py", EVAL, "alpaca_eval is a file; eval.py writes a folder there", {"eval/alpaca_eval": "x"}),
+    # --- train.py: flags, checked before any work (the reference cache above all: a bad table would be reused) ---
+    Case("train-batch-size-0", "train.py", TRAIN + " --batch-size 0", "--batch-size 0: must be at least 1", cli=True),
+    Case("train-batch-size-negative", "train.py", TRAIN + " --batch-size -1", "--batch-size -1: must be at least 1"),
+    Case("train-batch-size-text", "train.py", TRAIN + " --batch-size x", "argument --batch-size: invalid int value: 'x'", cli=True),
+    Case("train-grad-accum-0", "train.py", TRAIN + " --grad-accum 0", "--grad-accum 0: must be at least 1"),
+    Case("train-lr-negative", "train.py", TRAIN + " --lr -1", "--lr -1.0: must be 0 or more"),
+    Case("train-lr-inf", "train.py", TRAIN + " --lr inf", "--lr inf"),
+    Case("train-max-steps-negative", "train.py", TRAIN + " --max-steps -1", "--max-steps -1"),
+    Case("train-max-examples-negative", "train.py", TRAIN + " --max-examples -1", "--max-examples -1"),
+    Case("train-warmup", "train.py", TRAIN + " --warmup 1.5", "--warmup 1.5"),
+    Case("train-lam", "train.py", TRAIN + " --lam -0.1", "--lam -0.1"),
+    Case("train-beta", "train.py", TRAIN + " --beta -1", "--beta -1.0"),
+    Case("train-grad-clip", "train.py", TRAIN + " --grad-clip nan", "--grad-clip nan"),
+    Case("train-lora-r", "train.py", TRAIN + " --lora --lora-r 0", "--lora-r 0"),
+    Case("train-device-bogus", "train.py", TRAIN + " --device bogus", "--device 'bogus': not a device"),
+    Case("train-device-absent", "train.py", TRAIN + " --device cuda:7", "--device 'cuda:7'"),
+    Case("train-method-unknown", "train.py", TRAIN + " --method ppo", "argument --method: invalid choice: 'ppo'"),
+    Case("train-bf16-amp-off", "train.py", TRAIN + " --dtype bfloat16 --amp off", "--dtype bfloat16 with --amp off"),
+    Case("train-resume-and-overwrite", "train.py", TRAIN + " --resume --overwrite", "choose one"),
+    Case("train-lang-english", "train.py", TRAIN + " --lang en", "must not be English"),
+    Case("train-stages-bad", "train.py", TRAIN + " --stages attn", "--stages: 'attn' is not GROUP:EPOCHS"),
+    Case("train-chat-format-unknown", "train.py", TRAIN + " --chat-format vicuna", "unknown chat format 'vicuna'"),
+    # --- train.py: inputs ---
+    Case("train-data-missing", "train.py", TRAIN + " --data {dir}/none.jsonl", "none.jsonl"),
+    Case("train-data-bad-line", "train.py", TRAIN + " --data {dir}/d.jsonl", "d.jsonl:1: invalid JSON", {"d.jsonl": '{"id": \n'}),
+    Case("train-model-missing", "train.py", TRAIN + " --model {dir}/none", "{dir}/none"),
+    Case("train-model-garbage-weights", "train.py", TRAIN + " --model {broken}", "broken"),
+    # --- train.py: --out (a finished run, another kind of file, another run writing it) ---
+    Case("train-out-finished-run", "train.py", TRAIN, "holds a run (run.json); --resume continues it, --overwrite replaces it", RUN, cli=True),
+    Case("train-out-is-file", "train.py", TRAIN + " --out {dir}/notes.txt", "exists and is not a folder", {"notes.txt": NOTES}),
+    Case("train-out-in-use", "train.py", TRAIN + " --overwrite", "{dir}/run is in use by another run (pid {pid})", RUN, held="{dir}/run"),
+    Case("train-resume-nothing", "train.py", TRAIN + " --resume", "no checkpoint at {dir}/run/checkpoint.pt"),
+    Case("train-resume-not-a-checkpoint", "train.py", TRAIN + " --resume", "cannot read checkpoint", RUN),
 ]
 
 
@@ -157,6 +192,8 @@ def fixtures(tmp_path_factory) -> dict[str, Path]:
     write_tiny_m2m100(m2m, vocab_size, generation={"num_beams": 1, "max_length": 4})
     (root / "en.txt").write_text("One.\nTwo.\nThree.\nFour.\n")
     (root / "sw.txt").write_text("Moja.\nMbili.\nTatu.\nNne.\n")
+    demo = (REPO / "data" / "demo" / "sw.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    (root / "pairs.jsonl").write_text("".join(demo[:4]), encoding="utf-8")
     chat = make_tiny_chat_model(root / "chat", demo_texts("sw"))
     broken = root / "broken"
     broken.mkdir()
@@ -164,7 +201,7 @@ def fixtures(tmp_path_factory) -> dict[str, Path]:
         (broken / name).write_bytes((chat / name).read_bytes())
     (broken / "model.safetensors").write_bytes(b"\x00\x01 not a safetensors file")
     return {"m2m": m2m, "source": root / "source.jsonl", "en": root / "en.txt", "sw": root / "sw.txt",
-            "chat": chat, "broken": broken, "root": root}
+            "chat": chat, "broken": broken, "pairs": root / "pairs.jsonl", "root": root}
 
 
 def snapshot(folder: Path) -> dict[str, bytes | None]:
@@ -237,5 +274,5 @@ def test_bad_input_on_the_command_line(case, fixtures, case_dir):
 
 def test_the_catalogue_is_large_and_unique():
     assert len({c.id for c in CASES}) == len(CASES) >= 40
-    assert {c.script for c in CASES} >= {"translate.py", "eval.py"}
+    assert {c.script for c in CASES} == {"translate.py", "eval.py", "train.py"}
     assert sum(c.argv.startswith("parallel") for c in CASES) >= 10
