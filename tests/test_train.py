@@ -602,3 +602,37 @@ def test_torn_metrics_line_is_dropped_on_resume(tiny, tmp_path):
         f.write('{"step": 2, "lo')  # killed mid-write
     run(tiny, out, "--max-steps", "2", "--resume")
     assert [r["step"] for r in metrics(out)] == [1, 2]
+
+
+def test_kill_during_a_save_then_resume_leaves_no_temporary_file(tiny, tmp_path):
+    """SIGKILL between writing the 2nd checkpoint's temporary file and renaming it (a real kill, in
+    a child process): the temporary file is left behind; the next --resume removes it, continues
+    from the 1st checkpoint, and ends like an uninterrupted run."""
+    import os
+    import textwrap
+
+    folder, data = tiny
+    args = ["--lang", "sw", "--model", str(folder), "--data", str(data), "--batch-size", "4", "--lr", "1e-3", "--save-every", "1", "--max-steps", "3", "--amp", "off"]
+    full = train.main([*args, "--out", str(tmp_path / "full")])
+    out = tmp_path / "run"
+    child = textwrap.dedent(f"""
+        import os, signal, sys, torch
+        sys.path.insert(0, {str(REPO)!r})
+        import train
+        real_save, saves = torch.save, []
+        def save_then_die(obj, f, *a, **k):
+            real_save(obj, f, *a, **k)
+            saves.append(f)
+            if len(saves) == 2:
+                os.kill(os.getpid(), signal.SIGKILL)  # after the temp file is written, before os.replace
+        torch.save = save_then_die
+        train.main({[*args, "--out", str(out)]!r})
+    """)
+    env = {**os.environ, "CLO_CACHE": os.environ["CLO_CACHE"]}
+    proc = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert [p.name for p in out.glob(".checkpoint.pt.tmp*")]  # the kill left it
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["position"]["step"] == 1
+    train.main([*args, "--out", str(out), "--resume"])
+    assert not list(out.glob(".*")) and not list(tmp_path.glob(".*.lock"))
+    assert [r["loss"] for r in metrics(out)] == [r["loss"] for r in metrics(full)]
