@@ -461,8 +461,13 @@ SETTING_FLAGS = {
 
 
 def run_settings(args, fmt, precision: str, model_id: str, data_id: str) -> dict:
-    """Every setting that changes what a run computes (--max-steps only says where to stop: the
-    schedule follows the stages, so a resume may move it). Saved in checkpoints, compared on --resume."""
+    """Every setting that changes what a run computes, saved in checkpoints and compared on --resume.
+
+    Free to change on a resume: --max-steps (it only says where to stop; the schedule follows the
+    stages), --save-every, --save-merged, and how a step runs rather than what it computes:
+    --compile, --checkpoint-activations, --device (a device that changes the precision is refused
+    through `precision`).
+    """
     settings = {k: getattr(args, k) for k in COMPUTE_FLAGS + (LORA_FLAGS if args.lora else ())}
     settings.update(chat_format=f"{fmt.name}, system {fmt.system!r}", precision=precision, model=model_id, data=data_id)
     return settings
