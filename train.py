@@ -7,7 +7,7 @@
 Reads top to bottom like the method: data -> four sequences per example -> reference log-probs
 (once, cached) -> stages of training with the CLO loss -> an HF-format model folder.
 
-    L_CLO = λ·NLL(y_t | x_t) + (1−λ)·L_CL      (PAPER.md "Loss"; clo/loss.py)
+    L_CLO = λ·NLL(y_t | x_t) + (1−λ)·L_CL      (docs/paper.md "Loss"; clo/loss.py)
 
 Features: stages of parameter groups (`--stages attn:1,all:1`), optional LoRA, AdamW with fp32
 master weights and bf16 autocast on CUDA, linear warmup/decay, gradient accumulation and clipping,

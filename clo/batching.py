@@ -1,6 +1,6 @@
 """From examples to tensors: every example becomes four sequences that share one forward pass.
 
-    index  prompt  response   role in the loss (PAPER.md)
+    index  prompt  response   role in the loss (docs/paper.md "Loss")
     0      x_en    y_en       chosen   for x_en
     1      x_en    y_t        rejected for x_en
     2      x_t     y_t        chosen   for x_t, and the NLL target

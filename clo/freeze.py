@@ -1,6 +1,6 @@
 """What trains: parameter groups and a schedule of training stages.
 
-The paper trains only the attention layers (q, k, v, o projections; PAPER.md "Parameters that
+The paper trains only the attention layers (q, k, v, o projections; docs/paper.md "Parameters that
 train"); it also reports that attention-only did much worse than full training on Llama-2 Swahili,
 so the groups are configurable and can change by stage: `--stages attn:1,all:1` trains attention for
 one epoch, then everything for one more.

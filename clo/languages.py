@@ -1,6 +1,6 @@
 """The languages of the paper and the codes each tool calls them by.
 
-The paper's six target languages (PAPER.md): Chinese, German (high resource), Korean, Indonesian
+The paper's six target languages (docs/paper.md "Models and languages"): Chinese, German (high resource), Korean, Indonesian
 (medium), Swahili, Yoruba (low); English is the source. Users name a language by its ISO 639-1
 code (`--lang sw`); every tool maps it to its own code here, in one place.
 """

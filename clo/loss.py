@@ -1,4 +1,4 @@
-"""The losses of CLO as pure functions over hidden states and per-sequence log-probs (PAPER.md "Loss").
+"""The losses of CLO as pure functions over hidden states and per-sequence log-probs (docs/paper.md "Loss").
 
     L_CLO = λ · L_SFT + (1 − λ) · L_CL,  λ = 0.5
     L_SFT = −(1/|tokens|) Σ log π(y_t | x_t)                  (token mean, target responses only)
@@ -112,7 +112,7 @@ def token_mean_nll(logp_sum: Tensor, n_tokens: Tensor) -> Tensor:
 
 
 def sft_loss(logp_sum: Tensor, n_tokens: Tensor) -> Tensor:
-    """L_SFT: token-mean NLL of y_t | x_t (PAPER.md); the `--method sft` baseline's whole loss."""
+    """L_SFT: token-mean NLL of y_t | x_t (docs/paper.md "Loss"); the `--method sft` baseline's whole loss."""
     return token_mean_nll(logp_sum, n_tokens)
 
 
@@ -172,7 +172,7 @@ def clo_loss(
     lam: float = 0.5,
     directions: str = "mean",
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """L_CLO = λ · nll + (1 − λ) · L_CL (PAPER.md "Loss"; λ = 0.5, β = 0.1).
+    """L_CLO = λ · nll + (1 − λ) · L_CL (docs/paper.md "Loss"; λ = 0.5, β = 0.1).
 
     policy, reference: FourWay of [B] sequence log-probs (reference from the frozen starting model).
     nll: scalar L_SFT, `token_mean_nll` of the policy's y_t | x_t (the same forward as policy.t_t).

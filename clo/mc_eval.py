@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from clo.batching import EncodedExample, collate
+from clo.batching import EncodedExample, flat_sequences
 from clo.errors import CloError
-from clo.loss import response_logps
+from clo.forward import sequence_logps
 from clo.model import Transformer
 from clo.tokenizer import Tokenizer
 
@@ -142,8 +142,7 @@ def choice_logps(model: Transformer, items: list[tuple[list[int], list[list[int]
             out[idx] = logprobs.gather(1, letter_ids).cpu()
         else:  # each choice as a (context, continuation) sequence; collate orders rows [all A | all B | ...]
             batch = [EncodedExample(str(i), [(items[i][0], c) for c in items[i][1]]) for i in idx]
-            tokens, labels = collate(batch, pad_id, bucket=8)
-            logps, _ = response_logps(model.hidden(tokens.to(device)), head, labels.to(device))
+            logps, _ = sequence_logps(model, flat_sequences(batch), pad_id, bucket=8)
             out[idx] = logps.float().cpu().view(4, len(idx)).T
     return out
 

@@ -9,7 +9,7 @@ included, as in training):
     English direction  pref_en = share of pairs with log π(y_en | x_en) > log π(y_t | x_en)
                        margin_en = mean of log π(y_en | x_en) − log π(y_t | x_en)
 
-These are the two preferences of L_CL (PAPER.md "Loss") on the policy's own log-probs: CLO's
+These are the two preferences of L_CL (docs/paper.md "Loss") on the policy's own log-probs: CLO's
 implicit reward is this margin minus the reference model's, so comparing a trained model's margin
 with its starting model's (two rows of the report) shows what training moved. Sums favour the shorter
 answer, and y_t is usually longer in tokens than y_en, so `pref_*_per_token` repeats the comparison
@@ -26,23 +26,19 @@ import math
 import torch
 from tqdm import tqdm
 
-from clo.batching import SEQUENCE_NAMES, EncodedExample, collate
-from clo.loss import response_logps
+from clo.batching import SEQUENCE_NAMES, EncodedExample, flat_sequences
+from clo.forward import sequence_logps
 from clo.model import Transformer
 
 
 @torch.no_grad()
 def four_way_logps(model: Transformer, examples: list[EncodedExample], pad_id: int, batch_size: int, bucket: int = 8) -> torch.Tensor:
     """log π(y|x) of every sequence: [N, 4] float32, columns in SEQUENCE_NAMES order (en_en, en_t, t_t, t_en)."""
-    device = model.embed_tokens.weight.device
-    head = model.lm_head.weight
     out = torch.empty(len(examples), 4)
     order = sorted(range(len(examples)), key=lambda i: examples[i].longest)
     for start in tqdm(range(0, len(order), batch_size), desc="held-out log-probs", unit="batch"):
         idx = order[start : start + batch_size]
-        tokens, labels = collate([examples[i] for i in idx], pad_id, bucket)
-        hidden = model.hidden(tokens.to(device))
-        logps, _ = response_logps(hidden, head, labels.to(device))
+        logps, _ = sequence_logps(model, flat_sequences([examples[i] for i in idx]), pad_id, bucket)  # as training scores them
         out[idx] = logps.float().cpu().view(4, len(idx)).T
     return out
 

@@ -8,7 +8,7 @@ translation run skips ids already written).
       "prompt": {message, "replies": [{message, "replies": [...]}, ...]}};
     * flat messages, one per line (`*.messages.jsonl[.gz]`, or the `OpenAssistant/oasst1` dataset
       exported to JSONL): {"message_id", "parent_id", "role", "text", "lang", "rank", ...}.
-  Selection (the paper's "6,400 English samples"; PAPER.md marks the exact rule as inferred):
+  Selection (the paper's "6,400 English samples"; docs/paper.md "Data" marks the exact rule as ours):
   the first turn only (a root prompter message, parent_id null) -> its best-ranked assistant reply
   (rank 0), both in English, neither deleted nor rejected in review, trees "ready_for_export".
   The example id is the reply's message_id.

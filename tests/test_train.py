@@ -51,7 +51,7 @@ AMP = pytest.mark.parametrize("amp", ["on", "off"])  # bf16 and fp32 compute, on
 
 @AMP
 def test_step0_loss_is_nll_plus_log2(tiny, tmp_path, amp):
-    """Policy == reference at step 0: every reward is 0, so L = λ·NLL + (1−λ)·log 2 (PAPER.md "Loss")."""
+    """Policy == reference at step 0: every reward is 0, so L = λ·NLL + (1−λ)·log 2 (docs/paper.md "Loss")."""
     out = run(tiny, tmp_path / "run", "--max-steps", "1", "--lam", "0.3", "--amp", amp)
     first = metrics(out)[0]
     for key in ("en/chosen_reward", "en/rejected_reward", "t/chosen_reward", "t/rejected_reward"):
