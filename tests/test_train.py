@@ -272,7 +272,8 @@ def test_default_command_runs_two_steps(smollm2_dir, tmp_path):
     assert json.loads((out / "run.json").read_text())["summary"]["steps"] == 2
 
 
-def test_ctrl_c_saves_a_checkpoint_that_resumes(tiny, tmp_path):
+@pytest.mark.parametrize("signame, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_ctrl_c_saves_a_checkpoint_that_resumes(tiny, tmp_path, signame, code):
     import os
     import signal
     import time
@@ -288,9 +289,9 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(tiny, tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and not ((out / "metrics.jsonl").is_file() and len(metrics(out)) >= 3):
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(getattr(signal, signame))
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err[-1000:]
+    assert proc.returncode == code, err[-1000:]
     assert "continue with --resume" in err
     done = len(metrics(out))
     assert 3 <= done < 400
