@@ -52,7 +52,8 @@ from clo.languages import get_language
 from clo.mc_eval import dev_file_for, evaluate_mc, read_mc_csv
 from clo.preference_eval import four_way_logps, preference_metrics
 from clo.prompt_sets import load_prompts
-from clo.report import markdown_report, plot_main_numbers, write_atomic, write_json, write_jsonl
+from clo.atomic import write_atomic
+from clo.report import markdown_report, plot_main_numbers, write_json, write_jsonl
 from clo.tokenizer import load_tokenizer
 
 

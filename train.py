@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from clo.atomic import leftovers, write_atomic
 from clo.batching import count_tokens, encode_all, flat_sequences
 from clo.chat import detect_format
 from clo.checkpoint import bf16_is_fast, load_model, on_for_cuda, restore_originals, save_model
@@ -441,10 +442,10 @@ def clear_run(out: Path) -> None:
 
 
 def remove_folder_leftovers(out: Path) -> list[Path]:
-    """Temporary output folders (`.model.XXXX`, `.adapter.XXXX`) of a save that was killed."""
-    found = [p for name in ("model", "adapter") for p in out.glob(f".{name}.*") if p.is_dir()]
+    """Temporary files and folders (`.model.XXXX/`, `.metrics.jsonl.XXXX`, ...) of a save that was killed."""
+    found = [p for name in ("model", "adapter", "metrics.jsonl") for p in leftovers(out / name)]
     for p in found:
-        shutil.rmtree(p, ignore_errors=True)
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     return found
 
 
@@ -533,9 +534,7 @@ def keep_metrics_until(path: Path, step: int) -> None:
             raise CloError(f"{path}:{number}: not a metrics line (field 'step' missing or invalid JSON)") from None
         if at <= step:
             kept.append(line)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(r + "\n" for r in kept), encoding="utf-8")
-    tmp.replace(path)
+    write_atomic(path, "".join(r + "\n" for r in kept))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ length-sorted batches; greedy or beam search with the checkpoint's generation_co
 (clo/m2m100.py); M2M100 and NLLB-200 dense checkpoints. Limit: the source is English.
 """
 
-import argparse
 import json
 import os
 import sys
@@ -40,7 +39,7 @@ from clo.lock import output_lock
 from clo.m2m100 import GenerationSettings, M2M100Config, generate, load_m2m100
 from clo.m2m100_tokenizer import load_tokenizer
 from clo.parallel_pairs import continuation_pairs, read_doc_ids
-from clo.report import write_atomic
+from clo.atomic import write_atomic
 from clo.segment import Segmented, reassemble, segment
 from clo.sft_sources import FORMATS, SftExample, read_sft_source, sample_examples
 

@@ -10,13 +10,13 @@ new table. A table is cached only when every row was computed and is finite.
 
 import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from clo.atomic import atomic_file, write_atomic
 from clo.batching import EncodedExample, flat_sequences
 from clo.checkpoint import weight_files
 from clo.errors import CloError
@@ -61,10 +61,7 @@ def _read_memo(memo: Path | None) -> dict:
 
 
 def _write_memo(memo: Path, known: dict) -> None:
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    tmp = memo.with_name(f".{memo.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(dict(list(known.items())[-256:])))  # the newest 256 files
-    os.replace(tmp, memo)
+    write_atomic(memo, json.dumps(dict(list(known.items())[-256:])))  # the newest 256 files
 
 
 def cache_key(model_id: str, precision: str, examples: list[EncodedExample], batching: str = "") -> str:
@@ -126,11 +123,6 @@ def cached_reference_logps(cache_dir: Path, key: str, compute, rows: int, recomp
     table = compute()
     if table.shape != (rows, 4) or not torch.isfinite(table).all():
         raise CloError(f"reference log-probs: expected a finite [{rows}, 4] table, got {list(table.shape)}")  # never cached
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with atomic_file(path) as tmp:
         torch.save(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return table, False

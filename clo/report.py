@@ -14,31 +14,10 @@ All files are written atomically (temp file, then rename), so a crash never leav
 """
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
+from clo.atomic import atomic_file, write_atomic
 from clo.jsonl import dumps_line
-
-
-def write_atomic(path: Path, text: str | bytes) -> None:
-    """Write `path` through a temp file in the same folder and os.replace: all or nothing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it private (0600); give it a new file's mode
-        with os.fdopen(fd, "wb") as f:
-            f.write(text.encode("utf-8") if isinstance(text, str) else text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)  # the only way to read it is to set it
-    os.umask(mask)
-    return mask
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -178,8 +157,7 @@ def plot_main_numbers(results: list[dict], target: str, path: Path) -> bool:
     ax.set_ylim(0, 100)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return True

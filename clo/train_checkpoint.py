@@ -1,6 +1,6 @@
 """Training checkpoints: everything `--resume` needs to continue exactly where a run stopped.
 
-One file, `<out>/checkpoint.pt`, written atomically (temp file + os.replace), holding the weights
+One file, `<out>/checkpoint.pt`, written atomically (clo/atomic.py), holding the weights
 that have trained so far (or the LoRA adapters), the optimizer state, the RNG states, the position
 in the data (stage, epoch, next batch), the global step, and the settings of the run (every flag
 that changes what it computes, the starting model's identity, a hash of the data's token ids).
@@ -11,7 +11,6 @@ weights_only=True)`: a run folder is something people download and share, and a 
 run code on `--resume` is refused instead of executed.
 """
 
-import os
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from clo.atomic import atomic_file, leftovers
 from clo.errors import CloError
 
 
@@ -54,14 +54,9 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def temp_name(path: Path) -> Path:
-    """Where `save_checkpoint` writes before the rename; `remove_leftovers` knows the pattern."""
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
-
-
 def remove_leftovers(path: Path) -> list[Path]:
     """Delete temporary checkpoint files a killed run left beside `path` (call with the folder locked)."""
-    found = sorted(path.parent.glob(f".{path.name}.tmp*"))
+    found = leftovers(path)
     for leftover in found:
         leftover.unlink(missing_ok=True)
     return found
@@ -75,14 +70,8 @@ def save_checkpoint(path: Path, *, weights: dict, optimizer, position: Position,
         "rng": rng_state(),
         "settings": settings,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_name(path)
-    try:
+    with atomic_file(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def read_checkpoint(path: Path) -> dict:
