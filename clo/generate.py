@@ -117,9 +117,10 @@ def cut_at_stop(ids: list[int], stop_ids: set[int]) -> list[int]:
 def main(argv=None):
     """python -m clo.generate --model M "prompt" ...: answer prompts with a checkpoint's chat format."""
     from clo.chat import detect_format, encode_prompt, stop_ids
-    from clo.errors import ArgumentParser
     from clo.checkpoint import load_model, on_for_cuda
     from clo.default_model import DEFAULT_MODEL, resolve_model
+    from clo.device import resolve_device
+    from clo.errors import ArgumentParser
     from clo.tokenizer import load_tokenizer
 
     p = ArgumentParser(description=main.__doc__)
@@ -130,9 +131,10 @@ def main(argv=None):
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling")
     p.add_argument("--chat-format", default="auto", help="auto, chatml, llama3, llama2, mistral or plain")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="compiled decode step (auto: on for CUDA)")
     args = p.parse_args(argv)
+    args.device = resolve_device(args.device)
     folder = resolve_model(args.model)
     tok = load_tokenizer(folder)
     fmt = detect_format(tok, args.chat_format)
