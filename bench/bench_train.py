@@ -554,7 +554,7 @@ def measure(spec: dict, args) -> dict:
 
 NOTES = [
     "NLL term: TRL's `sft` loss is the token mean over every chosen response (y_en|x_en and y_t|x_t); clo's is over "
-    "y_t|x_t only (docs/paper.md "Loss": L_SFT). The same tokens go through the model; only which log-probs enter the loss differs.",
+    "y_t|x_t only (docs/paper.md, section Loss: L_SFT). The same tokens go through the model; only which log-probs enter the loss differs.",
     "DPO: TRL averages the sigmoid loss over the 2B pairs; clo averages each direction over B and takes the mean of the "
     "two: equal for a full batch.",
     "Padding and attention: clo pads to a multiple of 8 (64 when compiling) and runs SDPA with no mask (causal; right "
