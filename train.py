@@ -41,7 +41,7 @@ from clo.data import demo_path, load_pairs
 from clo.default_model import DEFAULT_MODEL, cache_dir, resolve_model
 from clo.device import resolve_device
 from clo.errors import ArgumentParser, CloError, run_cli
-from clo.freeze import parse_stages, set_trainable
+from clo.freeze import lora_targets, parse_stages, set_trainable
 from clo.interrupt import stop_requests
 from clo.languages import get_language
 from clo.lock import output_lock
@@ -277,8 +277,8 @@ def train(args) -> Path:
         if args.lora:
             from clo.lora import apply_lora
 
-            targets = [m for g in {g for s in stages for g in s.groups} for m in LORA_TARGETS.get(g, ())]
-            apply_lora(model, targets=targets or LORA_TARGETS["attn"], r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
+            targets = lora_targets(sorted({g for s in stages for g in s.groups}))
+            apply_lora(model, targets=targets, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
             model.to(device)
 
         # 3. Reference log-probs of the starting model, once, cached on disk (never a second model in memory).
@@ -472,13 +472,6 @@ def run_settings(args, fmt, precision: str, model_id: str, data_id: str) -> dict
     settings = {k: getattr(args, k) for k in COMPUTE_FLAGS + (LORA_FLAGS if args.lora else ())}
     settings.update(chat_format=f"{fmt.name}, system {fmt.system!r}", precision=precision, model=model_id, data=data_id)
     return settings
-
-
-LORA_TARGETS = {
-    "attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
-    "mlp": ("gate_proj", "up_proj", "down_proj"),
-    "all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-}
 
 
 def steps_from(start: Position, stages, batches_per_epoch: int, grad_accum: int):

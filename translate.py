@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from clo.atomic import write_atomic
+from clo.data import FIELDS
 from clo.device import resolve_device
 from clo.errors import ArgumentParser, CloError, run_cli
 from clo.jsonl import dumps_line, split_lines
@@ -39,11 +41,9 @@ from clo.lock import output_lock
 from clo.m2m100 import GenerationSettings, M2M100Config, generate, load_m2m100
 from clo.m2m100_tokenizer import load_tokenizer
 from clo.parallel_pairs import continuation_pairs, read_doc_ids
-from clo.atomic import write_atomic
 from clo.segment import Segmented, reassemble, segment
 from clo.sft_sources import FORMATS, SftExample, read_sft_source, sample_examples
 
-RECORD_KEYS = ("id", "lang", "prompt_en", "response_en", "prompt", "response")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -154,7 +154,7 @@ def check_record(out: Path, number: int, record, lang: str, ids: set[str]) -> No
     where = f"{out}:{number}"
     if not isinstance(record, dict):
         raise CloError(f"{where}: not a JSON object; not a file this tool wrote? choose another --out")
-    for key in RECORD_KEYS:  # id and lang first: a file of ours for another language says so
+    for key in FIELDS:  # id and lang first: a file of ours for another language says so
         if not isinstance(record.get(key), str):
             raise CloError(f"{where}: field {key!r} is missing or not a string; not a file this tool wrote? choose another --out")
         if key == "lang" and record["lang"] != lang:
@@ -179,7 +179,7 @@ def repair(out: Path, existing: ExistingOut) -> None:
 
 
 def record_line(record: dict) -> str:
-    return dumps_line({key: record[key] for key in RECORD_KEYS})
+    return dumps_line({key: record[key] for key in FIELDS})
 
 
 # --- mt: translate an English SFT source -----------------------------------------------------------

@@ -51,6 +51,7 @@ sys.path.insert(0, str(REPO))
 
 from clo.batching import EncodedExample, count_tokens, encode_all  # noqa: E402
 from clo.errors import CloError, run_cli  # noqa: E402
+from clo.model import ATTENTION_PROJECTIONS  # noqa: E402
 
 # Shapes for `--model random:<name>`: random weights built in memory, no files, no download.
 RANDOM_SHAPES = {
@@ -67,7 +68,6 @@ RANDOM_SHAPES = {
         bos_token_id=1, eos_token_id=2,
     ),
 }
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 SIDES = ("clo", "trl")
 
 
@@ -358,7 +358,7 @@ def trl_steps(conn, spec: dict, tmp: str) -> None:
 
     model = hf_model(spec, device, dtype)  # same weights and dtype as clo's frozen ones
     for name, p in model.named_parameters():
-        p.requires_grad_(any(f"self_attn.{m}." in name for m in ATTENTION))
+        p.requires_grad_(any(f"self_attn.{m}." in name for m in ATTENTION_PROJECTIONS))
         if p.requires_grad:
             p.data = p.data.float()  # fp32 master weights, as clo; bf16 compute comes from autocast
     if spec["model"].startswith("random:"):

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from clo.errors import CloError
+from clo.model import ATTENTION_PROJECTIONS, MLP_PROJECTIONS
 
 GROUPS = ("attn", "mlp", "embed", "norm", "head", "all")
 
@@ -39,6 +40,15 @@ def group_of(name: str) -> str:
     if name.endswith("norm.weight"):
         return "norm"
     raise ValueError(f"parameter {name!r} belongs to no group")
+
+
+LINEAR_MODULES = {"attn": ATTENTION_PROJECTIONS, "mlp": MLP_PROJECTIONS, "all": ATTENTION_PROJECTIONS + MLP_PROJECTIONS}
+
+
+def lora_targets(groups) -> tuple[str, ...]:
+    """The linear modules LoRA wraps for these groups (attention when the groups hold no linear layer)."""
+    names = [m for g in groups for m in LINEAR_MODULES.get(g, ())]
+    return tuple(dict.fromkeys(names)) or ATTENTION_PROJECTIONS
 
 
 @dataclass(frozen=True)

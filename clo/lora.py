@@ -39,8 +39,9 @@ from clo.atomic import atomic_folder
 from clo.checkpoint import hf_key
 from clo.errors import CloError
 from clo.jsonfile import read_json
+from clo.model import ATTENTION_PROJECTIONS
 
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+DEFAULT_TARGETS = ATTENTION_PROJECTIONS
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 # PEFT options we do not implement, with the value that means "off"
 PLAIN_LORA = {

@@ -257,3 +257,13 @@ def test_apply_lora_errors(base_dir):
     write_hf_model(base_dir, "smollm2")  # tied embeddings: merging into lm_head would change embed_tokens too
     with pytest.raises(CloError, match="lm_head"):
         apply_lora(load_model(base_dir), ("lm_head",))
+
+
+def test_lora_targets_follow_the_stage_groups():
+    from clo.freeze import lora_targets
+    from clo.model import ATTENTION_PROJECTIONS, MLP_PROJECTIONS
+
+    assert lora_targets(["attn"]) == ATTENTION_PROJECTIONS
+    assert lora_targets(["attn", "mlp"]) == lora_targets(["all"]) == ATTENTION_PROJECTIONS + MLP_PROJECTIONS
+    assert lora_targets(["mlp"]) == MLP_PROJECTIONS
+    assert lora_targets(["norm"]) == ATTENTION_PROJECTIONS  # no linear layer in the group: attention, as before
