@@ -64,6 +64,7 @@ def parse_args(argv=None):
                    help="clo: the paper's method. sft: baseline 1, NLL on the target-language pairs. sft-dpo: baseline 2, "
                         "SFT into <out>/sft, then DPO on the same pairs with the SFT model as start and reference, into <out>. "
                         "dpo: the DPO phase alone, from --model (give it an SFT model; from a base model it is not the paper's baseline). "
+                        "--max-steps applies to each phase of sft-dpo. "
                         "Every method trains --stages (default: attention only, as the paper's CLO does), so that a comparison "
                         "differs in the loss alone; --stages all:2 trains everything")
     p.add_argument("--sft-on", choices=list(SFT_SEQUENCES), default="target", help="--method sft: which responses get the NLL")
