@@ -489,7 +489,8 @@ def test_reference_cache_follows_the_weights_content(tiny, tmp_path, capsys):
 
     folder = tmp_path / "model"
     shutil.copytree(tiny[0], folder)
-    run((folder, tiny[1]), tmp_path / "a", "--max-steps", "1")
+    fp32 = ("--amp", "off")  # the property is the cache key, not bf16 rounding: fp32 on every CPU
+    run((folder, tiny[1]), tmp_path / "a", "--max-steps", "1", *fp32)
     path = folder / "model.safetensors"
     st = path.stat()
     w = weights(folder)
@@ -498,13 +499,13 @@ def test_reference_cache_follows_the_weights_content(tiny, tmp_path, capsys):
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
     capsys.readouterr()
-    out = run((folder, tiny[1]), tmp_path / "b", "--max-steps", "1")
+    out = run((folder, tiny[1]), tmp_path / "b", "--max-steps", "1", *fp32)
     assert "reference log-probs: computed" in capsys.readouterr().err
     first = metrics(out)[0]
     assert max(abs(first[k]) for k in ("en/chosen_reward", "en/rejected_reward", "t/chosen_reward", "t/rejected_reward")) < 1e-5
-    run((folder, tiny[1]), tmp_path / "c", "--max-steps", "1")
+    run((folder, tiny[1]), tmp_path / "c", "--max-steps", "1", *fp32)
     assert "reference log-probs: cached" in capsys.readouterr().err
-    run((folder, tiny[1]), tmp_path / "d", "--max-steps", "1", "--recompute-reference")
+    run((folder, tiny[1]), tmp_path / "d", "--max-steps", "1", "--recompute-reference", *fp32)
     assert "reference log-probs: computed" in capsys.readouterr().err
 
 
@@ -523,7 +524,7 @@ def test_model_folder_records_its_chat_format(tiny, tmp_path):
 
 
 def test_sft_dpo_is_one_command_with_the_sft_model_as_reference(tiny, tmp_path, capsys):
-    out = run(tiny, tmp_path / "run", "--method", "sft-dpo", "--lr", "1e-2", "--stages", "attn:1")
+    out = run(tiny, tmp_path / "run", "--method", "sft-dpo", "--lr", "1e-2", "--stages", "attn:1", "--amp", "off")
     sft, dpo = metrics(out / "sft"), metrics(out)
     assert "margin" not in sft[0] and "margin" in dpo[0]
     assert json.loads((out / "run.json").read_text())["model"] == str(out / "sft" / "model")
@@ -531,7 +532,7 @@ def test_sft_dpo_is_one_command_with_the_sft_model_as_reference(tiny, tmp_path, 
     assert max(abs(dpo[0][k]) for k in ("en/chosen_reward", "t/chosen_reward", "en/rejected_reward", "t/rejected_reward")) < 1e-5
     assert (out / "model" / "config.json").is_file()
     capsys.readouterr()
-    run(tiny, tmp_path / "run", "--method", "sft-dpo", "--lr", "1e-2", "--stages", "attn:1", "--resume")
+    run(tiny, tmp_path / "run", "--method", "sft-dpo", "--lr", "1e-2", "--stages", "attn:1", "--amp", "off", "--resume")
     assert "SFT phase already finished" in capsys.readouterr().err
 
 
