@@ -49,7 +49,7 @@ from clo.forward import sequence_logps
 from clo.loss import FourWay, clo_loss, dpo_only_loss, token_mean_nll
 from clo.reference import cache_key, cached_reference_logps, compute_reference_logps, data_digest, model_fingerprint
 from clo.tokenizer import load_tokenizer
-from clo.train_checkpoint import Position, read_checkpoint, remove_leftovers, resume_from, save_checkpoint, set_rng_state
+from clo.train_checkpoint import Position, read_checkpoint, resume_from, save_checkpoint, set_rng_state
 
 SFT_SEQUENCES = {"target": [2], "english": [0], "both": [0, 2]}  # indices into clo/batching.py's four
 
@@ -248,9 +248,9 @@ def train(args) -> Path:
     check_out(out, args)
     checkpoint_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
     with output_lock(out):  # one run per --out; taken first, so a second run stops at once
-        leftovers = remove_leftovers(checkpoint_path) + remove_folder_leftovers(out)
-        if leftovers:
-            print(f"removed {len(leftovers)} temporary file(s) left in {out} by a killed run", file=sys.stderr)
+        removed = remove_leftovers(out)
+        if removed:
+            print(f"removed {len(removed)} temporary file(s) left in {out} by a killed run", file=sys.stderr)
         random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
 
         # 1. Data: validate every line before anything expensive, then four sequences per example.
@@ -442,9 +442,10 @@ def clear_run(out: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def remove_folder_leftovers(out: Path) -> list[Path]:
-    """Temporary files and folders (`.model.XXXX/`, `.metrics.jsonl.XXXX`, ...) of a save that was killed."""
-    found = [p for name in ("model", "adapter", "metrics.jsonl") for p in leftovers(out / name)]
+def remove_leftovers(out: Path) -> list[Path]:
+    """Temporary files and folders a killed save left in `out` (`.checkpoint.pt.XXXX`, `.model.XXXX/`, ...);
+    called with the folder locked, so no other run can be writing them."""
+    found = [p for name in ("checkpoint.pt", "metrics.jsonl", "model", "adapter") for p in leftovers(out / name)]
     for p in found:
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     return found

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clo.atomic import atomic_file, leftovers
+from clo.atomic import atomic_file
 from clo.errors import CloError
 
 
@@ -52,14 +52,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def remove_leftovers(path: Path) -> list[Path]:
-    """Delete temporary checkpoint files a killed run left beside `path` (call with the folder locked)."""
-    found = leftovers(path)
-    for leftover in found:
-        leftover.unlink(missing_ok=True)
-    return found
 
 
 def save_checkpoint(path: Path, *, weights: dict, optimizer, position: Position, settings: dict) -> None:
