@@ -9,11 +9,11 @@
 Reads top to bottom: check every input (prompt files, held-out pairs, CSVs, checkpoint folders)
 and --out before any model runs; then for each model, one at a time in memory:
   1. answer every prompt (greedy, batched, KV cache, training's chat format) and grade each answer:
-     its language (py3langid over --langs) and whether it is degenerate (clo/degenerate.py);
+     its language (py3langid over --langs) and whether it is degenerate (clo/eval/degenerate.py);
   2. score the held-out pairs without generating: preference for the answer in the prompt's
-     language, the log-prob margin, and the NLL of reference answers (clo/preference_eval.py);
-  3. multiple-choice accuracy on MMLU-format CSVs (clo/mc_eval.py), if given;
-then, with --judge, judge every model against the first (clo/judge.py), and write into --out:
+     language, the log-prob margin, and the NLL of reference answers (clo/eval/preference.py);
+  3. multiple-choice accuracy on MMLU-format CSVs (clo/eval/mc.py), if given;
+then, with --judge, judge every model against the first (clo/eval/judge.py), and write into --out:
 
     generations.jsonl       one line per prompt per model (answer, its language, degenerate or not)
     metrics.json/.jsonl     every number, per model (the JSON also holds the settings)
@@ -35,26 +35,27 @@ from pathlib import Path
 
 import torch
 
-from clo.batching import encode_all
-from clo.chat import detect_format
-from clo.checkpoint import load_model, on_for_cuda, weight_files
-from clo.config import ModelConfig
-from clo.data import demo_path, load_pairs
-from clo.default_model import DEFAULT_MODEL, resolve_model
-from clo.device import resolve_device
-from clo.degenerate import COPY_THRESHOLD, NGRAM, REPEAT_THRESHOLD
+from clo.train.batching import encode_all
+from clo.model.chat import detect_format
+from clo.model.hf_folder import load_model, weight_files
+from clo.runtime import on_for_cuda
+from clo.model.config import ModelConfig
+from clo.pairs import demo_path, load_pairs
+from clo.model.sources import DEFAULT_MODEL, resolve_model
+from clo.runtime import resolve_device
+from clo.eval.degenerate import COPY_THRESHOLD, NGRAM, REPEAT_THRESHOLD
 from clo.errors import ArgumentParser, CloError, run_cli
 from clo.lock import output_lock
-from clo.generation_eval import fidelity, generate_answers, grade_answers
-from clo.judge import alpaca_eval_outputs, judge_pairs
-from clo.langid import DEFAULT_LANGS, LanguageId
-from clo.languages import get_language
-from clo.mc_eval import dev_file_for, evaluate_mc, read_mc_csv
-from clo.preference_eval import four_way_logps, preference_metrics
-from clo.prompt_sets import load_prompts
+from clo.eval.generation import fidelity, generate_answers, grade_answers
+from clo.eval.judge import alpaca_eval_outputs, judge_pairs
+from clo.eval.langid import DEFAULT_LANGS, LanguageId
+from clo.languages import target_language
+from clo.eval.mc import dev_file_for, evaluate_mc, read_mc_csv
+from clo.eval.preference import four_way_logps, preference_metrics
+from clo.eval.prompts import load_prompts
 from clo.atomic import write_atomic
-from clo.report import markdown_report, plot_main_numbers, write_json, write_jsonl
-from clo.tokenizer import load_tokenizer
+from clo.eval.report import markdown_report, plot_main_numbers, write_json, write_jsonl
+from clo.model.tokenizer import load_tokenizer
 
 
 def parse_args(argv=None):
@@ -119,7 +120,7 @@ def check_out(out: Path) -> None:
         return
     for entry in sorted(out.iterdir()):
         if any(entry.name.startswith(f".{name}.") for name in OUTPUTS):
-            continue  # the temporary file of an interrupted write (clo/report.py write_atomic)
+            continue  # the temporary file of an interrupted write (clo/eval/report.py write_atomic)
         if entry.name not in OUTPUTS:
             raise CloError(f"--out {out}: holds {entry.name}, which eval.py does not write; choose another --out")
         if entry.is_dir() != OUTPUTS[entry.name]:
@@ -175,9 +176,7 @@ def load_checked(folder: Path, device, dtype):
 
 def main(argv=None):
     args = parse_args(argv)
-    lang = get_language(args.lang)
-    if lang.code == "en":
-        raise CloError("--lang: the target language must not be English")
+    lang = target_language(args.lang)
     device = args.device
     dtype = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     out = Path(args.out or f"runs/eval-{lang.code}")

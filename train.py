@@ -4,11 +4,13 @@
     python train.py --lang sw --method sft           # baseline: SFT on the target-language pairs
     python train.py --lang sw --method sft-dpo       # baseline: SFT, then DPO from the SFT model
 
-Reads top to bottom like the method: data -> four sequences per example -> reference log-probs
-(once, cached) -> stages of training with the CLO loss -> an HF-format model folder.
+`train()` reads top to bottom like the method: data -> four sequences per example -> model ->
+reference log-probs (once, cached) -> stages of steps with the CLO loss -> an HF-format model folder.
 
-    L_CLO = λ·NLL(y_t | x_t) + (1−λ)·L_CL      (docs/paper.md "Loss"; clo/loss.py)
+    L_CLO = λ·NLL(y_t | x_t) + (1−λ)·L_CL      (docs/paper.md "Loss"; clo/train/loss.py)
 
+The pieces live in clo/train: the step (step.py), what trains (stages.py), the precision policy
+(precision.py), the schedule (schedule.py), the run folder, resume and Ctrl-C (run.py).
 Features: stages of parameter groups (`--stages attn:1,all:1`), optional LoRA, AdamW with fp32
 master weights and bf16 autocast on CUDA, linear warmup/decay, gradient accumulation and clipping,
 torch.compile of each block on CUDA, optional activation checkpointing, metrics as JSONL, atomic
@@ -19,11 +21,8 @@ Limitations: one device (no multi-GPU); single-turn examples only; examples long
 """
 
 import argparse
-import functools
-import json
 import math
 import random
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -31,27 +30,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from clo.atomic import leftovers, write_atomic
-from clo.batching import count_tokens, encode_all, flat_sequences
-from clo.chat import detect_format
-from clo.checkpoint import bf16_is_fast, load_model, on_for_cuda, restore_originals, save_model
-from clo.data import demo_path, load_pairs
-from clo.default_model import DEFAULT_MODEL, cache_dir, resolve_model
-from clo.device import resolve_device
 from clo.errors import ArgumentParser, CloError, run_cli
-from clo.freeze import lora_targets, parse_stages, set_trainable
-from clo.interrupt import stop_requests
-from clo.languages import get_language
-from clo.lock import output_lock
-from clo.forward import sequence_logps
-from clo.loss import FourWay, clo_loss, dpo_only_loss, token_mean_nll
-from clo.reference import cache_key, cached_reference_logps, compute_reference_logps, data_digest, model_fingerprint
-from clo.tokenizer import load_tokenizer
-from clo.train_checkpoint import Position, read_checkpoint, resume_from, save_checkpoint, set_rng_state
-
-SFT_SEQUENCES = {"target": [2], "english": [0], "both": [0, 2]}  # indices into clo/batching.py's four
+from clo.languages import target_language
+from clo.model.chat import detect_format
+from clo.model.hf_folder import load_model, save_model
+from clo.model.sources import DEFAULT_MODEL, cache_dir, resolve_model
+from clo.model.tokenizer import load_tokenizer
+from clo.pairs import demo_path, load_pairs
+from clo.runtime import on_for_cuda, resolve_device
+from clo.train.batching import encode_all
+from clo.train.precision import check_precision_flags, checkpoint_dtype, restore_originals, training_precision
+from clo.train.reference import cache_key, cached_reference_logps, compute_reference_logps, data_digest, model_fingerprint
+from clo.train.run import Run
+from clo.train.schedule import Position, Schedule, lr_at
+from clo.train.scoring import Batching
+from clo.train.stages import begin_stage, lora_targets, parse_stages
+from clo.train.step import SFT_SEQUENCES, Objective, optimizer_step
 
 
 def parse_args(argv=None):
@@ -102,113 +97,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def lr_at(step: int, total: int, peak: float, warmup: float) -> float:
-    """Linear warmup over the first `warmup` fraction of steps, then linear decay to 0."""
-    warm = max(1, math.ceil(total * warmup))
-    if step < warm:
-        return peak * (step + 1) / warm
-    return peak * max(0.0, (total - step) / max(1, total - warm))
-
-
-@functools.lru_cache(maxsize=1)  # called every step; the order changes once per epoch
-def seeded_order(n: int, seed: int, stage: int, epoch: int) -> list[int]:
-    """The data order of one epoch: a pure function of (seed, stage, epoch), so a resume replays it."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + stage * 1009 + epoch)
-    return torch.randperm(n, generator=g).tolist()
-
-
-def batch_loss(model, batch, ref_rows, args, pad_id, device):
-    """(loss, metrics) of one micro-batch for the chosen method."""
-    which = SFT_SEQUENCES[args.sft_on] if args.method == "sft" else range(4)
-    logps, n_tokens = sequence_logps(model, flat_sequences(batch, which), pad_id, args.bucket, args.length_groups)
-    if args.method == "sft":
-        nll = token_mean_nll(logps, n_tokens)
-        return nll, {"loss": nll.detach(), "nll": nll.detach()}
-    B = len(batch)
-    logps, n_tokens = logps.view(4, B), n_tokens.view(4, B)
-    policy, reference = FourWay(*logps), FourWay(*ref_rows.to(device).T)
-    nll = token_mean_nll(logps[2], n_tokens[2])  # NLL(y_t | x_t): target-language responses only
-    if args.method == "clo":
-        return clo_loss(policy, reference, nll, beta=args.beta, lam=args.lam, directions=args.directions)
-    return dpo_only_loss(policy, reference, beta=args.beta, directions=args.directions, nll=nll.detach())
-
-
-def runtime(args):
-    """(device, frozen-weight dtype, autocast dtype or None, compile?) from the flags.
-
-    Frozen weights: bf16 on CUDA (with autocast), fp32 on CPU (`--dtype auto`). fp32 keeps the
-    residual stream and the head in fp32 while the matmuls inside the blocks still run in bf16: in
-    the default job the step-1 rewards (policy vs cached reference, equal weights) stay within
-    ±0.0031, against ±0.047 with `--dtype bfloat16`, which trades that for ~0.45 GiB less memory
-    (BENCHMARKS.md). `--dtype bfloat16` needs autocast (check_args refuses it with --amp off): without
-    it a bf16 activation would meet an fp32 master weight. Either way the checkpoint file stays the master copy of frozen weights
-    (clo.checkpoint.restore_originals): untrained weights are saved exactly as they were loaded.
-    """
-    device = resolve_device(args.device)
-    # frozen weights held in bf16 need bf16 compute: --dtype bfloat16 turns auto autocast on everywhere
-    use_amp = args.amp == "on" or (args.amp == "auto" and (bf16_is_fast(device) or args.dtype == "bfloat16"))
-    auto = torch.bfloat16 if device.type == "cuda" and use_amp else torch.float32
-    dtype = {"auto": auto, "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
-    use_compile = on_for_cuda(args.compile, device)
-    if use_compile:  # one graph per (batch, bucketed length) shape; allow more than dynamo's default 8
-        torch._dynamo.config.recompile_limit = 64
-    args.bucket = args.bucket or (64 if use_compile else 8)
-    # CPU: a third of the demo's padded tokens were padding, and 4 groups cut a step by ~25% (BENCHMARKS.md);
-    # CUDA: not yet measured there, so one padded tensor as before
-    args.length_groups = args.length_groups or (1 if device.type == "cuda" else 4)
-    return device, dtype, torch.bfloat16 if use_amp else None, use_compile
-
-
-def begin_stage(model, groups, args, device, use_compile, source=None, trained=frozenset()):
-    """Make `groups` trainable with fp32 master weights; a fresh AdamW over them. -> (optimizer, params, counts).
-
-    source: the checkpoint folder; a weight that starts training here (not in `trained`, the names an
-    earlier stage or the resumed checkpoint already trained) starts from its value there, exactly.
-    """
-    counts = set_trainable(model, groups, lora=args.lora)
-    if source is not None:
-        restore_originals(model, source, [n for n, p in model.named_parameters() if p.requires_grad and n not in trained])
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    for p in trainable:
-        p.data = p.data.float()  # bf16 compute comes from autocast; updates accumulate in fp32
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
-    if use_compile:
-        compile_blocks(model)
-    model.checkpoint_activations = args.checkpoint_activations
-    model.train()
-    return optimizer, trainable, counts
-
-
-def compile_blocks(model) -> None:
-    """torch.compile each decoder block in place, once (static shapes: one graph per bucketed length).
-
-    Regional compilation: the blocks share their code, so one graph serves all of them and it builds
-    in seconds; compiling `model.hidden` whole unrolls every layer (SmolLM2, CPU, cold caches: 100 s vs
-    28 s to the first step, the same step time after: bench/bench_compile.py). Embedding, RoPE tables and the final norm stay eager.
-    """
-    for layer in model.layers:
-        if getattr(layer, "_compiled_call_impl", None) is None:
-            layer.compile(dynamic=False)
-
-
-def optimizer_step(model, optimizer, trainable, micro_batches, lr, args, pad_id, device, autocast_dtype):
-    """One update over [(examples, reference rows), ...] micro-batches. -> (mean metrics incl. grad_norm, tokens)."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    n_tok, parts = 0, []
-    for batch, ref_rows in micro_batches:
-        with torch.autocast(device.type, autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            loss, metrics = batch_loss(model, batch, ref_rows, args, pad_id, device)
-        (loss / len(micro_batches)).backward()
-        n_tok += count_tokens(batch, SFT_SEQUENCES[args.sft_on] if args.method == "sft" else range(4))
-        parts.append(metrics)
-    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip if args.grad_clip > 0 else float("inf"))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    row = {k: sum(float(m[k]) for m in parts) / len(parts) for k in parts[0]}  # the one host sync per step
-    return {**row, "grad_norm": float(grad_norm)}, n_tok
-
-
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)
@@ -218,13 +106,152 @@ def main(argv=None):
     return train(args)
 
 
+def train(args) -> Path:
+    """One training run (clo, sft or dpo) from validated flags. -> the output folder."""
+    lang = target_language(args.lang)
+    stages = parse_stages(args.stages)
+    device = resolve_device(args.device)
+    precision = training_precision(device, args.dtype, args.amp)
+    compiled = on_for_cuda(args.compile, device)
+    objective = Objective(args.method, beta=args.beta, lam=args.lam, directions=args.directions, sft_on=args.sft_on)
+    with Run(Path(args.out or f"runs/{args.method}-{lang.code}"), resume=args.resume, overwrite=args.overwrite) as run:
+        random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
+
+        # 1. Data: every line validated before anything expensive (nothing is printed before the last
+        # check), then each example as four sequences: x_en→y_en, x_en→y_t, x_t→y_t, x_t→y_en.
+        data_path = Path(args.data) if args.data else demo_path(lang.code)
+        pairs = load_pairs(data_path, lang.code)
+        folder = resolve_model(args.model)
+        tok = load_tokenizer(folder)
+        fmt = detect_format(tok, args.chat_format)
+        examples, too_long = encode_all(tok, fmt, pairs.examples[: args.max_examples or None], args.max_length)
+        if not examples:
+            raise CloError(f"{data_path}: every example is longer than --max-length {args.max_length}")
+        batching = Batching.resolve(tok.pad_id, args.bucket, args.length_groups, device, compiled)
+
+        # 2. Model: frozen weights in the precision policy's dtype, trainable ones in fp32 per stage
+        # (clo/train/precision.py). A resume must match everything that decides what this run computes.
+        saved = run.saved_checkpoint()
+        model = load_model(folder, device, precision.frozen)
+        model_id = model_fingerprint(folder, memo=cache_dir() / "fingerprints.json")
+        settings = run_settings(args, batching, fmt, precision, model_id, data_digest(examples))
+        ckpt = run.check_resume(saved, settings, SETTING_FLAGS)
+        print(f"data: {data_path}: {pairs.summary()}, {too_long} longer than {args.max_length} tokens dropped; chat format {fmt.name}", file=sys.stderr)
+        if args.lora:
+            add_lora(model, stages, args)
+
+        # 3. Reference log-probs of the starting model: once, cached on disk, never a second model in memory.
+        ref_table = reference_table(model, examples, batching, precision, model_id, args) if objective.needs_reference else None
+
+        # 4. Stages of optimizer steps, resumed from the checkpoint's position if there is one.
+        schedule = Schedule(tuple(stages), len(examples), args.batch_size, args.grad_accum, args.seed)
+        pos = run.begin(ckpt, {**vars(args), "bucket": batching.bucket, "length_groups": batching.groups, "model_folder": str(folder),
+                               "data": str(data_path), "chat_format": fmt.name, "examples": len(examples), "total_steps": schedule.total_steps})
+        trained = train_stages(model, examples, ref_table, schedule, pos, objective, batching, precision,
+                               run=run, ckpt=ckpt, settings=settings, source=folder, compiled=compiled, args=args)
+        run.summarize(device)
+
+        # 5. Outputs: an HF-format folder transformers loads (and a PEFT adapter with --lora).
+        save_outputs(model, folder, trained, run.out, fmt.name, args)
+    return run.out
+
+
+def train_stages(model, examples, ref_table, schedule: Schedule, pos: Position, objective: Objective, batching: Batching,
+                 precision, *, run: Run, ckpt, settings: dict, source: Path, compiled: bool, args) -> set[str]:
+    """Every optimizer step from `pos` on; a new stage rebuilds the optimizer over what it trains.
+    Ctrl-C / SIGTERM are read between steps, so an update is never saved without its position.
+    -> the names of the parameters that trained."""
+    trained: set[str] = set()
+    if ckpt is not None:
+        params = dict(model.named_parameters())
+        for name, value in ckpt["weights"].items():
+            params[name].data = value.to(params[name].device)  # keeps the saved dtype: fp32 master weights stay fp32
+        trained = set(ckpt["weights"])
+    total = schedule.total_steps
+    optimizer, stage_idx = None, None
+
+    def save():
+        run.save(weights={n: p for n, p in model.named_parameters() if n in trained}, optimizer=optimizer, position=pos, settings=settings)
+
+    with run.steps(min(total, args.max_steps) if args.max_steps else total, pos.step, f"{args.method} {args.lang}"):
+        for s, epoch, micro in schedule.steps_from(Position(**vars(pos))):
+            if (args.max_steps and pos.step >= args.max_steps) or run.stop.requested:
+                break
+            if s != stage_idx:
+                stage_idx, stage = s, schedule.stages[s]
+                optimizer, trainable, counts = begin_stage(model, stage.groups, lora=args.lora, lr=args.lr, weight_decay=args.weight_decay, compile=compiled,
+                                                           checkpoint_activations=args.checkpoint_activations, source=source, trained=trained)
+                trained |= {n for n, p in model.named_parameters() if p.requires_grad}
+                run.bar.write(f"stage {s + 1}/{len(schedule.stages)}: {'+'.join(stage.groups)} for {stage.epochs} epoch(s), trainable {sum(counts.values()):,} params {counts}")
+                if ckpt is not None and s == ckpt["position"].stage:
+                    optimizer.load_state_dict(ckpt["optimizer"])
+
+            t0 = time.perf_counter()
+            lr = lr_at(pos.step, total, args.lr, args.warmup)
+            batches = [schedule.batch(s, epoch, b) for b in micro]
+            micro_batches = [([examples[i] for i in idx], None if ref_table is None else ref_table[idx]) for idx in batches]
+            row, n_tok = optimizer_step(model, optimizer, trainable, micro_batches, lr, objective, batching, precision, args.grad_clip)
+            pos = Position(s, epoch, micro.stop, pos.step + 1)
+            run.record({**row, "step": pos.step, "stage": s, "epoch": epoch, "lr": lr, "tokens": n_tok, "tokens_per_s": n_tok / (time.perf_counter() - t0)})
+            if args.save_every and pos.step % args.save_every == 0:
+                save()
+    if optimizer is not None:
+        save()
+    run.exit_if_stopped(pos.step)
+    return trained
+
+
+def add_lora(model, stages, args) -> None:
+    """LoRA adapters on the linear modules of every stage's groups (the base weights stay frozen)."""
+    from clo.model.lora import apply_lora
+
+    targets = lora_targets(sorted({g for s in stages for g in s.groups}))
+    apply_lora(model, targets=targets, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
+    model.to(model.embed_tokens.weight.device)
+
+
+def reference_table(model, examples, batching: Batching, precision, model_id: str, args) -> torch.Tensor:
+    """log π_ref [N, 4] of the starting model (adapters off), from the cache or computed and cached."""
+    key = cache_key(model_id, str(precision), examples, batching=f"batch {args.batch_size}, bucket {batching.bucket}, groups {batching.groups}")
+    adapters_off = nullcontext()
+    if args.lora:
+        from clo.model.lora import disable_adapters
+
+        adapters_off = disable_adapters(model)
+    with adapters_off:
+        table, hit = cached_reference_logps(
+            cache_dir() / "reference", key,
+            lambda: compute_reference_logps(model, examples, batching, args.batch_size, precision.autocast),
+            rows=len(examples), recompute=args.recompute_reference,
+        )  # fmt: skip
+    print(f"reference log-probs: {'cached' if hit else 'computed'} ({key})", file=sys.stderr)
+    return table
+
+
+def save_outputs(model, folder: Path, trained: set[str], out: Path, chat_format: str, args) -> None:
+    """The HF folder <out>/model in the checkpoint's own dtype (and <out>/adapter with --lora).
+    Weights that never trained first get the checkpoint's values back (they may be held in bf16)."""
+    model.eval()
+    restore_originals(model, folder, [n for n, _ in model.named_parameters() if n not in trained])
+    if args.lora:
+        from clo.model.lora import merge_lora, save_adapter
+
+        save_adapter(model, out / "adapter", base_model=str(args.model))
+        print(f"adapter saved to {out / 'adapter'}", file=sys.stderr)
+        if not args.save_merged:
+            return
+        merge_lora(model)
+    save_model(model, out / "model", tokenizer_from=folder, dtype=checkpoint_dtype(model), chat_format=chat_format)
+    print(f"model saved to {out / 'model'}", file=sys.stderr)
+
+
 def sft_then_dpo(args) -> Path:
     """The paper's second baseline as one command: SFT into <out>/sft, then DPO from that model into <out>.
 
     The DPO phase's reference policy is the SFT model (as in the paper's SFT+DPO). --resume skips a
     finished SFT phase and resumes whichever phase was interrupted.
     """
-    out = Path(args.out or f"runs/sft-dpo-{get_language(args.lang).code}")
+    out = Path(args.out or f"runs/sft-dpo-{target_language(args.lang).code}")
     phases = [("sft", args.model, out / "sft"), ("dpo", str(out / "sft" / "model"), out)]
     for method, model, phase_out in phases:
         if method == "sft" and args.resume and (phase_out / "model" / "config.json").is_file():
@@ -234,152 +261,6 @@ def sft_then_dpo(args) -> Path:
         overwrite = args.overwrite or (args.resume and not resume)  # nothing saved yet: the files are this command's own
         print(f"sft-dpo: {method} phase -> {phase_out}", file=sys.stderr)
         train(argparse.Namespace(**{**vars(args), "method": method, "model": model, "out": str(phase_out), "resume": resume, "overwrite": overwrite}))
-    return out
-
-
-def train(args) -> Path:
-    """One training run (clo, sft or dpo) from validated flags. -> the output folder."""
-    lang = get_language(args.lang)
-    if lang.code == "en":
-        raise CloError("--lang: the target language must not be English")
-    stages = parse_stages(args.stages)
-    device, dtype, autocast_dtype, use_compile = runtime(args)
-    out = Path(args.out or f"runs/{args.method}-{lang.code}")
-    check_out(out, args)
-    checkpoint_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
-    with output_lock(out):  # one run per --out; taken first, so a second run stops at once
-        removed = remove_leftovers(out)
-        if removed:
-            print(f"removed {len(removed)} temporary file(s) left in {out} by a killed run", file=sys.stderr)
-        random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
-
-        # 1. Data: validate every line before anything expensive, then four sequences per example.
-        # (Nothing is printed before the last check: a bad input is one line on stderr.)
-        data_path = Path(args.data) if args.data else demo_path(lang.code)
-        report = load_pairs(data_path, lang.code)
-        folder = resolve_model(args.model)
-        tok = load_tokenizer(folder)
-        fmt = detect_format(tok, args.chat_format)
-        chosen = report.examples[: args.max_examples] if args.max_examples else report.examples
-        examples, too_long = encode_all(tok, fmt, chosen, args.max_length)
-        if not examples:
-            raise CloError(f"{data_path}: every example is longer than --max-length {args.max_length}")
-
-        # 2. Model. Frozen weights are held in --dtype (bf16 on CUDA); trainable ones get fp32 master copies per stage.
-        saved = read_checkpoint(checkpoint_path) if args.resume else None
-        model = load_model(folder, device, dtype)
-
-        # Everything that decides what this run computes; a resume must match all of it.
-        model_id = model_fingerprint(folder, memo=cache_dir() / "fingerprints.json")
-        precision = f"{dtype}/{autocast_dtype}"
-        settings = run_settings(args, fmt, precision, model_id, data_digest(examples))
-        ckpt = resume_from(checkpoint_path, saved, settings, SETTING_FLAGS) if saved else None
-        print(f"data: {data_path}: {report.summary()}, {too_long} longer than {args.max_length} tokens dropped; chat format {fmt.name}", file=sys.stderr)
-        if args.lora:
-            from clo.lora import apply_lora
-
-            targets = lora_targets(sorted({g for s in stages for g in s.groups}))
-            apply_lora(model, targets=targets, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
-            model.to(device)
-
-        # 3. Reference log-probs of the starting model, once, cached on disk (never a second model in memory).
-        ref_table = None
-        if args.method != "sft":
-            key = cache_key(model_id, precision, examples, batching=f"batch {args.batch_size}, bucket {args.bucket}, groups {args.length_groups}")
-            adapters_off = nullcontext()
-            if args.lora:
-                from clo.lora import disable_adapters
-
-                adapters_off = disable_adapters(model)
-            with adapters_off:
-                ref_table, hit = cached_reference_logps(
-                    cache_dir() / "reference", key,
-                    lambda: compute_reference_logps(model, examples, tok.pad_id, args.batch_size, args.bucket, autocast_dtype, args.length_groups),
-                    rows=len(examples), recompute=args.recompute_reference,
-                )
-            print(f"reference log-probs: {'cached' if hit else 'computed'} ({key})", file=sys.stderr)
-
-        # 4. Where to resume from, and how long the run is.
-        batches_per_epoch = math.ceil(len(examples) / args.batch_size)
-        steps_per_epoch = math.ceil(batches_per_epoch / args.grad_accum)
-        total_steps = sum(s.epochs for s in stages) * steps_per_epoch
-        pos = Position()
-        if ckpt is not None:
-            pos = ckpt["position"]
-            params = dict(model.named_parameters())
-            for name, value in ckpt["weights"].items():
-                params[name].data = value.to(device)  # keeps the saved dtype: fp32 master weights stay fp32
-            set_rng_state(ckpt["rng"])  # nothing random happens between here and the next step
-            keep_metrics_until(metrics_path, pos.step)
-            print(f"resuming from {checkpoint_path} at step {pos.step}", file=sys.stderr)
-        else:
-            clear_run(out)  # only a run the user asked to --overwrite gets here with files in it
-            out.mkdir(parents=True, exist_ok=True)
-        (out / "run.json").write_text(json.dumps({**vars(args), "model_folder": str(folder), "data": str(data_path), "chat_format": fmt.name, "examples": len(examples), "total_steps": total_steps}, indent=2))
-        total_run = min(total_steps, args.max_steps) if args.max_steps else total_steps
-
-        # 5. Train: every optimizer step from the resume position on; a new stage rebuilds the optimizer.
-        trained: set[str] = set(ckpt["weights"]) if ckpt else set()
-        bar = tqdm(total=total_run, initial=pos.step, desc=f"{args.method} {lang.code}", unit="step")
-        optimizer, stage_idx = None, None
-
-        def save():
-            save_checkpoint(checkpoint_path, weights={n: p for n, p in model.named_parameters() if n in trained}, optimizer=optimizer, position=pos, settings=settings)
-
-        # Ctrl-C / SIGTERM are read between steps, so an update is never saved without its position.
-        with stop_requests() as stop:
-            for s, epoch, micro in steps_from(Position(**vars(pos)), stages, batches_per_epoch, args.grad_accum):
-                if (args.max_steps and pos.step >= args.max_steps) or stop.requested:
-                    break
-                if s != stage_idx:
-                    stage_idx, stage = s, stages[s]
-                    optimizer, trainable, counts = begin_stage(model, stage.groups, args, device, use_compile, folder, trained)
-                    trained |= {n for n, p in model.named_parameters() if p.requires_grad}
-                    bar.write(f"stage {s + 1}/{len(stages)}: {'+'.join(stage.groups)} for {stage.epochs} epoch(s), trainable {sum(counts.values()):,} params {counts}")
-                    if ckpt is not None and s == ckpt["position"].stage:
-                        optimizer.load_state_dict(ckpt["optimizer"])
-
-                t0 = time.perf_counter()
-                lr = lr_at(pos.step, total_steps, args.lr, args.warmup)
-                order = seeded_order(len(examples), args.seed, s, epoch)
-                micro_batches = []
-                for b in micro:
-                    idx = order[b * args.batch_size : (b + 1) * args.batch_size]
-                    micro_batches.append(([examples[i] for i in idx], None if ref_table is None else ref_table[idx]))
-                row, n_tok = optimizer_step(model, optimizer, trainable, micro_batches, lr, args, tok.pad_id, device, autocast_dtype)
-                pos = Position(s, epoch, micro.stop, pos.step + 1)
-                row.update(step=pos.step, stage=s, epoch=epoch, lr=lr, tokens=n_tok, tokens_per_s=n_tok / (time.perf_counter() - t0))
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-                bar.update(1)
-                bar.set_postfix({"loss": f"{row['loss']:.3f}", **({"margin": f"{row['margin']:.3f}"} if "margin" in row else {}), "tok/s": f"{row['tokens_per_s']:.0f}"})
-                if args.save_every and pos.step % args.save_every == 0:
-                    save()
-        bar.close()
-        if optimizer is not None:
-            save()
-        if stop.requested:
-            print(f"\ninterrupted: checkpoint saved to {checkpoint_path} at step {pos.step}; continue with --resume", file=sys.stderr)
-            sys.exit(128 + stop.signum)
-
-        report_summary(out, metrics_path, device)
-
-        # 6. Outputs: an HF-format folder transformers loads (and PEFT adapters with --lora). Weights that
-        # never trained go back to the checkpoint's own values first (they may be held in bf16).
-        optimizer = None  # frees the AdamW state before the originals come back
-        model.eval()
-        restore_originals(model, folder, [n for n, _ in model.named_parameters() if n not in trained])
-        save_dtype = getattr(torch, model.cfg.raw.get("torch_dtype") or model.cfg.raw.get("dtype") or "float32")  # the checkpoint's own
-        if args.lora:
-            from clo.lora import merge_lora, save_adapter
-
-            save_adapter(model, out / "adapter", base_model=str(args.model))
-            print(f"adapter saved to {out / 'adapter'}", file=sys.stderr)
-            if not args.save_merged:
-                return out
-            merge_lora(model)
-        save_model(model, out / "model", tokenizer_from=folder, dtype=save_dtype, chat_format=fmt.name)
-        print(f"model saved to {out / 'model'}", file=sys.stderr)
     return out
 
 
@@ -410,45 +291,11 @@ def check_args(args) -> None:
     for name, (ok, wanted) in rules.items():
         if not ok:
             raise CloError(f"--{name.replace('_', '-')} {getattr(args, name)!r}: must be {wanted}")
-    if args.dtype == "bfloat16" and args.amp == "off":
-        raise CloError("--dtype bfloat16 with --amp off: frozen bf16 weights meet the fp32 master copies only under "
-                       "bf16 autocast; use --amp on (bf16 compute) or --dtype float32 (fp32 compute)")
+    check_precision_flags(args.dtype, args.amp)
     if args.lr == 0:
         print("warning: --lr 0: the weights will not change (a dry run of the pipeline)", file=sys.stderr)
     if args.resume and args.overwrite:
         raise CloError("--resume and --overwrite: choose one (continue the run in --out, or replace it)")
-
-
-RUN_FILES = ("run.json", "metrics.jsonl", "checkpoint.pt", "model", "adapter")
-
-
-def check_out(out: Path, args) -> None:
-    """--out must be a folder that holds no other run, unless the user resumes or overwrites it."""
-    if out.exists() and not out.is_dir():
-        raise CloError(f"--out {out}: exists and is not a folder")
-    if not args.resume and not args.overwrite:
-        held = [name for name in RUN_FILES if (out / name).exists()]
-        if held:
-            raise CloError(f"--out {out}: holds a run ({held[0]}); --resume continues it, --overwrite replaces it, or choose another --out")
-
-
-def clear_run(out: Path) -> None:
-    """Remove an earlier run's files from `out` (called only for a fresh run; --overwrite asked for it)."""
-    for name in RUN_FILES:
-        path = out / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
-
-
-def remove_leftovers(out: Path) -> list[Path]:
-    """Temporary files and folders a killed save left in `out` (`.checkpoint.pt.XXXX`, `.model.XXXX/`, ...);
-    called with the folder locked, so no other run can be writing them."""
-    found = [p for name in ("checkpoint.pt", "metrics.jsonl", "model", "adapter") for p in leftovers(out / name)]
-    for p in found:
-        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-    return found
 
 
 COMPUTE_FLAGS = ("method", "lang", "sft_on", "lam", "beta", "directions", "stages", "lr", "warmup", "weight_decay",
@@ -463,73 +310,18 @@ SETTING_FLAGS = {
 }
 
 
-def run_settings(args, fmt, precision: str, model_id: str, data_id: str) -> dict:
+def run_settings(args, batching: Batching, fmt, precision, model_id: str, data_id: str) -> dict:
     """Every setting that changes what a run computes, saved in checkpoints and compared on --resume.
 
     Free to change on a resume: --max-steps (it only says where to stop; the schedule follows the
     stages), --save-every, --save-merged, and how a step runs rather than what it computes:
     --compile, --checkpoint-activations, --device (a device that changes the precision is refused
-    through `precision`).
+    through `precision`). --bucket and --length-groups count as resolved (0 is auto).
     """
     settings = {k: getattr(args, k) for k in COMPUTE_FLAGS + (LORA_FLAGS if args.lora else ())}
-    settings.update(chat_format=f"{fmt.name}, system {fmt.system!r}", precision=precision, model=model_id, data=data_id)
+    settings.update(bucket=batching.bucket, length_groups=batching.groups)
+    settings.update(chat_format=f"{fmt.name}, system {fmt.system!r}", precision=str(precision), model=model_id, data=data_id)
     return settings
-
-
-def steps_from(start: Position, stages, batches_per_epoch: int, grad_accum: int):
-    """Every optimizer step from `start` on, as (stage, epoch, range of micro-batch indices in the epoch)."""
-    for s in range(start.stage, len(stages)):
-        for epoch in range(start.epoch if s == start.stage else 0, stages[s].epochs):
-            first = start.batch if (s, epoch) == (start.stage, start.epoch) else 0
-            for b0 in range(first, batches_per_epoch, grad_accum):
-                yield s, epoch, range(b0, min(b0 + grad_accum, batches_per_epoch))
-
-
-def peak_memory_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def report_summary(out: Path, metrics_path: Path, device: torch.device) -> None:
-    """Median tokens/s, peak memory and first/last margin, printed and added to run.json."""
-    rows = [json.loads(line) for line in metrics_path.read_text().split("\n") if line]
-    if not rows:
-        return
-    summary = {
-        "steps": len(rows),
-        "median_tokens_per_s": float(np.median([r["tokens_per_s"] for r in rows])),
-        "peak_memory_gib": round(peak_memory_gib(device), 2),
-        "first_loss": rows[0]["loss"],
-        "last_loss": rows[-1]["loss"],
-    }
-    if "margin" in rows[0]:
-        summary.update(first_margin=rows[0]["margin"], last_margin=rows[-1]["margin"])
-    run = json.loads((out / "run.json").read_text())
-    (out / "run.json").write_text(json.dumps({**run, "summary": summary}, indent=2))
-    print("summary: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()), file=sys.stderr)
-
-
-def keep_metrics_until(path: Path, step: int) -> None:
-    """Drop metric lines past the checkpoint's step (they will be written again), and a last line
-    torn by a kill; any other line that is not a metrics row is a one-line error."""
-    if not path.is_file():
-        return
-    text = path.read_text(encoding="utf-8")
-    lines = text.split("\n")
-    complete = lines[:-1]  # after the last newline: empty, or a line torn mid-write
-    kept = []
-    for number, line in enumerate(complete, 1):
-        try:
-            row = json.loads(line)
-            at = row["step"]
-        except (ValueError, KeyError, TypeError):
-            raise CloError(f"{path}:{number}: not a metrics line (field 'step' missing or invalid JSON)") from None
-        if at <= step:
-            kept.append(line)
-    write_atomic(path, "".join(r + "\n" for r in kept))
 
 
 if __name__ == "__main__":

@@ -14,11 +14,11 @@ crash loses at most the work in flight; running the same command again skips the
 --out is checked whole before it is touched: a file that is not this tool's output for --lang is
 refused unchanged. One run per --out at a time (clo/lock.py). `parallel` replaces --out atomically.
 
-Features: OASST1 (both release formats), Alpaca JSON and plain JSONL sources (clo/sft_sources.py);
+Features: OASST1 (both release formats), Alpaca JSON and plain JSONL sources (clo/translate/sft_sources.py);
 responses cut at line breaks and sentences and put back together with their lists, tables and code
-blocks intact, code untranslated (clo/segment.py); identical sentences translated once per chunk;
+blocks intact, code untranslated (clo/translate/segment.py); identical sentences translated once per chunk;
 length-sorted batches; greedy or beam search with the checkpoint's generation_config.json defaults
-(clo/m2m100.py); M2M100 and NLLB-200 dense checkpoints. Limit: the source is English.
+(clo/translate/m2m100.py); M2M100 and NLLB-200 dense checkpoints. Limit: the source is English.
 """
 
 import json
@@ -32,17 +32,18 @@ import torch
 from tqdm import tqdm
 
 from clo.atomic import write_atomic
-from clo.data import FIELDS
-from clo.device import resolve_device
+from clo.pairs import FIELDS, RECORD_START, pair_line
+from clo.runtime import resolve_device
 from clo.errors import ArgumentParser, CloError, run_cli
-from clo.jsonl import dumps_line, split_lines
-from clo.languages import Language, get_language
+from clo.jsonl import split_lines
+from clo.languages import Language, get_language, target_language
 from clo.lock import output_lock
-from clo.m2m100 import GenerationSettings, M2M100Config, generate, load_m2m100
-from clo.m2m100_tokenizer import load_tokenizer
-from clo.parallel_pairs import continuation_pairs, read_doc_ids
-from clo.segment import Segmented, reassemble, segment
-from clo.sft_sources import FORMATS, SftExample, read_sft_source, sample_examples
+from clo.translate.m2m100 import M2M100Config, load_m2m100
+from clo.translate.search import GenerationSettings, generate
+from clo.translate.tokenizer import load_tokenizer
+from clo.translate.parallel_pairs import continuation_pairs, read_doc_ids
+from clo.translate.segment import Segmented, reassemble, segment
+from clo.translate.sft_sources import FORMATS, SftExample, read_sft_source, sample_examples
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -84,11 +85,6 @@ class Translator:
 
 
 # --- the output file ------------------------------------------------------------------------------
-
-# Every line record_line writes starts with these bytes, so a torn last line (a crash cut a write
-# short) starts with them too, or is a prefix of them. Any other unfinished last line is not ours.
-RECORD_START = b'{"id": "'
-
 
 @dataclass
 class ExistingOut:
@@ -176,10 +172,6 @@ def repair(out: Path, existing: ExistingOut) -> None:
         else:
             f.truncate(existing.complete)
             print(f"{out}: dropped a torn last line left by an interrupted run", file=sys.stderr)
-
-
-def record_line(record: dict) -> str:
-    return dumps_line({key: record[key] for key in FIELDS})
 
 
 # --- mt: translate an English SFT source -----------------------------------------------------------
@@ -270,8 +262,8 @@ def translate_group(group: list[Job], translator: Translator, lang: str, batch_s
                 "prompt": reassemble(job.prompt, [translated[p] for p in job.prompt.pieces]),
                 "response": reassemble(job.response, [translated[p] for p in job.response.pieces]),
             }
-            if record["prompt"].strip() and record["response"].strip():  # the test clo/data.py applies
-                f.write(record_line(record))
+            if record["prompt"].strip() and record["response"].strip():  # the test clo/pairs.py applies
+                f.write(pair_line(record))
                 written += 1
         f.flush()
 
@@ -296,7 +288,7 @@ def run_parallel(args) -> None:
         foreign = sorted(i for i in read_out(out, args.lang).ids if not i.startswith(f"{made_from}:"))
         if foreign:
             raise CloError(f"{out}: holds records not made from {made_from} (id {foreign[0]!r}); choose another --out")
-        write_atomic(out, "".join(record_line(r) for r in records))
+        write_atomic(out, "".join(pair_line(r) for r in records))
     print(f"wrote {len(records)} continuation pairs to {out}", file=sys.stderr)
 
 
@@ -342,8 +334,7 @@ def check_args(args) -> None:
         value = getattr(args, flag, None)
         if value is not None and value < 1:
             raise CloError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
-    if get_language(args.lang).code == "en":
-        raise CloError("--lang en: English is the source side; choose a target language")
+    target_language(args.lang)
     inputs = {"--source": getattr(args, "source", None), "--src": getattr(args, "src", None),
               "--tgt": getattr(args, "tgt", None), "--doc-ids": getattr(args, "doc_ids", None)}
     inputs = {flag: Path(value) for flag, value in inputs.items() if value is not None}

@@ -25,9 +25,9 @@ def one_mode(mode: str, device: str, steps: int = 3) -> list[float]:
 
     sys.path.insert(0, str(REPO))
     import train
-    from clo.checkpoint import load_model
-    from clo.default_model import DEFAULT_MODEL, resolve_model
-    from clo.freeze import set_trainable
+    from clo.model.hf_folder import load_model
+    from clo.model.sources import DEFAULT_MODEL, resolve_model
+    from clo.train.stages import set_trainable
 
     model = load_model(resolve_model(DEFAULT_MODEL), device)
     set_trainable(model, ("attn",))

@@ -1,4 +1,4 @@
-"""Decode speed: clo.generate vs transformers' `generate` on the same weights, greedy, batch 1 and 16.
+"""Decode speed: clo.model.generate vs transformers' `generate` on the same weights, greedy, batch 1 and 16.
 
     python bench/bench_generate.py                               # SmolLM2-135M-Instruct, CPU, fp32 (about 2 min)
     python bench/bench_generate.py --device cuda --model random:llama2-7b   # bf16 on the GPU
@@ -14,7 +14,7 @@ first token); runs alternate clo, transformers, clo, ... and the medians count:
     decode tok/s = batch x (new_tokens - 1) / (t(new_tokens) - t(1))     (prefill excluded)
     end-to-end tok/s = batch x new_tokens / t(new_tokens)
 
-transformers runs its default generate (dynamic KV cache, SDPA, no compile); clo.generate runs its
+transformers runs its default generate (dynamic KV cache, SDPA, no compile); clo.model.generate runs its
 static KV cache, its decode step compiled with static shapes (CUDA graphs) with `--compile auto` on
 CUDA, eager on CPU. The warm-up call compiles; timed calls reuse the graph. The table also says
 whether the two produced the same tokens.
@@ -38,9 +38,9 @@ from clo.errors import CloError, run_cli  # noqa: E402
 
 def bench_prompts(tokenizer_folder: str, lang: str, n: int, vocab: int) -> tuple[list[list[int]], int]:
     """(the first n demo prompts x_t as chat-formatted ids, modulo `vocab`; the pad id)."""
-    from clo.chat import detect_format, encode_prompt
-    from clo.data import demo_path, load_pairs
-    from clo.tokenizer import load_tokenizer
+    from clo.model.chat import detect_format, encode_prompt
+    from clo.pairs import demo_path, load_pairs
+    from clo.model.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer_folder)
     fmt = detect_format(tok)
@@ -64,7 +64,7 @@ def hf_generate(model, prompts: list[list[int]], new_tokens: int, pad_id: int) -
 
 
 def clo_generate(model, prompts: list[list[int]], new_tokens: int, pad_id: int, compile: bool) -> list[list[int]]:
-    from clo.generate import generate
+    from clo.model.generate import generate
 
     return generate(model, prompts, new_tokens, stop_ids=set(), pad_id=pad_id, compile=compile)
 
@@ -96,8 +96,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     import transformers
 
-    from clo.checkpoint import default_dtype, on_for_cuda
-    from clo.default_model import DEFAULT_MODEL, resolve_model
+    from clo.runtime import default_dtype, on_for_cuda
+    from clo.model.sources import DEFAULT_MODEL, resolve_model
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from clo.checkpoint import bf16_is_fast
+from clo.runtime import bf16_is_fast
 
 
 def gflops(m: int, k: int, n: int, dtype: torch.dtype, device: str, repeats: int = 20) -> float:

@@ -4,7 +4,7 @@
     python bench/bench_train.py --device cuda    # Llama-2-7B shape, random bf16 weights, sequence 1024, MFU
     python bench/bench_train.py --lengths 128 --batch-sizes 1 --warmup 1 --rounds 1 --steps 1   # a quick look
 
-One step on both sides: B examples = 4B sequences (clo/batching.py: x_en→y_en, x_en→y_t, x_t→y_t,
+One step on both sides: B examples = 4B sequences (clo/train/batching.py: x_en→y_en, x_en→y_t, x_t→y_t,
 x_t→y_en), forward, backward, gradient clipping, AdamW over the attention projections only.
 
 - clo: the step of train.py itself (`train.batch_loss`, its collate and loss; its autocast, dtype and
@@ -49,9 +49,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from clo.batching import EncodedExample, count_tokens, encode_all  # noqa: E402
+from clo.train.batching import EncodedExample, count_tokens, encode_all  # noqa: E402
 from clo.errors import CloError, run_cli  # noqa: E402
-from clo.model import ATTENTION_PROJECTIONS  # noqa: E402
+from clo.model.decoder import ATTENTION_PROJECTIONS  # noqa: E402
 
 # Shapes for `--model random:<name>`: random weights built in memory, no files, no download.
 RANDOM_SHAPES = {
@@ -95,9 +95,9 @@ def stretch(ex: EncodedExample, length: int) -> EncodedExample:
 
 def bench_batches(spec: dict) -> tuple[list[list[EncodedExample]], int]:
     """(spec["n_batches"] batches of spec["batch"] stretched demo examples, pad id), ids within the model's vocab."""
-    from clo.chat import detect_format
-    from clo.data import demo_path, load_pairs
-    from clo.tokenizer import load_tokenizer
+    from clo.model.chat import detect_format
+    from clo.pairs import demo_path, load_pairs
+    from clo.model.tokenizer import load_tokenizer
 
     tok = load_tokenizer(spec["tokenizer"])
     fmt = detect_format(tok)
@@ -191,12 +191,14 @@ def random_init_(named_params, seed: int = 0) -> None:
 
 def clo_model(spec: dict, device: torch.device, dtype: torch.dtype | None):
     """clo's Transformer: loaded from the HF folder, or random in the shape of `random:<name>`."""
-    from clo.checkpoint import default_dtype, hf_key, load_model
+    from clo.model.hf_folder import hf_key, load_model
+
+    from clo.runtime import default_dtype
 
     if not spec["model"].startswith("random:"):
         return load_model(Path(spec["model"]), device, dtype)
-    from clo.config import ModelConfig
-    from clo.model import Transformer, rope_inv_freq
+    from clo.model.config import ModelConfig
+    from clo.model.decoder import Transformer, rope_inv_freq
 
     cfg = ModelConfig.from_hf(model_config(spec), source=spec["model"])
     previous = torch.get_default_dtype()
@@ -288,7 +290,7 @@ def worker(side: str, conn, spec: dict) -> None:
 def clo_worker(conn, spec: dict) -> None:
     """The step of train.py, on train.py's own defaults for this batch size and length."""
     import train
-    from clo.reference import compute_reference_logps
+    from clo.train.reference import compute_reference_logps
 
     t0 = time.perf_counter()
     args = train.parse_args(["--lang", spec["lang"], "--batch-size", str(spec["batch"]), "--max-length", str(spec["length"]), "--device", spec["device"],
@@ -501,7 +503,7 @@ class Side:
 
 def measure(spec: dict, args) -> dict:
     """Both sides on one (length, batch) setting: warm-up, then `rounds` rounds of `steps` steps each."""
-    from clo.config import ModelConfig
+    from clo.model.config import ModelConfig
 
     batches, _ = bench_batches(spec)
     cfg = ModelConfig.from_hf(model_config(spec))
@@ -651,8 +653,8 @@ def main(argv=None):
     args.model = args.model or ("random:llama2-7b" if cuda else "smollm2-135m-instruct")
     args.lengths = args.lengths or ([1024] if cuda else [128, 256, 512])
     args.batch_sizes = args.batch_sizes or ([1] if cuda else [1, 2, 4])
-    from clo.checkpoint import bf16_is_fast
-    from clo.default_model import DEFAULT_MODEL, resolve_model
+    from clo.runtime import bf16_is_fast
+    from clo.model.sources import DEFAULT_MODEL, resolve_model
 
     if args.model.startswith("random:"):
         if args.model.removeprefix("random:") not in RANDOM_SHAPES:

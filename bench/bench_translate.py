@@ -21,8 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clo.m2m100 import GenerationSettings, generate, load_m2m100  # noqa: E402
-from clo.m2m100_tokenizer import LANGUAGE_CODES  # noqa: E402
+from clo.translate.m2m100 import load_m2m100  # noqa: E402
+from clo.translate.search import GenerationSettings, generate  # noqa: E402
+from clo.translate.tokenizer import LANGUAGE_CODES  # noqa: E402
 
 SHAPES = {
     "418M": dict(d_model=1024, encoder_layers=12, decoder_layers=12, encoder_attention_heads=16,

@@ -41,3 +41,11 @@ def get_language(code: str) -> Language:
         return LANGUAGES[code]
     except KeyError:
         raise CloError(f"unknown language {code!r}; supported: {', '.join(LANGUAGES)}") from None
+
+
+def target_language(code: str) -> Language:
+    """`--lang`: a supported language other than English (English is the source side of every pair)."""
+    language = get_language(code)
+    if language.code == "en":
+        raise CloError("--lang en: English is the source side; the target language must not be English")
+    return language

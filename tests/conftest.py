@@ -26,7 +26,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The default model as an HF-format folder, converted once from the PyPI wheel and cached."""
-    from clo.default_model import DEFAULT_MODEL, resolve_model
+    from clo.model.sources import DEFAULT_MODEL, resolve_model
     from clo.errors import CloError
 
     try:

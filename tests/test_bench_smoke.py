@@ -16,11 +16,12 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-import train
-from clo.batching import EncodedExample
-from clo.config import ModelConfig
-from clo.freeze import set_trainable
-from clo.model import Transformer
+from clo.train.batching import EncodedExample
+from clo.model.config import ModelConfig
+from clo.train.scoring import Batching
+from clo.train.stages import set_trainable
+from clo.train.step import Objective, batch_loss
+from clo.model.decoder import Transformer
 from tiny_chat_model import demo_texts, make_tiny_chat_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,7 +65,7 @@ def test_stretch_tiles_responses_to_the_length():
 
 
 def test_step_flops_match_pytorchs_flop_counter():
-    """`step_flops` against torch's FlopCounterMode on the real step (train.batch_loss + backward).
+    """`step_flops` against torch's FlopCounterMode on the real step (clo.train.step.batch_loss + backward).
 
     The counter sees what runs, the formula counts what a step needs; they differ by exactly two
     known terms: layer 0's q/k/v need no input gradient (the embedding is frozen), and the chunked
@@ -77,11 +78,9 @@ def test_step_flops_match_pytorchs_flop_counter():
     set_trainable(model, ("attn",))
     prompt, response = [1, 2, 3, 4, 5], [6, 7, 8, 9, 10, 11, 12]  # equal lengths: no padding to count
     batch = [EncodedExample("a", [(prompt, response)] * 4), EncodedExample("b", [(prompt, response)] * 4)]
-    args = train.parse_args(["--lang", "sw"])
-    args.bucket = 1
     ref = torch.zeros(2, 4)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:  # the math path is plain matmuls
-        loss, _ = train.batch_loss(model, batch, ref, args, 0, torch.device("cpu"))
+        loss, _ = batch_loss(model, batch, ref, Objective(), Batching(pad_id=0, bucket=1, groups=1))
         loss.backward()
     n, r, sequences = len(prompt) + len(response), len(response), 8
     qkv_0 = cfg.dim * cfg.head_dim * (cfg.n_heads + 2 * cfg.n_kv_heads)

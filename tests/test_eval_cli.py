@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 
 import eval as eval_script
-from clo.chat import detect_format, encode_prompt, stop_ids
-from clo.checkpoint import load_model
-from clo.data import demo_path, load_pairs
+from clo.model.chat import detect_format, encode_prompt, stop_ids
+from clo.model.hf_folder import load_model
+from clo.pairs import demo_path, load_pairs
 from clo.errors import CloError
-from clo.generate import generate
-from clo.generation_eval import fidelity, generate_answers
-from clo.prompt_sets import load_prompts
-from clo.report import main_table
-from clo.tokenizer import load_tokenizer
+from clo.model.generate import generate
+from clo.eval.generation import fidelity, generate_answers
+from clo.eval.prompts import load_prompts
+from clo.eval.report import main_table
+from clo.model.tokenizer import load_tokenizer
 from tiny_chat_model import make_tiny_chat_model
 
 REPO = Path(__file__).resolve().parents[1]

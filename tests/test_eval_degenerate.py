@@ -1,9 +1,9 @@
-"""Degenerate answers (clo/degenerate.py): scores by hand, real answers pass, echoes and loops are caught."""
+"""Degenerate answers (clo/eval/degenerate.py): scores by hand, real answers pass, echoes and loops are caught."""
 
 import pytest
 
-from clo.data import demo_path, load_pairs
-from clo.degenerate import copy_score, judge_answer, repeat_score, units
+from clo.pairs import demo_path, load_pairs
+from clo.eval.degenerate import copy_score, classify_answer, repeat_score, units
 from clo.languages import TARGET_CODES
 
 
@@ -29,30 +29,30 @@ def test_real_answers_are_not_degenerate():
         for held_out in (False, True):
             for ex in load_pairs(demo_path(code, held_out)).examples:
                 for prompt, answer in ((ex.prompt, ex.response), (ex.prompt_en, ex.response_en)):
-                    verdict = judge_answer(prompt, answer)
+                    verdict = classify_answer(prompt, answer)
                     assert not verdict.degenerate, (code, ex.id, verdict)
 
 
 def test_echo_loop_and_empty_are_caught():
     ex = load_pairs(demo_path("sw", heldout=True)).examples[0]
-    assert judge_answer(ex.prompt, ex.prompt).reason == "copy"
-    assert judge_answer(ex.prompt, f"{ex.prompt} Ndiyo.").reason == "copy"
-    assert judge_answer(ex.prompt, "Osha jeraha. " * 12).reason == "repeat"
-    assert judge_answer(ex.prompt, " \n\n ").reason == "empty"
+    assert classify_answer(ex.prompt, ex.prompt).reason == "copy"
+    assert classify_answer(ex.prompt, f"{ex.prompt} Ndiyo.").reason == "copy"
+    assert classify_answer(ex.prompt, "Osha jeraha. " * 12).reason == "repeat"
+    assert classify_answer(ex.prompt, " \n\n ").reason == "empty"
     zh = load_pairs(demo_path("zh", heldout=True)).examples[0]
-    assert judge_answer(zh.prompt, zh.response[:10] * 5).reason == "repeat"
-    assert judge_answer(zh.prompt, zh.prompt).reason == "copy"
+    assert classify_answer(zh.prompt, zh.response[:10] * 5).reason == "repeat"
+    assert classify_answer(zh.prompt, zh.prompt).reason == "copy"
 
 
 def test_thresholds_are_respected():
     prompt, answer = "x a b c y", "a b c d"  # copy score 0.5
-    assert judge_answer(prompt, answer, copy_threshold=0.5).reason == "copy"
-    assert judge_answer(prompt, answer, copy_threshold=0.51).reason is None
+    assert classify_answer(prompt, answer, copy_threshold=0.5).reason == "copy"
+    assert classify_answer(prompt, answer, copy_threshold=0.51).reason is None
 
 
 def test_in_word_loops():
-    assert judge_answer("Eleza.", "Nangababababababa.").reason == "repeat"
-    assert judge_answer("How many?", "About 1000000 of them.").reason is None  # digits are not a loop
+    assert classify_answer("Eleza.", "Nangababababababa.").reason == "repeat"
+    assert classify_answer("How many?", "About 1000000 of them.").reason is None  # digits are not a loop
 
 
 def test_human_text_is_rarely_flagged(shared_data):
@@ -61,7 +61,7 @@ def test_human_text_is_rarely_flagged(shared_data):
 
     for path in (shared_data / "flores200_devtest").glob("*.devtest"):
         lines = path.read_text(encoding="utf-8").splitlines()
-        assert not any(judge_answer("", line).degenerate for line in lines), path.name
+        assert not any(classify_answer("", line).degenerate for line in lines), path.name
     rows = [json.loads(line) for line in (shared_data / "alpaca" / "alpaca_eval_805.jsonl").read_text().splitlines()]
-    flagged = sum(judge_answer(r["instruction"], r["output"]).degenerate for r in rows)
+    flagged = sum(classify_answer(r["instruction"], r["output"]).degenerate for r in rows)
     assert flagged / len(rows) <= 0.02

@@ -1,11 +1,11 @@
-"""Pairwise judging (clo/judge.py): verdict parsing, both orders, the language rule, AlpacaEval export."""
+"""Pairwise judging (clo/eval/judge.py): verdict parsing, both orders, the language rule, AlpacaEval export."""
 
 import pytest
 
-import clo.judge as judge_module
-from clo.chat import detect_format
-from clo.judge import alpaca_eval_outputs, judge_pairs, parse_verdict
-from clo.tokenizer import load_tokenizer
+import clo.eval.judge as judge_module
+from clo.model.chat import detect_format
+from clo.eval.judge import alpaca_eval_outputs, judge_pairs, parse_verdict
+from clo.model.tokenizer import load_tokenizer
 from tiny_chat_model import make_tiny_chat_model
 
 
@@ -50,7 +50,7 @@ def record(i, answer, answer_lang="sw", prompt_lang="sw"):
 
 
 def scripted_judge(monkeypatch, tok, rule):
-    """Replace generation in clo.judge: the reply is rule(judge prompt text), encoded."""
+    """Replace generation in clo.eval.judge: the reply is rule(judge prompt text), encoded."""
 
     def fake_generate(model, prompts, max_new_tokens, stop_ids, pad_id):
         return [tok.encode(rule(tok.decode(ids, skip_special=False))) for ids in prompts]
@@ -117,7 +117,7 @@ def test_judge_prompt_has_the_language_rule_and_both_answers(monkeypatch, tiny_j
 
 def test_real_generation_path_runs(tiny_folder, tiny_judge):
     """Unscripted: the tiny judge's reply is whatever it is; every judgment is a verdict or a tie."""
-    from clo.checkpoint import load_model
+    from clo.model.hf_folder import load_model
 
     tok, fmt = tiny_judge
     rows, summary = judge_pairs(load_model(tiny_folder), tok, fmt, [record(0, "x")], [record(0, "y")], batch_size=2, max_new_tokens=4)

@@ -1,9 +1,9 @@
-"""Language ID (clo/langid.py) on the human-translated FLORES-200 devtest lines of all 7 languages."""
+"""Language ID (clo/eval/langid.py) on the human-translated FLORES-200 devtest lines of all 7 languages."""
 
 import pytest
 
 from clo.errors import CloError
-from clo.langid import UNDETERMINED, LanguageId, looks_yoruba, yoruba_mark_share
+from clo.eval.langid import UNDETERMINED, LanguageId, looks_yoruba, yoruba_mark_share
 from clo.languages import LANGUAGES
 
 

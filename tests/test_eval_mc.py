@@ -1,12 +1,12 @@
-"""MMLU-format multiple choice (clo/mc_eval.py): CSV checks, prompt format, scoring paths, a planted answer."""
+"""MMLU-format multiple choice (clo/eval/mc.py): CSV checks, prompt format, scoring paths, a planted answer."""
 
 import pytest
 import torch
 
-from clo.checkpoint import load_model
+from clo.model.hf_folder import load_model
 from clo.errors import CloError
-from clo.mc_eval import LETTERS, build_prompt, choice_logps, dev_file_for, encode_choices, evaluate_mc, read_mc_csv
-from clo.tokenizer import load_tokenizer
+from clo.eval.mc import LETTERS, build_prompt, choice_logps, dev_file_for, encode_choices, evaluate_mc, read_mc_csv
+from clo.model.tokenizer import load_tokenizer
 from tiny_chat_model import make_tiny_chat_model
 
 ROWS = [
@@ -61,7 +61,7 @@ def test_line_number_counts_multiline_fields(tmp_path):
 
 
 def test_prompt_format_few_shot():
-    from clo.mc_eval import Question
+    from clo.eval.mc import Question
 
     shot = Question("world_religions", "Q1?", ("a1", "b1", "c1", "d1"), "C", "f:1")
     q = Question("world_religions", "Q2?", ("a2", "b2", "c2", "d2"), "A", "f:2")

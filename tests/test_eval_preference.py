@@ -1,16 +1,16 @@
-"""Held-out preference and NLL (clo/preference_eval.py): log-probs against transformers, metrics by hand."""
+"""Held-out preference and NLL (clo/eval/preference.py): log-probs against transformers, metrics by hand."""
 
 import math
 
 import pytest
 import torch
 
-from clo.batching import EncodedExample, encode_all
-from clo.chat import detect_format
-from clo.checkpoint import load_model
-from clo.data import demo_path, load_pairs
-from clo.preference_eval import four_way_logps, preference_metrics
-from clo.tokenizer import load_tokenizer
+from clo.train.batching import EncodedExample, encode_all
+from clo.model.chat import detect_format
+from clo.model.hf_folder import load_model
+from clo.pairs import demo_path, load_pairs
+from clo.eval.preference import four_way_logps, preference_metrics
+from clo.model.tokenizer import load_tokenizer
 from tiny_chat_model import make_tiny_chat_model
 
 

@@ -1,11 +1,11 @@
-"""The report (clo/report.py): table cells from known numbers, atomic writes, the optional plot."""
+"""The report (clo/eval/report.py): table cells from known numbers, atomic writes, the optional plot."""
 
 import sys
 
 import pytest
 
 from clo.atomic import write_atomic
-from clo.report import markdown_report, plot_main_numbers
+from clo.eval.report import markdown_report, plot_main_numbers
 
 FIDELITY = {
     "sw": {"n": 4, "in_lang": 3, "in_lang_rate": 0.75, "n_ok": 2, "in_lang_ok": 1, "in_lang_rate_ok": 0.5, "degenerate": 2,

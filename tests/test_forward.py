@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from clo.batching import collate, encode_all, flat_sequences
-from clo.chat import detect_format
-from clo.checkpoint import load_model
-from clo.data import load_pairs
-from clo.forward import length_groups, sequence_logps
-from clo.loss import response_logps
-from clo.tokenizer import load_tokenizer
+from clo.train.batching import collate, encode_all, flat_sequences
+from clo.model.chat import detect_format
+from clo.model.hf_folder import load_model
+from clo.pairs import load_pairs
+from clo.train.scoring import length_groups, sequence_logps
+from clo.train.loss import response_logps
+from clo.model.tokenizer import load_tokenizer
 from tiny_chat_model import make_tiny_training_setup
 
 pytestmark = pytest.mark.usefixtures("one_thread")

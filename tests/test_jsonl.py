@@ -7,13 +7,13 @@ import json
 
 import pytest
 
-from clo.data import load_pairs
+from clo.pairs import load_pairs
 from clo.errors import CloError
 from clo.jsonl import RAW_LINE_BREAKS, dumps_line, read_lines, split_lines
-from clo.parallel_pairs import continuation_pairs
-from clo.prompt_sets import load_prompts
-from clo.report import write_jsonl
-from clo.sft_sources import read_sft_source
+from clo.translate.parallel_pairs import continuation_pairs
+from clo.eval.prompts import load_prompts
+from clo.eval.report import write_jsonl
+from clo.translate.sft_sources import read_sft_source
 
 # every character str.splitlines() ends a line at, found by asking it
 SPLITLINES_BREAKS = [c for c in map(chr, range(0x110000)) if len(f"a{c}b".splitlines()) > 1]

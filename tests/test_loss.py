@@ -1,4 +1,4 @@
-"""clo.loss against hand-derived numbers and a naive full-vocabulary log_softmax oracle."""
+"""clo.train.loss against hand-derived numbers and a naive full-vocabulary log_softmax oracle."""
 
 import math
 
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from clo.errors import CloError
-from clo.loss import (
+from clo.train.loss import (
     IGNORE_INDEX,
     FourWay,
     clo_loss,

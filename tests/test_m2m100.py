@@ -1,4 +1,4 @@
-"""clo.m2m100 and clo.m2m100_tokenizer against transformers' M2M100 (the oracle), on tiny random
+"""clo.translate.m2m100 and clo.translate.tokenizer against transformers' M2M100 (the oracle), on tiny random
 checkpoints written in HF format by the tests."""
 
 import json
@@ -9,8 +9,9 @@ import sentencepiece
 import torch
 
 from clo.errors import CloError
-from clo.m2m100 import GenerationSettings, generate, load_m2m100
-from clo.m2m100_tokenizer import LANGUAGE_CODES, M2M100Tokenizer, NllbTokenizer, load_tokenizer
+from clo.translate.m2m100 import load_m2m100
+from clo.translate.search import GenerationSettings, generate
+from clo.translate.tokenizer import LANGUAGE_CODES, M2M100Tokenizer, NllbTokenizer, load_tokenizer
 
 transformers = pytest.importorskip("transformers")
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from clo.checkpoint import load_model, save_model
+from clo.model.hf_folder import load_model, save_model
 from clo.errors import CloError
 from hf_models import FAMILIES, write_hf_model
 
@@ -31,7 +31,7 @@ def test_llama3_rope_scaling_matters(tmp_path):
     hf = write_hf_model(tmp_path, "llama3.1")
     ours = load_model(tmp_path)
     ours.cfg.rope_scaling = None
-    from clo.model import rope_inv_freq
+    from clo.model.decoder import rope_inv_freq
 
     ours.inv_freq = rope_inv_freq(ours.cfg)
     x = tokens(length=64)

@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from clo.data import load_pairs
+from clo.pairs import load_pairs
 from clo.errors import CloError
-from clo.freeze import group_of
+from clo.train.stages import group_of
 from tiny_chat_model import demo_texts, make_tiny_chat_model, make_tiny_training_setup
 
 REPO = Path(__file__).resolve().parents[1]
@@ -189,25 +189,26 @@ def test_cli_error_is_one_line_and_exit_2(tmp_path):
 
 
 def test_reference_with_adapters_disabled_equals_base(tiny):
-    from clo.batching import encode_all
-    from clo.chat import detect_format
-    from clo.checkpoint import load_model
-    from clo.lora import apply_lora, disable_adapters, lora_layers
-    from clo.reference import compute_reference_logps
-    from clo.tokenizer import load_tokenizer
+    from clo.train.batching import encode_all
+    from clo.model.chat import detect_format
+    from clo.model.hf_folder import load_model
+    from clo.model.lora import apply_lora, disable_adapters, lora_layers
+    from clo.train.reference import compute_reference_logps
+    from clo.train.scoring import Batching
+    from clo.model.tokenizer import load_tokenizer
 
     folder, data = tiny
     tok = load_tokenizer(folder)
     examples, _ = encode_all(tok, detect_format(tok), load_pairs(data).examples, 512)
-    base = compute_reference_logps(load_model(folder), examples, tok.pad_id, 4, 64)
+    base = compute_reference_logps(load_model(folder), examples, Batching(tok.pad_id, 64, 1), 4)
     model = load_model(folder)
     apply_lora(model, r=4)
     with torch.no_grad():
         for layer in lora_layers(model).values():
             layer.lora_B.weight.normal_()  # a trained adapter: it must not leak into the reference
     with disable_adapters(model):
-        off = compute_reference_logps(model, examples, tok.pad_id, 4, 64)
-    on = compute_reference_logps(model, examples, tok.pad_id, 4, 64)
+        off = compute_reference_logps(model, examples, Batching(tok.pad_id, 64, 1), 4)
+    on = compute_reference_logps(model, examples, Batching(tok.pad_id, 64, 1), 4)
     assert torch.allclose(off, base, atol=1e-5)
     assert not torch.allclose(on, base, atol=1e-3)
 
@@ -233,12 +234,12 @@ def test_lora_run_saves_peft_adapter_and_merged_model(tiny, tmp_path):
 
 
 def test_gradients_reach_only_the_stage(tiny):
-    from clo.batching import collate, encode_all
-    from clo.chat import detect_format
-    from clo.checkpoint import load_model
-    from clo.freeze import set_trainable
-    from clo.loss import response_logps
-    from clo.tokenizer import load_tokenizer
+    from clo.train.batching import collate, encode_all
+    from clo.model.chat import detect_format
+    from clo.model.hf_folder import load_model
+    from clo.train.stages import set_trainable
+    from clo.train.loss import response_logps
+    from clo.model.tokenizer import load_tokenizer
 
     folder, data = tiny
     tok = load_tokenizer(folder)
@@ -336,7 +337,8 @@ def test_weights_held_in_bf16_are_saved_exactly(tiny, tmp_path):
 
 
 def test_restore_originals_only_where_memory_is_narrower(tiny):
-    from clo.checkpoint import load_model, restore_originals
+    from clo.model.hf_folder import load_model
+    from clo.train.precision import restore_originals
 
     folder, _ = tiny
     model = load_model(folder, "cpu", torch.bfloat16)
@@ -360,7 +362,7 @@ def test_compiled_blocks_build_one_graph_per_batch_shape(tiny, tmp_path, monkeyp
 
     shapes = []
 
-    import clo.forward
+    import clo.train.scoring
 
     def recording_collate(*args, **kwargs):
         tokens, labels = collate(*args, **kwargs)
@@ -368,8 +370,8 @@ def test_compiled_blocks_build_one_graph_per_batch_shape(tiny, tmp_path, monkeyp
             shapes.append(tuple(tokens.shape))
         return tokens, labels
 
-    collate = clo.forward.collate_sequences
-    monkeypatch.setattr(clo.forward, "collate_sequences", recording_collate)
+    collate = clo.train.scoring.collate_sequences
+    monkeypatch.setattr(clo.train.scoring, "collate_sequences", recording_collate)
     deep = make_tiny_chat_model(tmp_path / "deep", demo_texts("sw"), num_hidden_layers=5)  # one graph per block would be 5 per shape
     torch._dynamo.reset()
     counters.clear()
@@ -510,10 +512,10 @@ def test_reference_cache_follows_the_weights_content(tiny, tmp_path, capsys):
 
 
 def test_model_folder_records_its_chat_format(tiny, tmp_path):
-    """Trained with --chat-format plain on a ChatML checkpoint: eval.py and clo.generate (both through
+    """Trained with --chat-format plain on a ChatML checkpoint: eval.py and clo.model.generate (both through
     detect_format's auto) serve the saved model in plain."""
-    from clo.chat import detect_format
-    from clo.tokenizer import load_tokenizer
+    from clo.model.chat import detect_format
+    from clo.model.tokenizer import load_tokenizer
 
     assert detect_format(load_tokenizer(tiny[0])).name == "chatml"
     out = run(tiny, tmp_path / "run", "--max-steps", "1", "--chat-format", "plain")

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 
 import translate
-from clo.data import load_pairs
+from clo.pairs import load_pairs
 from clo.errors import CloError, run_cli
 from clo.lock import output_lock
-from clo.parallel_pairs import INSTRUCTIONS, continuation_pairs
-from clo.segment import reassemble, segment
-from clo.sft_sources import read_sft_source, sample_examples
+from clo.translate.parallel_pairs import INSTRUCTIONS, continuation_pairs
+from clo.translate.segment import reassemble, segment
+from clo.translate.sft_sources import read_sft_source, sample_examples
 from clo.languages import get_language
 from test_m2m100 import write_tiny_m2m100, write_tiny_nllb_tokenizer, write_tiny_tokenizer
 

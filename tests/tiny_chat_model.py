@@ -41,14 +41,14 @@ def make_tiny_chat_model(folder: Path, texts: list[str], vocab_size: int = 384, 
 
 def demo_texts(lang: str = "sw") -> list[str]:
     """Every prompt and response of a demo set, English and target language: text for a tiny tokenizer."""
-    from clo.data import demo_path, load_pairs
+    from clo.pairs import demo_path, load_pairs
 
     return [t for ex in load_pairs(demo_path(lang)).examples for t in (ex.prompt_en, ex.response_en, ex.prompt, ex.response)]
 
 
 def make_tiny_training_setup(root: Path, n_examples: int = 8) -> tuple[Path, Path]:
     """(a tiny ChatML model whose tokenizer learned the Swahili demo set, a JSONL of its first n pairs)."""
-    from clo.data import demo_path
+    from clo.pairs import demo_path
 
     folder = make_tiny_chat_model(root / "tiny", demo_texts("sw"))
     data = root / f"sw{n_examples}.jsonl"

@@ -13,7 +13,7 @@ The prefill runs eagerly: its length changes with every batch.
 
 import torch
 
-from clo.model import Transformer, attention_mask
+from clo.model.decoder import Transformer, attention_mask
 
 CACHE_BUCKET = 256  # compiled decode: cache lengths are multiples of this, so few shapes compile
 
@@ -115,13 +115,14 @@ def cut_at_stop(ids: list[int], stop_ids: set[int]) -> list[int]:
 
 
 def main(argv=None):
-    """python -m clo.generate --model M "prompt" ...: answer prompts with a checkpoint's chat format."""
-    from clo.chat import detect_format, encode_prompt, stop_ids
-    from clo.checkpoint import load_model, on_for_cuda
-    from clo.default_model import DEFAULT_MODEL, resolve_model
-    from clo.device import resolve_device
+    """python -m clo.model.generate --model M "prompt" ...: answer prompts with a checkpoint's chat format."""
+    from clo.model.chat import detect_format, encode_prompt, stop_ids
+    from clo.model.hf_folder import load_model
+    from clo.runtime import on_for_cuda
+    from clo.model.sources import DEFAULT_MODEL, resolve_model
+    from clo.runtime import resolve_device
     from clo.errors import ArgumentParser
-    from clo.tokenizer import load_tokenizer
+    from clo.model.tokenizer import load_tokenizer
 
     p = ArgumentParser(description=main.__doc__)
     p.add_argument("prompts", nargs="+", help="one or more prompts, answered as one batch")

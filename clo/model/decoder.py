@@ -13,7 +13,7 @@ rotate-half layout so HF weights load without permuting q/k.
 
 Training calls `hidden(tokens)` with no mask: right-padded sequences under a causal mask never let a
 real token see padding, and SDPA takes its flash kernel. Generation passes positions, a KV cache
-and a boolean mask (see clo/generate.py), which is how left-padded batches work.
+and a boolean mask (see clo/model/generate.py), which is how left-padded batches work.
 """
 
 import math
@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from clo.config import ModelConfig
+from clo.model.config import ModelConfig
 
 
 # The linear layers of a block by group (HF names): what `--stages` groups and LoRA targets refer to.

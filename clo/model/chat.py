@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 
 from clo.errors import CloError
-from clo.tokenizer import Tokenizer
+from clo.model.tokenizer import Tokenizer
 
 FORMATS = ("chatml", "llama3", "llama2", "mistral", "plain")
 

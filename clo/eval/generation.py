@@ -1,7 +1,7 @@
 """Answer prompt sets with a model, then grade each answer: its language, and whether it is degenerate.
 
-Prompts are formatted exactly as in training (clo/chat.py) and answered greedily in batches of
-similar length with the KV-cached generator (clo/generate.py). Each answer becomes one record:
+Prompts are formatted exactly as in training (clo/model/chat.py) and answered greedily in batches of
+similar length with the KV-cached generator (clo/model/generate.py). Each answer becomes one record:
 
     {"model", "set", "id", "prompt_lang", "prompt", "answer", "answer_lang", "n_tokens",
      "hit_max_new_tokens", "copy_score", "repeat_score", "degenerate": null | "empty" | "copy" | "repeat"}
@@ -19,13 +19,13 @@ from collections import Counter
 import torch
 from tqdm import tqdm
 
-from clo.chat import ChatFormat, encode_prompt, stop_ids
-from clo.degenerate import COPY_THRESHOLD, NGRAM, REPEAT_THRESHOLD, judge_answer
-from clo.generate import generate
-from clo.langid import LanguageId
-from clo.model import Transformer
-from clo.prompt_sets import EvalPrompt
-from clo.tokenizer import Tokenizer
+from clo.model.chat import ChatFormat, encode_prompt, stop_ids
+from clo.eval.degenerate import COPY_THRESHOLD, NGRAM, REPEAT_THRESHOLD, classify_answer
+from clo.model.generate import generate
+from clo.eval.langid import LanguageId
+from clo.model.decoder import Transformer
+from clo.eval.prompts import EvalPrompt
+from clo.model.tokenizer import Tokenizer
 
 
 @torch.no_grad()
@@ -35,7 +35,7 @@ def generate_answers(
 ) -> list[tuple[str, int]]:
     """Greedy answers, in the order of `prompts`: (text, number of new tokens, stop token excluded).
 
-    compile: decode with clo.generate's compiled static-shape step (one compile per batch shape).
+    compile: decode with clo.model.generate's compiled static-shape step (one compile per batch shape).
     """
     encoded = [encode_prompt(tok, fmt, p.text) for p in prompts]
     stops = stop_ids(tok, fmt)
@@ -64,7 +64,7 @@ def grade_answers(
     """One record per answer (module docstring)."""
     records = []
     for p, (text, n_tokens) in zip(prompts, answers, strict=True):
-        verdict = judge_answer(p.text, text, copy_threshold, repeat_threshold, ngram)
+        verdict = classify_answer(p.text, text, copy_threshold, repeat_threshold, ngram)
         records.append({
             "model": model_name, "set": p.set, "id": p.id, "prompt_lang": p.lang, "prompt": p.text,
             "answer": text, "answer_lang": langid.identify(text), "n_tokens": n_tokens,

@@ -73,7 +73,7 @@ class Verdict:
         return self.reason is not None
 
 
-def judge_answer(
+def classify_answer(
     prompt: str, answer: str, copy_threshold: float = COPY_THRESHOLD, repeat_threshold: float = REPEAT_THRESHOLD, n: int = NGRAM
 ) -> Verdict:
     """Score an answer; the reason is the first that applies of empty, copy, repeat."""

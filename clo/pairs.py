@@ -15,10 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clo.errors import CloError
-from clo.jsonl import read_lines
-from clo.languages import get_language
+from clo.jsonl import dumps_line, read_lines
+from clo.languages import get_language, target_language
 
 FIELDS = ("id", "lang", "prompt_en", "response_en", "prompt", "response")
+# Every line pair_line writes starts with these bytes, so a torn last line (a crash cut a write
+# short) starts with them too, or is a prefix of them (translate.py's resume relies on it).
+RECORD_START = b'{"id": "'
 DEMO_DIR = Path(__file__).resolve().parents[1] / "data" / "demo"
 
 
@@ -82,7 +85,10 @@ def load_pairs(path: Path | str, lang: str | None = None) -> LoadReport:
 
 def demo_path(lang: str, heldout: bool = False) -> Path:
     """The shipped smoke-run set for `lang` (data/demo, 128 training + 16 held-out examples)."""
-    code = get_language(lang).code
-    if code == "en":
-        raise CloError("--lang en: the target language must not be English")
+    code = target_language(lang).code
     return DEMO_DIR / (f"{code}.heldout.jsonl" if heldout else f"{code}.jsonl")
+
+
+def pair_line(record: dict) -> str:
+    """One record as a line of the format, fields in FIELDS order (the writer of what load_pairs reads)."""
+    return dumps_line({key: record[key] for key in FIELDS})

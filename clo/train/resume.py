@@ -12,7 +12,7 @@ run code on `--resume` is refused instead of executed.
 """
 
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -20,14 +20,7 @@ import torch
 
 from clo.atomic import atomic_file
 from clo.errors import CloError
-
-
-@dataclass
-class Position:
-    stage: int = 0
-    epoch: int = 0  # within the stage
-    batch: int = 0  # next micro-batch within the epoch
-    step: int = 0  # optimizer steps done, over the whole run
+from clo.train.schedule import Position
 
 
 def rng_state() -> dict:

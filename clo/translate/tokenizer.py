@@ -8,7 +8,7 @@ An M2M100 checkpoint folder (facebook/m2m100_418M, facebook/m2m100_1.2B) holds:
     after it, in fairseq's fixed order (LANGUAGE_CODES below), so `__en__` is len(vocab) + 18.
 
 A source sentence is encoded as `[__src__] pieces [</s>]`; the decoder starts from `</s>` and is then
-forced to emit `[__tgt__]`, so the model knows which language to write (see clo/m2m100.py).
+forced to emit `[__tgt__]`, so the model knows which language to write (see clo/translate/m2m100.py).
 
 This reproduces `transformers.M2M100Tokenizer` id for id on ordinary text (tests/test_m2m100.py).
 One deliberate difference: the strings "<s>", "</s>", "<pad>", "<unk>" inside the text are encoded

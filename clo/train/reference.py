@@ -3,7 +3,7 @@
 DPO-style losses compare the policy with the starting model π_ref. Instead of keeping a second model
 in memory and running it every step (TRL's default), we run the starting model once over every
 sequence, with no grad, and keep log π_ref(y|x) as an [N, 4] float32 table, N examples by the four
-sequences of clo/batching.py. The file is keyed by a hash of the weights' content, the precision, the
+sequences of clo/train/batching.py. The file is keyed by a hash of the weights' content, the precision, the
 batching and the exact token ids, so any change to model, data or tokenization settings computes a
 new table. A table is cached only when every row was computed and is finite.
 """
@@ -17,10 +17,10 @@ import torch
 from tqdm import tqdm
 
 from clo.atomic import atomic_file, write_atomic
-from clo.batching import EncodedExample, flat_sequences
-from clo.checkpoint import weight_files
+from clo.train.batching import EncodedExample, flat_sequences
+from clo.model.hf_folder import weight_files
 from clo.errors import CloError
-from clo.forward import sequence_logps
+from clo.train.scoring import Batching
 
 
 def model_fingerprint(folder: Path, memo: Path | None = None) -> str:
@@ -80,10 +80,10 @@ def data_digest(examples: list[EncodedExample]) -> str:
 
 
 @torch.no_grad()
-def compute_reference_logps(
-    model, examples: list[EncodedExample], pad_id: int, batch_size: int, bucket: int, autocast_dtype=None, groups: int = 1
-) -> torch.Tensor:
-    """log π_ref for every sequence: [N, 4] float32, row i = example i, columns in SEQUENCE_NAMES order."""
+def compute_reference_logps(model, examples: list[EncodedExample], batching: Batching, batch_size: int, autocast_dtype=None) -> torch.Tensor:
+    """log π_ref for every sequence: [N, 4] float32, row i = example i, columns in SEQUENCE_NAMES order.
+
+    `batch_size` examples at a time, shortest first, scored as training scores them (`batching`)."""
     was_training = model.training
     model.eval()
     device = model.embed_tokens.weight.device
@@ -95,7 +95,7 @@ def compute_reference_logps(
     for start in tqdm(range(0, len(order), batch_size), desc="reference log-probs", unit="batch"):
         idx = order[start : start + batch_size]
         with torch.autocast(device.type, autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            logps, _ = sequence_logps(model, flat_sequences([examples[i] for i in idx]), pad_id, bucket, groups)
+            logps, _ = batching.logps(model, flat_sequences([examples[i] for i in idx]))
         out[idx] = logps.float().cpu().view(4, len(idx)).T
     model.train(was_training)
     bad = (~torch.isfinite(out)).any(1).nonzero().flatten()

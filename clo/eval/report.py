@@ -3,11 +3,11 @@
 Input: one results dict per model, as eval.py builds them:
 
     {"name", "model",
-     "fidelity": {lang: {...}},            clo/generation_eval.py `fidelity`, all prompt sets pooled
+     "fidelity": {lang: {...}},            clo/eval/generation.py `fidelity`, all prompt sets pooled
      "fidelity_by_set": {set: {lang: {...}}},
-     "preference": {...} | None,           clo/preference_eval.py
-     "mc": {...} | None,                   clo/mc_eval.py
-     "judge": {"against": name, ...} | None}   clo/judge.py summary
+     "preference": {...} | None,           clo/eval/preference.py
+     "mc": {...} | None,                   clo/eval/mc.py
+     "judge": {"against": name, ...} | None}   clo/eval/judge.py summary
 
 The PNG (report.png) needs matplotlib, an optional dependency: without it the plot is skipped.
 All files are written atomically (temp file, then rename), so a crash never leaves half a report.

@@ -1,4 +1,4 @@
-"""What trains: parameter groups and a schedule of training stages.
+"""What trains: parameter groups, stages of them, and the start of each stage.
 
 The paper trains only the attention layers (q, k, v, o projections; docs/paper.md "Parameters that
 train"); it also reports that attention-only did much worse than full training on Llama-2 Swahili,
@@ -19,10 +19,13 @@ With LoRA, the base stays frozen and a stage trains the lora_* parameters inside
 import re
 from dataclasses import dataclass
 
+import torch
 import torch.nn as nn
 
 from clo.errors import CloError
-from clo.model import ATTENTION_PROJECTIONS, MLP_PROJECTIONS
+from clo.model.decoder import ATTENTION_PROJECTIONS, MLP_PROJECTIONS
+from clo.runtime import compile_blocks
+from clo.train.precision import master_copies, restore_originals
 
 GROUPS = ("attn", "mlp", "embed", "norm", "head", "all")
 
@@ -85,3 +88,25 @@ def set_trainable(model: nn.Module, groups: tuple[str, ...], lora: bool = False)
     if not counts:
         raise CloError(f"--stages: groups {'+'.join(groups)} select no parameters" + (" with LoRA" if lora else ""))
     return counts
+
+
+def begin_stage(model: nn.Module, groups: tuple[str, ...], *, lora: bool, lr: float, weight_decay: float,
+                compile: bool = False, checkpoint_activations: bool = False, source=None, trained=frozenset()):
+    """Make `groups` trainable with fp32 master copies and a fresh AdamW over them. -> (optimizer, params, counts).
+
+    source: the starting checkpoint's folder; a weight that starts training here (not in `trained`,
+    the names an earlier stage or the resumed checkpoint already trained) starts from its value
+    there, exactly (clo/train/precision.py, rules 2 and 3).
+    """
+    counts = set_trainable(model, groups, lora=lora)
+    if source is not None:
+        restore_originals(model, source, [n for n, p in model.named_parameters() if p.requires_grad and n not in trained])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    master_copies(trainable)
+    fused = trainable[0].device.type == "cuda"
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay, fused=fused)
+    if compile:
+        compile_blocks(model)
+    model.checkpoint_activations = checkpoint_activations
+    model.train()
+    return optimizer, trainable, counts

@@ -4,7 +4,7 @@
   which runs the exact pipeline the file describes.
 - `tokenizer.model` (Llama-2, Mistral: sentencepiece), through `sentencepiece`.
 
-`encode` never adds BOS or EOS: callers (clo/chat.py) add them once, on purpose, so a prompt never
+`encode` never adds BOS or EOS: callers (clo/model/chat.py) add them once, on purpose, so a prompt never
 starts with two BOS. Special tokens written in the text (`<|im_start|>`) become their ids.
 """
 

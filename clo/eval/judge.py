@@ -9,7 +9,7 @@ gains nothing. From A's side a judgment scores 1 (win), 0 (loss) or ½ (tie), an
 
 Language. As in the paper's evaluation, an answer in the wrong language loses: the judge prompt
 says so, and with `language_check="langid"` (the default) the rule is also applied before asking:
-when exactly one of the two answers is in the prompt's language (by py3langid, clo/langid.py), that
+when exactly one of the two answers is in the prompt's language (by py3langid, clo/eval/langid.py), that
 answer wins both orders and the judge is not asked. Small judges follow such an instruction poorly.
 
 Parsing. The judge is asked to reply "Output (a)" or "Output (b)" and decodes greedily. A reply
@@ -25,10 +25,10 @@ import re
 
 from tqdm import tqdm
 
-from clo.chat import ChatFormat, encode_prompt, stop_ids
-from clo.generate import generate
-from clo.model import Transformer
-from clo.tokenizer import Tokenizer
+from clo.model.chat import ChatFormat, encode_prompt, stop_ids
+from clo.model.generate import generate
+from clo.model.decoder import Transformer
+from clo.model.tokenizer import Tokenizer
 
 JUDGE_TEMPLATE = """You compare two answers to the same instruction and decide which one is better.
 Judge helpfulness, correctness and clarity. An answer written in a different language from the \
@@ -76,7 +76,7 @@ def judge_pairs(
 ) -> tuple[list[dict], dict]:
     """(one judgment record per prompt and order, summary) of model A against model B.
 
-    records_*: generation records (clo/generation_eval.py) of the two models; prompts are matched by
+    records_*: generation records (clo/eval/generation.py) of the two models; prompts are matched by
     (set, id, prompt_lang). Summary: win_rate, wins, losses, ties, malformed, decided_by_language, n.
     """
     by_key = {pair_key(r): r for r in records_b}

@@ -1,7 +1,7 @@
 """Held-out preference and likelihood: what CLO optimizes, measured on held-out pairs without generating.
 
 For each held-out pair (x_en, y_en, x_t, y_t), one forward pass scores the four sequences of
-clo/batching.py, giving sequence log-probs log π(y|x) (sums over response tokens, end-of-turn
+clo/train/batching.py, giving sequence log-probs log π(y|x) (sums over response tokens, end-of-turn
 included, as in training):
 
     target direction   pref_t  = share of pairs with log π(y_t | x_t)   > log π(y_en | x_t)
@@ -26,9 +26,9 @@ import math
 import torch
 from tqdm import tqdm
 
-from clo.batching import SEQUENCE_NAMES, EncodedExample, flat_sequences
-from clo.forward import sequence_logps
-from clo.model import Transformer
+from clo.train.batching import SEQUENCE_NAMES, EncodedExample, flat_sequences
+from clo.train.scoring import sequence_logps
+from clo.model.decoder import Transformer
 
 
 @torch.no_grad()

@@ -14,10 +14,12 @@ order of floating-point sums inside the matmuls differs.
                             ▇▇▇▇▇▇▇······  group 1
 """
 
+from dataclasses import dataclass
+
 import torch
 
-from clo.batching import collate_sequences
-from clo.loss import response_logps
+from clo.train.batching import collate_sequences
+from clo.train.loss import response_logps
 
 
 def length_groups(lengths: list[int], groups: int) -> list[list[int]]:
@@ -45,3 +47,25 @@ def sequence_logps(model, sequences, pad_id: int, bucket: int, groups: int = 1):
     back[torch.tensor(rows)] = torch.arange(len(rows))  # sorted position of each original row
     back = back.to(device)
     return torch.cat(parts)[back], torch.cat(counts)[back]
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How sequences become padded tensors: the pad id, lengths rounded up to a multiple of `bucket`,
+    and `groups` length groups per batch (`sequence_logps`)."""
+
+    pad_id: int
+    bucket: int
+    groups: int
+
+    @classmethod
+    def resolve(cls, pad_id: int, bucket: int, groups: int, device: torch.device, compiled: bool) -> "Batching":
+        """0 means auto. bucket: 64 when compiling (one graph per padded shape: keep the shapes few),
+        else 8. groups: 4 on CPU, where a third of the demo's padded tokens were padding and 4 groups
+        cut a default-job step from 26.8 to 18.3 s (AMD EPYC, BENCHMARKS.md); 1 on CUDA, not yet
+        measured there."""
+        return cls(pad_id, bucket or (64 if compiled else 8), groups or (1 if device.type == "cuda" else 4))
+
+    def logps(self, model, sequences):
+        """`sequence_logps` of (prompt ids, response ids) pairs. -> (logp_sum [N], n_tokens [N])."""
+        return sequence_logps(model, sequences, self.pad_id, self.bucket, self.groups)

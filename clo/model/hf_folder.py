@@ -15,10 +15,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from clo.atomic import atomic_folder
-from clo.config import ModelConfig
+from clo.model.config import ModelConfig
 from clo.errors import CloError
 from clo.jsonfile import read_json
-from clo.model import Transformer, rope_inv_freq
+from clo.model.decoder import Transformer, rope_inv_freq
+from clo.runtime import default_dtype
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -27,25 +28,6 @@ TOKENIZER_FILES = (
     "special_tokens_map.json",
     "generation_config.json",
 )
-
-
-def default_dtype(device: torch.device | str) -> torch.dtype:
-    """bf16 on CUDA, fp32 elsewhere (exact comparisons and generation default to full precision on CPU)."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-
-
-def bf16_is_fast(device: torch.device | str) -> bool:
-    """True on CUDA, and on CPUs with AMX tiles, where bf16 matmuls run ~8x faster than fp32 (BENCHMARKS.md)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return True
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private, so guarded
-    return device.type == "cpu" and amx is not None and bool(amx())
-
-
-def on_for_cuda(flag: str, device: torch.device | str) -> bool:
-    """An on/off/auto flag where auto means: on for CUDA (the --compile flags of train, eval and generate)."""
-    return flag == "on" or (flag == "auto" and torch.device(device).type == "cuda")
 
 
 def hf_key(name: str) -> str:
@@ -119,36 +101,6 @@ def _open_weights(path: Path):
         raise CloError(f"{path}: unreadable safetensors file ({e})") from None
 
 
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-
-
-def restore_originals(model: Transformer, folder: Path | str, names) -> list[str]:
-    """Give the parameters `names` back their checkpoint values and dtype wherever memory holds them narrower.
-
-    Training may hold frozen weights in bf16 (compute precision) while the checkpoint stores fp32;
-    the file stays their master copy. Called before a stage starts training a parameter, before a
-    LoRA merge and before saving, so nothing is ever rounded by having been frozen. Returns the
-    names restored (none when memory already holds the file's dtype).
-    """
-    params = dict(model.named_parameters())  # tied weights appear once, under embed_tokens
-    wanted = {hf_key(n): n for n in names if n in params}
-    restored = []
-    for path in weight_files(Path(folder)):
-        with safe_open(path, framework="pt", device="cpu") as f:
-            for key in f.keys():
-                name = wanted.get(key)
-                if name is None:
-                    continue
-                p = params[name]
-                stored = SAFETENSORS_DTYPES.get(f.get_slice(key).get_dtype())
-                # exact in memory: the same dtype, or a wider float (bf16 and fp16 are both 16 bits, neither holds the other)
-                if stored is None or stored == p.dtype or torch.finfo(p.dtype).bits > torch.finfo(stored).bits:
-                    continue
-                p.data = f.get_tensor(key).to(p.device)
-                restored.append(name)
-    return restored
-
-
 def save_model(
     model: Transformer,
     out_dir: Path | str,
@@ -161,7 +113,7 @@ def save_model(
 
     The folder appears complete or not at all: everything is written into a temporary sibling first.
     chat_format: the format the model was trained with, recorded as "clo_chat_format" in
-    tokenizer_config.json so that eval.py and clo.generate serve it in that format (transformers
+    tokenizer_config.json so that eval.py and clo.model.generate serve it in that format (transformers
     ignores the field).
     """
     out_dir = Path(out_dir)

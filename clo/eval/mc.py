@@ -34,11 +34,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from clo.batching import EncodedExample, flat_sequences
+from clo.train.batching import EncodedExample, flat_sequences
 from clo.errors import CloError
-from clo.forward import sequence_logps
-from clo.model import Transformer
-from clo.tokenizer import Tokenizer
+from clo.train.scoring import sequence_logps
+from clo.model.decoder import Transformer
+from clo.model.tokenizer import Tokenizer
 
 LETTERS = ("A", "B", "C", "D")
 

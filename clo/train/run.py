@@ -1,0 +1,174 @@
+"""The mechanics of one training run, apart from the method: its folder, lock, resume, logs, Ctrl-C.
+
+    <out>/run.json        the flags and what they resolved to, plus a summary at the end
+    <out>/metrics.jsonl   one JSON line per optimizer step
+    <out>/checkpoint.pt   resumable state (clo/train/resume.py), atomically replaced
+    <out>/model/          the HF folder (and <out>/adapter/ with --lora), written by train.py
+
+`Run` is a context manager: entering takes the folder's lock (one run per --out, taken first so
+a second run stops at once) and removes what a killed save left; `steps()` opens the progress bar
+and turns Ctrl-C / SIGTERM into a request read between steps (clo/train/interrupt.py).
+"""
+
+import json
+import shutil
+import sys
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from clo.atomic import leftovers, write_atomic
+from clo.errors import CloError
+from clo.lock import output_lock
+from clo.train.interrupt import stop_requests
+from clo.train.resume import read_checkpoint, resume_from, save_checkpoint, set_rng_state
+from clo.train.schedule import Position
+
+RUN_FILES = ("run.json", "metrics.jsonl", "checkpoint.pt", "model", "adapter")
+
+
+class Run:
+    """One run's folder. resume: continue the run in it; overwrite: replace it (else a folder
+    holding a run is refused, before any work)."""
+
+    def __init__(self, out: Path, *, resume: bool = False, overwrite: bool = False):
+        self.out, self.resume, self.overwrite = Path(out), resume, overwrite
+        self.checkpoint_path, self.metrics_path = self.out / "checkpoint.pt", self.out / "metrics.jsonl"
+        check_out(self.out, resume, overwrite)
+        self._stack = ExitStack()
+        self.bar, self.stop = None, None
+
+    def __enter__(self) -> "Run":
+        self._stack.enter_context(output_lock(self.out))
+        removed = remove_leftovers(self.out)
+        if removed:
+            print(f"removed {len(removed)} temporary file(s) left in {self.out} by a killed run", file=sys.stderr)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def saved_checkpoint(self) -> dict | None:
+        """The checkpoint to resume from (read safely), or None for a fresh run."""
+        return read_checkpoint(self.checkpoint_path) if self.resume else None
+
+    def check_resume(self, saved: dict | None, settings: dict, flag_names: dict) -> dict | None:
+        """`saved`, if it was made with exactly `settings` (else a one-line error naming the flag)."""
+        return resume_from(self.checkpoint_path, saved, settings, flag_names) if saved else None
+
+    def begin(self, ckpt: dict | None, info: dict) -> Position:
+        """Start writing: on resume, restore the RNG and cut metrics back to the checkpoint's step;
+        else clear the folder. Writes run.json. -> the position to start from."""
+        if ckpt is not None:
+            pos = ckpt["position"]
+            set_rng_state(ckpt["rng"])  # nothing random happens between here and the next step
+            keep_metrics_until(self.metrics_path, pos.step)
+            print(f"resuming from {self.checkpoint_path} at step {pos.step}", file=sys.stderr)
+        else:
+            pos = Position()
+            clear_run(self.out)  # only a run the user asked to --overwrite gets here with files in it
+            self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "run.json").write_text(json.dumps(info, indent=2))
+        return pos
+
+    @contextmanager
+    def steps(self, total: int, initial: int, desc: str):
+        """The training loop's span: a progress bar, and Ctrl-C / SIGTERM read between steps (`self.stop`)."""
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step")
+        try:
+            with stop_requests() as self.stop:
+                yield self
+        finally:
+            self.bar.close()
+
+    def record(self, row: dict) -> None:
+        """One step's metrics: a line of metrics.jsonl and the progress bar."""
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.bar.update(1)
+        self.bar.set_postfix({"loss": f"{row['loss']:.3f}", **({"margin": f"{row['margin']:.3f}"} if "margin" in row else {}),
+                              "tok/s": f"{row['tokens_per_s']:.0f}"})
+
+    def save(self, *, weights: dict, optimizer, position: Position, settings: dict) -> None:
+        save_checkpoint(self.checkpoint_path, weights=weights, optimizer=optimizer, position=position, settings=settings)
+
+    def exit_if_stopped(self, step: int) -> None:
+        """After the checkpoint is saved: a requested stop ends the process with 128 + the signal."""
+        if self.stop is not None and self.stop.requested:
+            print(f"\ninterrupted: checkpoint saved to {self.checkpoint_path} at step {step}; continue with --resume", file=sys.stderr)
+            sys.exit(128 + self.stop.signum)
+
+    def summarize(self, device: torch.device) -> None:
+        """Median tokens/s, peak memory and first/last loss and margin, printed and added to run.json."""
+        rows = [json.loads(line) for line in self.metrics_path.read_text().split("\n") if line]
+        if not rows:
+            return
+        summary = {
+            "steps": len(rows),
+            "median_tokens_per_s": float(np.median([r["tokens_per_s"] for r in rows])),
+            "peak_memory_gib": round(peak_memory_gib(device), 2),
+            "first_loss": rows[0]["loss"],
+            "last_loss": rows[-1]["loss"],
+        }
+        if "margin" in rows[0]:
+            summary.update(first_margin=rows[0]["margin"], last_margin=rows[-1]["margin"])
+        run = json.loads((self.out / "run.json").read_text())
+        (self.out / "run.json").write_text(json.dumps({**run, "summary": summary}, indent=2))
+        print("summary: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()), file=sys.stderr)
+
+
+def check_out(out: Path, resume: bool, overwrite: bool) -> None:
+    """--out must be a folder that holds no other run, unless the user resumes or overwrites it."""
+    if out.exists() and not out.is_dir():
+        raise CloError(f"--out {out}: exists and is not a folder")
+    if not resume and not overwrite:
+        held = [name for name in RUN_FILES if (out / name).exists()]
+        if held:
+            raise CloError(f"--out {out}: holds a run ({held[0]}); --resume continues it, --overwrite replaces it, or choose another --out")
+
+
+def clear_run(out: Path) -> None:
+    """Remove an earlier run's files from `out` (called only for a fresh run; --overwrite asked for it)."""
+    for name in RUN_FILES:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def remove_leftovers(out: Path) -> list[Path]:
+    """Temporary files and folders a killed save left in `out` (`.checkpoint.pt.XXXX`, `.model.XXXX/`, ...);
+    called with the folder locked, so no other run can be writing them."""
+    found = [p for name in ("checkpoint.pt", "metrics.jsonl", "model", "adapter") for p in leftovers(out / name)]
+    for p in found:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    return found
+
+
+def keep_metrics_until(path: Path, step: int) -> None:
+    """Drop metric lines past the checkpoint's step (they will be written again), and a last line
+    torn by a kill; any other line that is not a metrics row is a one-line error."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").split("\n")
+    kept = []
+    for number, line in enumerate(lines[:-1], 1):  # after the last newline: empty, or a line torn mid-write
+        try:
+            at = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            raise CloError(f"{path}:{number}: not a metrics line (field 'step' missing or invalid JSON)") from None
+        if at <= step:
+            kept.append(line)
+    write_atomic(path, "".join(r + "\n" for r in kept))
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
