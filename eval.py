@@ -31,31 +31,31 @@ import gc
 import os
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from clo.train.batching import encode_all
-from clo.model.chat import detect_format
-from clo.model.hf_folder import load_model, weight_files
-from clo.runtime import on_for_cuda
-from clo.model.config import ModelConfig
-from clo.pairs import demo_path, load_pairs
-from clo.model.sources import DEFAULT_MODEL, resolve_model
-from clo.runtime import resolve_device
-from clo.eval.degenerate import COPY_THRESHOLD, NGRAM, REPEAT_THRESHOLD
+from clo.atomic import write_atomic
 from clo.errors import ArgumentParser, CloError, run_cli
-from clo.lock import output_lock
+from clo.eval.degenerate import COPY_THRESHOLD, NGRAM, REPEAT_THRESHOLD
 from clo.eval.generation import fidelity, generate_answers, grade_answers
 from clo.eval.judge import alpaca_eval_outputs, judge_pairs
 from clo.eval.langid import DEFAULT_LANGS, LanguageId
-from clo.languages import target_language
 from clo.eval.mc import dev_file_for, evaluate_mc, read_mc_csv
 from clo.eval.preference import four_way_logps, preference_metrics
 from clo.eval.prompts import load_prompts
-from clo.atomic import write_atomic
 from clo.eval.report import markdown_report, plot_main_numbers, write_json, write_jsonl
+from clo.languages import target_language
+from clo.lock import output_lock
+from clo.model.chat import detect_format
+from clo.model.config import ModelConfig
+from clo.model.hf_folder import load_model, weight_files
+from clo.model.sources import DEFAULT_MODEL, resolve_model
 from clo.model.tokenizer import load_tokenizer
+from clo.pairs import demo_path, load_pairs
+from clo.runtime import on_for_cuda, resolve_device
+from clo.train.batching import encode_all
 
 
 def parse_args(argv=None):
@@ -99,6 +99,8 @@ def parse_args(argv=None):
     return args
 
 
+DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}  # --dtype (auto: bf16 on CUDA, fp32 on CPU)
+
 # What eval.py writes into --out (a file, or a folder for alpaca_eval); see the docstring.
 OUTPUTS = {"generations.jsonl": False, "metrics.jsonl": False, "metrics.json": False, "judgments.jsonl": False,
            "report.md": False, "report.png": False, "alpaca_eval": True}
@@ -120,7 +122,7 @@ def check_out(out: Path) -> None:
         return
     for entry in sorted(out.iterdir()):
         if any(entry.name.startswith(f".{name}.") for name in OUTPUTS):
-            continue  # the temporary file of an interrupted write (clo/eval/report.py write_atomic)
+            continue  # the temporary file of an interrupted write (clo/atomic.py write_atomic)
         if entry.name not in OUTPUTS:
             raise CloError(f"--out {out}: holds {entry.name}, which eval.py does not write; choose another --out")
         if entry.is_dir() != OUTPUTS[entry.name]:
@@ -174,18 +176,47 @@ def load_checked(folder: Path, device, dtype):
         raise CloError(f"{folder}: checkpoint does not load ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
+@dataclass
+class Inputs:
+    """Everything eval.py reads, checked before any model runs."""
+
+    heldout_path: Path
+    heldout: list  # the held-out cross-lingual pairs
+    prompt_files: list[Path]
+    prompts: list  # EvalPrompt, every file's
+    mmlu: list  # one question list per --mmlu file
+    mmlu_dev: list  # its few-shot dev questions, or None
+    folders: list[Path]  # one per --models
+    names: list[str]
+    judge_folder: Path | None
+
+
 def main(argv=None):
     args = parse_args(argv)
     lang = target_language(args.lang)
-    device = args.device
-    dtype = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     out = Path(args.out or f"runs/eval-{lang.code}")
 
     # 0. Every input and output is checked before any model runs: a typo costs seconds, not an hour.
     check_out(out)
     langid = LanguageId(args.langs)
-    heldout_path = Path(args.heldout) if args.heldout else demo_path(lang.code, heldout=True)
-    heldout = load_pairs(heldout_path, lang.code).examples
+    inputs = read_inputs(args, lang.code)
+    with output_lock(out):  # one eval per --out: a second stops at once, not after an hour of generation
+        # 1-3. Each model in turn: generate and grade, held-out preference and NLL, multiple choice.
+        results, generations = [], {}
+        for name, folder in zip(inputs.names, inputs.folders):
+            result, generations[name] = evaluate_model(name, folder, inputs, langid, args)
+            results.append(result)
+        # 4. Pairwise judging: every model against the first, both presentation orders.
+        judgments = judge_all(inputs, results, generations, args) if inputs.judge_folder is not None else []
+        # 5. Outputs, each file atomically.
+        write_outputs(out, lang.code, inputs, results, generations, judgments, args)
+    return results
+
+
+def read_inputs(args, lang: str) -> Inputs:
+    """Read and check every input file and model folder (cheaply), before any model runs."""
+    heldout_path = Path(args.heldout) if args.heldout else demo_path(lang, heldout=True)
+    heldout = load_pairs(heldout_path, lang).examples
     heldout = heldout[: args.limit] if args.limit else heldout
     prompt_files = [Path(p) for p in args.prompts] if args.prompts else [heldout_path]
     prompts = [p for path in prompt_files for p in load_prompts(path, args.prompts_lang, args.limit)]
@@ -209,73 +240,74 @@ def main(argv=None):
             raise CloError(f"--names: {other!r} and {name!r} would both be written to alpaca_eval/{file_safe(name)}.json")
     print(
         f"eval: {len(prompts)} prompts from {', '.join(map(str, prompt_files))}; {len(heldout)} held-out pairs from {heldout_path}; "
-        f"{sum(map(len, mmlu))} multiple-choice questions; {len(folders)} models; device {device}",
+        f"{sum(map(len, mmlu))} multiple-choice questions; {len(folders)} models; device {args.device}",
         file=sys.stderr,
     )
+    return Inputs(heldout_path, heldout, prompt_files, prompts, mmlu, mmlu_dev, folders, names, judge_folder)
 
-    with output_lock(out):  # one eval per --out: a second stops at once, not after an hour of generation
-        # 1-3. Each model in turn: generate and grade, held-out preference and NLL, multiple choice.
-        results, generations = [], {}
-        for name, folder in zip(names, folders):
-            print(f"eval: {name} ({folder})", file=sys.stderr)
-            model = load_checked(folder, device, dtype)
-            tok = load_tokenizer(folder)
-            fmt = detect_format(tok, args.chat_format)
-            answers = generate_answers(model, tok, fmt, prompts, args.max_new_tokens, args.batch_size, desc=f"generate {name}",
-                                       compile=on_for_cuda(args.compile, device))
-            records = grade_answers(name, prompts, answers, langid, args.max_new_tokens, args.copy_threshold, args.repeat_threshold, args.ngram)
-            generations[name] = records
 
-            encoded, too_long = encode_all(tok, fmt, heldout, args.max_length)
-            preference = None
-            if encoded:
-                preference = preference_metrics(four_way_logps(model, encoded, tok.pad_id, args.batch_size), encoded)
-                preference["skipped_too_long"] = too_long
-            mc = evaluate_mc(model, tok, mmlu, mmlu_dev, args.mmlu_shots, args.batch_size, args.limit) if mmlu else None
+def evaluate_model(name: str, folder: Path, inputs: Inputs, langid: LanguageId, args) -> tuple[dict, list[dict]]:
+    """One model: answers generated and graded, held-out preference and NLL, multiple choice. -> (result, graded answers)."""
+    print(f"eval: {name} ({folder})", file=sys.stderr)
+    model = load_checked(folder, args.device, DTYPES[args.dtype])
+    tok = load_tokenizer(folder)
+    fmt = detect_format(tok, args.chat_format)
+    answers = generate_answers(model, tok, fmt, inputs.prompts, args.max_new_tokens, args.batch_size, desc=f"generate {name}",
+                               compile=on_for_cuda(args.compile, args.device))
+    records = grade_answers(name, inputs.prompts, answers, langid, args.max_new_tokens, args.copy_threshold, args.repeat_threshold, args.ngram)
 
-            sets = sorted({r["set"] for r in records})
-            results.append({
-                "name": name, "model": str(folder), "chat_format": fmt.name,
-                "fidelity": fidelity(records),
-                "fidelity_by_set": {s: fidelity([r for r in records if r["set"] == s]) for s in sets},
-                "preference": preference, "mc": mc, "judge": None,
-            })  # fmt: skip
-            del model
-            gc.collect()
+    encoded, too_long = encode_all(tok, fmt, inputs.heldout, args.max_length)
+    preference = None
+    if encoded:
+        preference = preference_metrics(four_way_logps(model, encoded, tok.pad_id, args.batch_size), encoded)
+        preference["skipped_too_long"] = too_long
+    mc = evaluate_mc(model, tok, inputs.mmlu, inputs.mmlu_dev, args.mmlu_shots, args.batch_size, args.limit) if inputs.mmlu else None
 
-        # 4. Pairwise judging: every model against the first, both presentation orders.
-        judgments = []
-        if judge_folder is not None:
-            print(f"eval: judging with {judge_folder}", file=sys.stderr)
-            judge = load_checked(judge_folder, device, dtype)
-            judge_tok = load_tokenizer(judge_folder)
-            judge_fmt = detect_format(judge_tok)  # the judge speaks its own format
-            baseline = names[0]
-            for result in results[1:]:
-                rows, summary = judge_pairs(
-                    judge, judge_tok, judge_fmt, generations[result["name"]], generations[baseline],
-                    args.batch_size, args.judge_max_new_tokens, args.judge_language_check,
-                )  # fmt: skip
-                result["judge"] = {"against": baseline, "judge": str(judge_folder), **summary}
-                judgments += [{"model_a": result["name"], "model_b": baseline, **row} for row in rows]
-            del judge
-            gc.collect()
+    sets = sorted({r["set"] for r in records})
+    result = {
+        "name": name, "model": str(folder), "chat_format": fmt.name,
+        "fidelity": fidelity(records),
+        "fidelity_by_set": {s: fidelity([r for r in records if r["set"] == s]) for s in sets},
+        "preference": preference, "mc": mc, "judge": None,
+    }  # fmt: skip
+    del model
+    gc.collect()
+    return result, records
 
-        # 5. Outputs, each file atomically.
-        settings = vars(args) | {"heldout": str(heldout_path), "prompts": [str(p) for p in prompt_files], "device": str(device)}
-        write_jsonl(out / "generations.jsonl", [r for name in names for r in generations[name]])
-        write_jsonl(out / "metrics.jsonl", results)
-        write_json(out / "metrics.json", {"lang": lang.code, "settings": settings, "models": results})
-        if judgments:
-            write_jsonl(out / "judgments.jsonl", judgments)
-        for name in names:
-            write_json(out / "alpaca_eval" / f"{file_safe(name)}.json", alpaca_eval_outputs(generations[name], name))
-        report = markdown_report(results, lang.code, settings)
-        write_atomic(out / "report.md", report)
-        plotted = plot_main_numbers(results, lang.code, out / "report.png")
-        print(report.split("\n## ")[0], file=sys.stderr)
-        print(f"eval: wrote {out}/report.md{' and report.png' if plotted else ' (no plot: matplotlib is not installed)'}", file=sys.stderr)
-    return results
+
+def judge_all(inputs: Inputs, results: list[dict], generations: dict, args) -> list[dict]:
+    """Every model after the first judged against the first, in both orders; fills result["judge"]. -> judgment rows."""
+    print(f"eval: judging with {inputs.judge_folder}", file=sys.stderr)
+    judge = load_checked(inputs.judge_folder, args.device, DTYPES[args.dtype])
+    judge_tok = load_tokenizer(inputs.judge_folder)
+    judge_fmt = detect_format(judge_tok)  # the judge speaks its own format
+    baseline, judgments = inputs.names[0], []
+    for result in results[1:]:
+        rows, summary = judge_pairs(
+            judge, judge_tok, judge_fmt, generations[result["name"]], generations[baseline],
+            args.batch_size, args.judge_max_new_tokens, args.judge_language_check,
+        )  # fmt: skip
+        result["judge"] = {"against": baseline, "judge": str(inputs.judge_folder), **summary}
+        judgments += [{"model_a": result["name"], "model_b": baseline, **row} for row in rows]
+    del judge
+    gc.collect()
+    return judgments
+
+
+def write_outputs(out: Path, lang: str, inputs: Inputs, results: list[dict], generations: dict, judgments: list[dict], args) -> None:
+    settings = vars(args) | {"heldout": str(inputs.heldout_path), "prompts": [str(p) for p in inputs.prompt_files], "device": str(args.device)}
+    write_jsonl(out / "generations.jsonl", [r for name in inputs.names for r in generations[name]])
+    write_jsonl(out / "metrics.jsonl", results)
+    write_json(out / "metrics.json", {"lang": lang, "settings": settings, "models": results})
+    if judgments:
+        write_jsonl(out / "judgments.jsonl", judgments)
+    for name in inputs.names:
+        write_json(out / "alpaca_eval" / f"{file_safe(name)}.json", alpaca_eval_outputs(generations[name], name))
+    report = markdown_report(results, lang, settings)
+    write_atomic(out / "report.md", report)
+    plotted = plot_main_numbers(results, lang, out / "report.png")
+    print(report.split("\n## ")[0], file=sys.stderr)
+    print(f"eval: wrote {out}/report.md{' and report.png' if plotted else ' (no plot: matplotlib is not installed)'}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -40,8 +40,19 @@ from clo.model.tokenizer import load_tokenizer
 from clo.pairs import demo_path, load_pairs
 from clo.runtime import on_for_cuda, resolve_device
 from clo.train.batching import encode_all
-from clo.train.precision import check_precision_flags, checkpoint_dtype, restore_originals, training_precision
-from clo.train.reference import cache_key, cached_reference_logps, compute_reference_logps, data_digest, model_fingerprint
+from clo.train.precision import (
+    check_precision_flags,
+    checkpoint_dtype,
+    restore_originals,
+    training_precision,
+)
+from clo.train.reference import (
+    cache_key,
+    cached_reference_logps,
+    compute_reference_logps,
+    data_digest,
+    model_fingerprint,
+)
 from clo.train.run import Run
 from clo.train.schedule import Position, Schedule, lr_at
 from clo.train.scoring import Batching

@@ -18,7 +18,8 @@ Features: OASST1 (both release formats), Alpaca JSON and plain JSONL sources (cl
 responses cut at line breaks and sentences and put back together with their lists, tables and code
 blocks intact, code untranslated (clo/translate/segment.py); identical sentences translated once per chunk;
 length-sorted batches; greedy or beam search with the checkpoint's generation_config.json defaults
-(clo/translate/m2m100.py); M2M100 and NLLB-200 dense checkpoints. Limit: the source is English.
+(clo/translate/search.py); M2M100 and NLLB-200 dense checkpoints (clo/translate/m2m100.py).
+Limit: the source is English.
 """
 
 import json
@@ -28,63 +29,27 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from clo.atomic import write_atomic
-from clo.pairs import FIELDS, RECORD_START, pair_line
-from clo.runtime import resolve_device
 from clo.errors import ArgumentParser, CloError, run_cli
 from clo.jsonl import split_lines
-from clo.languages import Language, get_language, target_language
+from clo.languages import get_language, target_language
 from clo.lock import output_lock
-from clo.translate.m2m100 import M2M100Config, load_m2m100
-from clo.translate.search import GenerationSettings, generate
-from clo.translate.tokenizer import load_tokenizer
+from clo.pairs import FIELDS, RECORD_START, pair_line
+from clo.runtime import resolve_device
 from clo.translate.parallel_pairs import continuation_pairs, read_doc_ids
 from clo.translate.segment import Segmented, reassemble, segment
-from clo.translate.sft_sources import FORMATS, SftExample, read_sft_source, sample_examples
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-# --- the model side -------------------------------------------------------------------------------
-
-
-class Translator:
-    """English sentences -> target-language sentences with an M2M100 (or NLLB-200) checkpoint."""
-
-    def __init__(self, model_dir: str, language: Language, device: str, dtype: str,
-                 beams: int | None, max_length: int | None):
-        self.device = torch.device(device)
-        M2M100Config.from_folder(model_dir)  # is it an M2M100 at all? (cheap, before the tokenizer)
-        self.tokenizer = load_tokenizer(model_dir)
-        self.src_lang = self.tokenizer.code_of(get_language("en"))
-        self.tgt_id = self.tokenizer.lang_id(self.tokenizer.code_of(language))
-        self.tokenizer.lang_id(self.src_lang)
-        self.model = load_m2m100(model_dir, self.device, DTYPES[dtype])
-        defaults = GenerationSettings.from_folder(model_dir)
-        self.settings = GenerationSettings(
-            max_length=max_length or defaults.max_length,
-            num_beams=beams or defaults.num_beams,
-            length_penalty=defaults.length_penalty,
-            early_stopping=defaults.early_stopping,
-        )
-
-    def encode(self, sentence: str) -> list[int]:
-        return self.tokenizer.encode(sentence, self.src_lang)
-
-    def translate_batch(self, batch: list[list[int]]) -> list[str]:
-        """Encoded sentences (as from `encode`) -> their translations, in order."""
-        width = max(len(ids) for ids in batch)
-        pad = self.tokenizer.pad_id
-        src = torch.tensor([ids + [pad] * (width - len(ids)) for ids in batch], device=self.device)
-        mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in batch], device=self.device)
-        outputs = generate(self.model, src, mask, self.tgt_id, self.settings)
-        return [self.tokenizer.decode(ids) for ids in outputs]
-
+from clo.translate.sft_sources import (
+    FORMATS,
+    SftExample,
+    read_sft_source,
+    sample_examples,
+)
+from clo.translate.translator import DTYPES, Translator
 
 # --- the output file ------------------------------------------------------------------------------
+
 
 @dataclass
 class ExistingOut:

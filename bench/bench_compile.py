@@ -15,16 +15,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+import torch
+from common import sync  # puts clo on sys.path
+
+from clo.runtime import compile_blocks
 
 
 def one_mode(mode: str, device: str, steps: int = 3) -> list[float]:
-    import torch
-
-    sys.path.insert(0, str(REPO))
-    import train
+    """Seconds of each of `steps` forward + backward steps with `mode` compiled ("whole" or "blocks")."""
     from clo.model.hf_folder import load_model
     from clo.model.sources import DEFAULT_MODEL, resolve_model
     from clo.train.stages import set_trainable
@@ -34,7 +33,7 @@ def one_mode(mode: str, device: str, steps: int = 3) -> list[float]:
     if mode == "whole":
         forward = torch.compile(model.hidden, dynamic=False)
     else:
-        train.compile_blocks(model)
+        compile_blocks(model)  # what train.py compiles (clo.train.stages.begin_stage)
         forward = model.hidden
     tokens = torch.randint(0, 1000, (4, 128), device=device)
     times = []
@@ -43,8 +42,7 @@ def one_mode(mode: str, device: str, steps: int = 3) -> list[float]:
         with torch.autocast(torch.device(device).type, torch.bfloat16):
             hidden = forward(tokens)
         hidden.float().pow(2).mean().backward()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        sync(torch.device(device))
         times.append(time.perf_counter() - start)
     return times
 

@@ -21,26 +21,33 @@ whether the two produced the same tokens.
 """
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
+from common import (  # puts clo on sys.path
+    RANDOM_SHAPES,
+    bench_device,
+    clo_model,
+    hf_model,
+    machine,
+    model_config,
+    model_name,
+    quiet_transformers,
+    resolve_models,
+    sync,
+    write_results,
+)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_train import REPO, RANDOM_SHAPES, clo_model, hf_model, machine, model_config, sync  # noqa: E402
-from clo.errors import CloError, run_cli  # noqa: E402
+from clo.errors import CloError, run_cli
 
 
 def bench_prompts(tokenizer_folder: str, lang: str, n: int, vocab: int) -> tuple[list[list[int]], int]:
     """(the first n demo prompts x_t as chat-formatted ids, modulo `vocab`; the pad id)."""
     from clo.model.chat import detect_format, encode_prompt
-    from clo.pairs import demo_path, load_pairs
     from clo.model.tokenizer import load_tokenizer
+    from clo.pairs import demo_path, load_pairs
 
     tok = load_tokenizer(tokenizer_folder)
     fmt = detect_format(tok)
@@ -89,24 +96,15 @@ def main(argv=None):
     args = parse_args(argv)
     if args.new_tokens < 2 or args.runs < 1:
         raise CloError("--new-tokens must be >= 2 and --runs >= 1")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CloError("--device cuda: no CUDA device is visible")
+    device = bench_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     import transformers
 
     from clo.runtime import default_dtype, on_for_cuda
-    from clo.model.sources import DEFAULT_MODEL, resolve_model
 
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    if args.model.startswith("random:"):
-        model_spec = args.model
-        tokenizer = str(resolve_model(args.tokenizer or DEFAULT_MODEL))
-    else:
-        model_spec = str(resolve_model(args.model))
-        tokenizer = str(resolve_model(args.tokenizer)) if args.tokenizer else model_spec
+    quiet_transformers()
+    model_spec, tokenizer = resolve_models(args.model, args.tokenizer)
     dtype = default_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
     spec = {"model": model_spec}
     ours = clo_model(spec, device, dtype)
@@ -118,57 +116,63 @@ def main(argv=None):
     rows = []
     for batch in args.batch_sizes:
         prompts, pad_id = bench_prompts(tokenizer, args.lang, batch, vocab)
-        with torch.inference_mode():
-            for name, generate in implementations.items():  # warm-up: allocations, kernel choices, compiling
-                start = time.perf_counter()
-                generate(prompts, 8, pad_id)  # CUDA graphs record on a later call than the compiling one
-                print(f"batch {batch}: {name} warm-up {time.perf_counter() - start:.1f} s", file=sys.stderr)
-            times = {name: {1: [], args.new_tokens: []} for name in implementations}
-            outputs = {}
-            for _ in range(args.runs):
-                for n in (args.new_tokens, 1):
-                    for name, generate in implementations.items():
-                        sync(device)
-                        start = time.perf_counter()
-                        result = generate(prompts, n, pad_id)
-                        sync(device)
-                        times[name][n].append(time.perf_counter() - start)
-                        if n == args.new_tokens:
-                            outputs[name] = result
-        row = {"batch": batch, "prompt_tokens": [min(map(len, prompts)), max(map(len, prompts))], "new_tokens": args.new_tokens}
-        for name, t in times.items():
-            t_n, t_1 = statistics.median(t[args.new_tokens]), statistics.median(t[1])
-            row[name] = {"decode_tokens_per_s": batch * (args.new_tokens - 1) / max(t_n - t_1, 1e-9),
-                         "end_to_end_tokens_per_s": batch * args.new_tokens / t_n, "t_new_tokens_s": t[args.new_tokens], "t_1_s": t[1],
-                         "lengths_ok": all(len(o) == args.new_tokens for o in outputs[name])}
-        row["same_tokens"] = sum(a == b for a, b in zip(outputs["clo"], outputs["transformers"])) / batch
-        rows.append(row)
-        print(f"batch {batch}: clo {row['clo']['decode_tokens_per_s']:.1f} tok/s, transformers "
-              f"{row['transformers']['decode_tokens_per_s']:.1f} tok/s", file=sys.stderr)
+        rows.append(measure(implementations, prompts, pad_id, args.new_tokens, args.runs, device))
+        print(f"batch {batch}: clo {rows[-1]['clo']['decode_tokens_per_s']:.1f} tok/s, transformers "
+              f"{rows[-1]['transformers']['decode_tokens_per_s']:.1f} tok/s", file=sys.stderr)
 
     info = machine()
-    title = (f"{model_spec if model_spec.startswith('random:') else Path(model_spec).name}, {args.device}, "
+    title = (f"{model_name(model_spec)}, {args.device}, "
              f"{str(dtype).removeprefix('torch.')}, greedy, {args.new_tokens} new tokens, median of {args.runs} runs, "
              f"clo decode {'compiled' if compile else 'eager'}; "
              f"torch {torch.__version__}, transformers {transformers.__version__}")
     print(f"\n{title}\nmachine: {info['cpu']} ({info['cores']} cores, {info['torch_threads']} torch threads)"
           f"{', ' + info['gpu'] if 'gpu' in info else ''}\n")
-    print("| batch | prompt tokens | clo decode tok/s | transformers decode tok/s | speed-up | clo end-to-end tok/s | "
-          "transformers end-to-end tok/s | same tokens |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(table(rows))
+    write_results(args.json, f"generate-{device.type}", {"title": title, "machine": info, "settings": vars(args), "rows": rows})
+    return rows
+
+
+def measure(implementations: dict, prompts: list[list[int]], pad_id: int, new_tokens: int, runs: int, device: torch.device) -> dict:
+    """One batch: a warm-up call of each implementation, then `runs` alternating runs of new_tokens and of 1 token."""
+    batch = len(prompts)
+    with torch.inference_mode():
+        for name, generate in implementations.items():  # warm-up: allocations, kernel choices, compiling
+            start = time.perf_counter()
+            generate(prompts, 8, pad_id)  # CUDA graphs record on a later call than the compiling one
+            print(f"batch {batch}: {name} warm-up {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        times = {name: {1: [], new_tokens: []} for name in implementations}
+        outputs = {}
+        for _ in range(runs):
+            for n in (new_tokens, 1):
+                for name, generate in implementations.items():
+                    sync(device)
+                    start = time.perf_counter()
+                    result = generate(prompts, n, pad_id)
+                    sync(device)
+                    times[name][n].append(time.perf_counter() - start)
+                    if n == new_tokens:
+                        outputs[name] = result
+    row = {"batch": batch, "prompt_tokens": [min(map(len, prompts)), max(map(len, prompts))], "new_tokens": new_tokens}
+    for name, t in times.items():
+        t_n, t_1 = statistics.median(t[new_tokens]), statistics.median(t[1])
+        row[name] = {"decode_tokens_per_s": batch * (new_tokens - 1) / max(t_n - t_1, 1e-9),
+                     "end_to_end_tokens_per_s": batch * new_tokens / t_n, "t_new_tokens_s": t[new_tokens], "t_1_s": t[1],
+                     "lengths_ok": all(len(o) == new_tokens for o in outputs[name])}
+    row["same_tokens"] = sum(a == b for a, b in zip(outputs["clo"], outputs["transformers"])) / batch
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    """The markdown table: one row per batch size, both implementations, and their ratio."""
+    lines = ["| batch | prompt tokens | clo decode tok/s | transformers decode tok/s | speed-up | clo end-to-end tok/s | "
+             "transformers end-to-end tok/s | same tokens |", "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         a, b = row["clo"], row["transformers"]
         lengths_ok = "" if a["lengths_ok"] and b["lengths_ok"] else " (a row stopped early!)"
-        print(f"| {row['batch']} | {row['prompt_tokens'][0]}-{row['prompt_tokens'][1]} | {a['decode_tokens_per_s']:.1f} | "
-              f"{b['decode_tokens_per_s']:.1f} | {a['decode_tokens_per_s'] / b['decode_tokens_per_s']:.2f}x | "
-              f"{a['end_to_end_tokens_per_s']:.1f} | {b['end_to_end_tokens_per_s']:.1f} | {100 * row['same_tokens']:.0f}% of rows{lengths_ok} |")
-    out = Path(args.json or REPO / "runs" / "bench" / f"generate-{device.type}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"title": title, "machine": info, "settings": vars(args), "rows": rows}, indent=2))
-    os.replace(tmp, out)
-    print(f"\nresults: {out}", file=sys.stderr)
-    return rows
+        lines.append(f"| {row['batch']} | {row['prompt_tokens'][0]}-{row['prompt_tokens'][1]} | {a['decode_tokens_per_s']:.1f} | "
+                     f"{b['decode_tokens_per_s']:.1f} | {a['decode_tokens_per_s'] / b['decode_tokens_per_s']:.2f}x | "
+                     f"{a['end_to_end_tokens_per_s']:.1f} | {b['end_to_end_tokens_per_s']:.1f} | {100 * row['same_tokens']:.0f}% of rows{lengths_ok} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

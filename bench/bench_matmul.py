@@ -9,21 +9,21 @@ import statistics
 import time
 
 import torch
+from common import sync  # puts clo on sys.path
 
 from clo.runtime import bf16_is_fast
 
 
 def gflops(m: int, k: int, n: int, dtype: torch.dtype, device: str, repeats: int = 20) -> float:
+    """GFLOP/s of an [m, k] @ [k, n] matmul in `dtype`: the median of `repeats` timed runs after 3 warm-up runs."""
     a = torch.randn(m, k, device=device).to(dtype)
     b = torch.randn(n, k, device=device).to(dtype)
     times = []
     for i in range(repeats + 3):
-        if device == "cuda":
-            torch.cuda.synchronize()
+        sync(a.device)
         t0 = time.perf_counter()
         a @ b.T
-        if device == "cuda":
-            torch.cuda.synchronize()
+        sync(a.device)
         if i >= 3:  # warm-up: kernel selection / JIT
             times.append(time.perf_counter() - t0)
     return 2 * m * k * n / statistics.median(times) / 1e9

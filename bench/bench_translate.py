@@ -18,12 +18,11 @@ import time
 from pathlib import Path
 
 import torch
+from common import sync  # puts clo on sys.path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from clo.translate.m2m100 import load_m2m100  # noqa: E402
-from clo.translate.search import GenerationSettings, generate  # noqa: E402
-from clo.translate.tokenizer import LANGUAGE_CODES  # noqa: E402
+from clo.translate.m2m100 import load_m2m100
+from clo.translate.search import GenerationSettings, generate
+from clo.translate.tokenizer import LANGUAGE_CODES
 
 SHAPES = {
     "418M": dict(d_model=1024, encoder_layers=12, decoder_layers=12, encoder_attention_heads=16,
@@ -60,12 +59,7 @@ def source_batches(n_batches: int, batch_size: int, seed: int = 0) -> list[tuple
     return batches
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def main() -> None:
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="418M", choices=SHAPES, help="which M2M100 shape (default 418M)")
     parser.add_argument("--folder", default=None, help="where the random checkpoint lives (default /tmp/m2m100_<shape>_random)")
@@ -77,7 +71,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--dtype", default="float32", choices=DTYPES, help="(default float32)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
 
     import transformers
 

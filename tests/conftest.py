@@ -26,8 +26,8 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The default model as an HF-format folder, converted once from the PyPI wheel and cached."""
-    from clo.model.sources import DEFAULT_MODEL, resolve_model
     from clo.errors import CloError
+    from clo.model.sources import DEFAULT_MODEL, resolve_model
 
     try:
         return resolve_model(DEFAULT_MODEL)

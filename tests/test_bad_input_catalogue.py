@@ -32,11 +32,11 @@ from importlib import import_module
 from pathlib import Path
 
 import pytest
+from test_m2m100 import write_tiny_m2m100, write_tiny_tokenizer
+from tiny_chat_model import demo_texts, make_tiny_chat_model
 
 from clo.errors import run_cli
 from clo.lock import output_lock
-from test_m2m100 import write_tiny_m2m100, write_tiny_tokenizer
-from tiny_chat_model import demo_texts, make_tiny_chat_model
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the scripts import as modules from any working directory

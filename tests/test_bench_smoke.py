@@ -13,21 +13,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_chat_model import demo_texts, make_tiny_chat_model
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from clo.train.batching import EncodedExample
 from clo.model.config import ModelConfig
+from clo.model.decoder import Transformer
+from clo.train.batching import EncodedExample
 from clo.train.scoring import Batching
 from clo.train.stages import set_trainable
 from clo.train.step import Objective, batch_loss
-from clo.model.decoder import Transformer
-from tiny_chat_model import demo_texts, make_tiny_chat_model
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
-import bench_train  # noqa: E402
+import common  # noqa: E402
+import workload  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def test_stretch_tiles_responses_to_the_length():
     en, t = [1, 2, 3], [4, 5, 6, 7, 8]
     y_en, y_t = [10, 11, 12, 13, 9], [20, 21, 9]
     ex = EncodedExample("x", [(en, y_en), (en, y_t), (t, y_t), (t, y_en)])
-    out = bench_train.stretch(ex, 12)
+    out = workload.stretch(ex, 12)
     assert out.sequences == [
         (en, [10, 11, 12, 13, 10, 11, 9]),
         (en, [20, 21, 20, 9]),
@@ -61,7 +62,7 @@ def test_stretch_tiles_responses_to_the_length():
         (t, [10, 11, 12, 13, 10, 11, 9]),
     ]
     assert out.longest == 12
-    assert bench_train.stretch(ex, 8).longest == 8  # shorter than the example: bodies are cut, not dropped
+    assert workload.stretch(ex, 8).longest == 8  # shorter than the example: bodies are cut, not dropped
 
 
 def test_step_flops_match_pytorchs_flop_counter():
@@ -85,15 +86,15 @@ def test_step_flops_match_pytorchs_flop_counter():
     n, r, sequences = len(prompt) + len(response), len(response), 8
     qkv_0 = cfg.dim * cfg.head_dim * (cfg.n_heads + 2 * cfg.n_kv_heads)
     head = cfg.vocab_size * cfg.dim
-    expected = bench_train.step_flops(cfg, batch) - sequences * (2 * qkv_0 * n - 2 * head * r)
+    expected = workload.step_flops(cfg, batch) - sequences * (2 * qkv_0 * n - 2 * head * r)
     assert counter.get_total_flops() == expected
 
 
 def test_random_shapes_give_both_sides_the_same_weights():
     """`random:<shape>` (the CUDA default) builds clo and transformers models with identical logits."""
     spec = {"model": "random:tiny"}
-    ours = bench_train.clo_model(spec, torch.device("cpu"), torch.float32)
-    theirs = bench_train.hf_model(spec, torch.device("cpu"), torch.float32).eval()
+    ours = common.clo_model(spec, torch.device("cpu"), torch.float32)
+    theirs = common.hf_model(spec, torch.device("cpu"), torch.float32).eval()
     tokens = torch.randint(0, 512, (2, 24))
     with torch.no_grad():
         assert torch.allclose(ours(tokens), theirs(tokens).logits, atol=1e-5)

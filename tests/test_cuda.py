@@ -7,14 +7,14 @@ import json
 
 import pytest
 import torch
+from hf_models import write_hf_model
 from safetensors.torch import load_file
+from tiny_chat_model import make_tiny_training_setup
 
 import train
+from clo.model.generate import generate
 from clo.model.hf_folder import load_model
 from clo.train.stages import group_of
-from clo.model.generate import generate
-from hf_models import write_hf_model
-from tiny_chat_model import make_tiny_training_setup
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -7,8 +7,8 @@ import unicodedata
 
 import pytest
 
-from clo.pairs import FIELDS, demo_path, load_pairs
 from clo.languages import TARGET_CODES
+from clo.pairs import FIELDS, demo_path, load_pairs
 
 N_TRAIN, N_HELDOUT = 128, 16
 LATIN_LANGS = ("sw", "yo", "id", "de")

@@ -7,18 +7,18 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny_chat_model import make_tiny_chat_model
 
 import eval as eval_script
-from clo.model.chat import detect_format, encode_prompt, stop_ids
-from clo.model.hf_folder import load_model
-from clo.pairs import demo_path, load_pairs
 from clo.errors import CloError
-from clo.model.generate import generate
 from clo.eval.generation import fidelity, generate_answers
 from clo.eval.prompts import load_prompts
 from clo.eval.report import main_table
+from clo.model.chat import detect_format, encode_prompt, stop_ids
+from clo.model.generate import generate
+from clo.model.hf_folder import load_model
 from clo.model.tokenizer import load_tokenizer
-from tiny_chat_model import make_tiny_chat_model
+from clo.pairs import demo_path, load_pairs
 
 REPO = Path(__file__).resolve().parents[1]
 MC_ROWS = [

@@ -2,9 +2,9 @@
 
 import pytest
 
-from clo.pairs import demo_path, load_pairs
-from clo.eval.degenerate import copy_score, classify_answer, repeat_score, units
+from clo.eval.degenerate import classify_answer, copy_score, repeat_score, units
 from clo.languages import TARGET_CODES
+from clo.pairs import demo_path, load_pairs
 
 
 def test_units_split_words_and_unspaced_scripts():

@@ -1,12 +1,12 @@
 """Pairwise judging (clo/eval/judge.py): verdict parsing, both orders, the language rule, AlpacaEval export."""
 
 import pytest
+from tiny_chat_model import make_tiny_chat_model
 
 import clo.eval.judge as judge_module
-from clo.model.chat import detect_format
 from clo.eval.judge import alpaca_eval_outputs, judge_pairs, parse_verdict
+from clo.model.chat import detect_format
 from clo.model.tokenizer import load_tokenizer
-from tiny_chat_model import make_tiny_chat_model
 
 
 @pytest.mark.parametrize(

@@ -2,12 +2,20 @@
 
 import pytest
 import torch
-
-from clo.model.hf_folder import load_model
-from clo.errors import CloError
-from clo.eval.mc import LETTERS, build_prompt, choice_logps, dev_file_for, encode_choices, evaluate_mc, read_mc_csv
-from clo.model.tokenizer import load_tokenizer
 from tiny_chat_model import make_tiny_chat_model
+
+from clo.errors import CloError
+from clo.eval.mc import (
+    LETTERS,
+    build_prompt,
+    choice_logps,
+    dev_file_for,
+    encode_choices,
+    evaluate_mc,
+    read_mc_csv,
+)
+from clo.model.hf_folder import load_model
+from clo.model.tokenizer import load_tokenizer
 
 ROWS = [
     ("What colour is the sky on a clear day?", "green", "blue", "red", "black", "B"),

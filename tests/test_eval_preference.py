@@ -4,14 +4,14 @@ import math
 
 import pytest
 import torch
+from tiny_chat_model import make_tiny_chat_model
 
-from clo.train.batching import EncodedExample, encode_all
+from clo.eval.preference import four_way_logps, preference_metrics
 from clo.model.chat import detect_format
 from clo.model.hf_folder import load_model
-from clo.pairs import demo_path, load_pairs
-from clo.eval.preference import four_way_logps, preference_metrics
 from clo.model.tokenizer import load_tokenizer
-from tiny_chat_model import make_tiny_chat_model
+from clo.pairs import demo_path, load_pairs
+from clo.train.batching import EncodedExample, encode_all
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-
-from clo.model.hf_folder import load_model
-from clo.model.generate import generate, sample_next
 from hf_models import write_hf_model
+
+from clo.model.generate import generate, sample_next
+from clo.model.hf_folder import load_model
 
 PROMPTS = [[5, 9, 17, 33, 4], [7, 8], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50]]
 

@@ -7,12 +7,12 @@ import json
 
 import pytest
 
-from clo.pairs import load_pairs
 from clo.errors import CloError
-from clo.jsonl import RAW_LINE_BREAKS, dumps_line, read_lines, split_lines
-from clo.translate.parallel_pairs import continuation_pairs
 from clo.eval.prompts import load_prompts
 from clo.eval.report import write_jsonl
+from clo.jsonl import RAW_LINE_BREAKS, dumps_line, read_lines, split_lines
+from clo.pairs import load_pairs
+from clo.translate.parallel_pairs import continuation_pairs
 from clo.translate.sft_sources import read_sft_source
 
 # every character str.splitlines() ends a line at, found by asking it
@@ -76,7 +76,7 @@ def test_cross_lingual_pairs_round_trip_and_others_jsonl_is_accepted(tmp_path):
         load_pairs(theirs)
 
 
-def test_prompt_sets_read_raw_line_breaks(tmp_path):
+def test_prompts_read_raw_line_breaks(tmp_path):
     path = tmp_path / "prompts.jsonl"
     path.write_text(raw_jsonl([{"instruction": f"Say\u2028hi {i}.\x85"} for i in range(2)]) + '{"instruction": ""}\n')
     with pytest.raises(CloError, match=r"prompts.jsonl:3: field 'instruction' is missing or empty"):

@@ -6,11 +6,13 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from hf_models import write_hf_model
 from safetensors.torch import load_file, save_file
 
-from clo.model.hf_folder import load_model, save_model
-from clo.model.config import ModelConfig
 from clo.errors import CloError
+from clo.model.config import ModelConfig
+from clo.model.decoder import Transformer
+from clo.model.hf_folder import load_model, save_model
 from clo.model.lora import (
     LoRALinear,
     apply_lora,
@@ -21,8 +23,6 @@ from clo.model.lora import (
     merge_lora,
     save_adapter,
 )
-from clo.model.decoder import Transformer
-from hf_models import write_hf_model
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -260,8 +260,8 @@ def test_apply_lora_errors(base_dir):
 
 
 def test_lora_targets_follow_the_stage_groups():
-    from clo.train.stages import lora_targets
     from clo.model.decoder import ATTENTION_PROJECTIONS, MLP_PROJECTIONS
+    from clo.train.stages import lora_targets
 
     assert lora_targets(["attn"]) == ATTENTION_PROJECTIONS
     assert lora_targets(["attn", "mlp"]) == lora_targets(["all"]) == ATTENTION_PROJECTIONS + MLP_PROJECTIONS

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_chat_model import demo_texts, make_tiny_chat_model, make_tiny_training_setup
 
 import train
-from clo.pairs import load_pairs
 from clo.errors import CloError
+from clo.pairs import load_pairs
 from clo.train.stages import group_of
-from tiny_chat_model import demo_texts, make_tiny_chat_model, make_tiny_training_setup
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -189,13 +189,13 @@ def test_cli_error_is_one_line_and_exit_2(tmp_path):
 
 
 def test_reference_with_adapters_disabled_equals_base(tiny):
-    from clo.train.batching import encode_all
     from clo.model.chat import detect_format
     from clo.model.hf_folder import load_model
     from clo.model.lora import apply_lora, disable_adapters, lora_layers
+    from clo.model.tokenizer import load_tokenizer
+    from clo.train.batching import encode_all
     from clo.train.reference import compute_reference_logps
     from clo.train.scoring import Batching
-    from clo.model.tokenizer import load_tokenizer
 
     folder, data = tiny
     tok = load_tokenizer(folder)
@@ -234,12 +234,12 @@ def test_lora_run_saves_peft_adapter_and_merged_model(tiny, tmp_path):
 
 
 def test_gradients_reach_only_the_stage(tiny):
-    from clo.train.batching import collate, encode_all
     from clo.model.chat import detect_format
     from clo.model.hf_folder import load_model
-    from clo.train.stages import set_trainable
-    from clo.train.loss import response_logps
     from clo.model.tokenizer import load_tokenizer
+    from clo.train.batching import collate, encode_all
+    from clo.train.loss import response_logps
+    from clo.train.stages import set_trainable
 
     folder, data = tiny
     tok = load_tokenizer(folder)

@@ -9,17 +9,21 @@ import stat
 from pathlib import Path
 
 import pytest
+from test_m2m100 import (
+    write_tiny_m2m100,
+    write_tiny_nllb_tokenizer,
+    write_tiny_tokenizer,
+)
 
 import translate
-from clo.pairs import load_pairs
 from clo.errors import CloError, run_cli
+from clo.languages import get_language
 from clo.lock import output_lock
+from clo.pairs import load_pairs
 from clo.translate.parallel_pairs import INSTRUCTIONS, continuation_pairs
 from clo.translate.segment import reassemble, segment
 from clo.translate.sft_sources import read_sft_source, sample_examples
-from clo.languages import get_language
-from test_m2m100 import write_tiny_m2m100, write_tiny_nllb_tokenizer, write_tiny_tokenizer
-
+from clo.translate.translator import Translator
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -239,7 +243,7 @@ def test_mt_resume_after_crash_equals_uninterrupted_run(mt_setup, tmp_path, monk
 
     out = tmp_path / "resumed.jsonl"
     calls = {"n": 0}
-    real_batch = translate.Translator.translate_batch
+    real_batch = Translator.translate_batch
 
     def crash_after_three_batches(self, batch):
         calls["n"] += 1
@@ -247,10 +251,10 @@ def test_mt_resume_after_crash_equals_uninterrupted_run(mt_setup, tmp_path, monk
             raise KeyboardInterrupt  # the process dies mid-run
         return real_batch(self, batch)
 
-    monkeypatch.setattr(translate.Translator, "translate_batch", crash_after_three_batches)
+    monkeypatch.setattr(Translator, "translate_batch", crash_after_three_batches)
     with pytest.raises(KeyboardInterrupt):
         translate.main(mt_args(mt_setup, out))
-    monkeypatch.setattr(translate.Translator, "translate_batch", real_batch)
+    monkeypatch.setattr(Translator, "translate_batch", real_batch)
     partial = read_records(out)
     assert 0 < len(partial) < len(EXAMPLES)
     with open(out, "a", encoding="utf-8") as f:  # and the crash tore the record being written
@@ -266,12 +270,12 @@ def test_mt_with_an_nllb_checkpoint(tmp_path):
     oracle = write_tiny_nllb_tokenizer(tmp_path, corpus, ["eng_Latn", "swh_Latn", "yor_Latn"], vocab_size=100)
     vocab_size = max(oracle.convert_tokens_to_ids(["eng_Latn", "swh_Latn", "yor_Latn", "<mask>"])) + 1
     write_tiny_m2m100(tmp_path, vocab_size, generation={"max_length": 6})
-    translator = translate.Translator(str(tmp_path), get_language("sw"), "cpu", "float32", None, None)
+    translator = Translator(str(tmp_path), get_language("sw"), "cpu", "float32", None, None)
     assert translator.tgt_id == oracle.convert_tokens_to_ids("swh_Latn")
     assert translator.encode("Question.")[0] == oracle.convert_tokens_to_ids("eng_Latn")
     assert len(translator.translate_batch([translator.encode("Question."), translator.encode("The end.")])) == 2
     with pytest.raises(CloError, match="language 'ind_Latn' is not in this tokenizer"):
-        translate.Translator(str(tmp_path), get_language("id"), "cpu", "float32", None, None)
+        Translator(str(tmp_path), get_language("id"), "cpu", "float32", None, None)
 
 
 def run_cli_main(argv: list[str], capsys) -> str:
@@ -327,8 +331,8 @@ def test_mt_output_round_trips_line_separators(mt_setup, tmp_path, monkeypatch):
     tricky.write_text("".join(json.dumps({"id": f"t{i}", "prompt": f"Line\u2028break {i}. Next\x85one?",
                                           "response": f"Para\u2029graph {i}."}, ensure_ascii=False) + "\n"
                               for i in range(3)), encoding="utf-8")
-    real_batch = translate.Translator.translate_batch
-    monkeypatch.setattr(translate.Translator, "translate_batch",
+    real_batch = Translator.translate_batch
+    monkeypatch.setattr(Translator, "translate_batch",
                         lambda self, batch: [f"x\u2028{t}\x85" for t in real_batch(self, batch)])
     out = tmp_path / "sw.jsonl"
     argv = mt_args(mt_setup, out)
@@ -348,13 +352,13 @@ def test_empty_translations_are_skipped_and_counted(mt_setup, tmp_path, monkeypa
     the whole file); the summary counts it, and a rerun tries it again."""
     by_id = {e["id"]: e for e in EXAMPLES}
     empty = set(segment(by_id["ex2"]["prompt"]).pieces)  # ex2's prompt: both its sentences
-    real_batch = translate.Translator.translate_batch
+    real_batch = Translator.translate_batch
 
     def some_empty(self, batch):
         empty_ids = [self.encode(piece) for piece in empty]
         return ["" if ids in empty_ids else text for ids, text in zip(batch, real_batch(self, batch))]
 
-    monkeypatch.setattr(translate.Translator, "translate_batch", some_empty)
+    monkeypatch.setattr(Translator, "translate_batch", some_empty)
     out = tmp_path / "sw.jsonl"
     translate.main(mt_args(mt_setup, out))
     assert "skipped 1 whose translation came out empty" in capsys.readouterr().err

@@ -19,12 +19,12 @@ from collections import Counter
 import torch
 from tqdm import tqdm
 
-from clo.model.chat import ChatFormat, encode_prompt, stop_ids
 from clo.eval.degenerate import COPY_THRESHOLD, NGRAM, REPEAT_THRESHOLD, classify_answer
-from clo.model.generate import generate
 from clo.eval.langid import LanguageId
-from clo.model.decoder import Transformer
 from clo.eval.prompts import EvalPrompt
+from clo.model.chat import ChatFormat, encode_prompt, stop_ids
+from clo.model.decoder import Transformer
+from clo.model.generate import generate
 from clo.model.tokenizer import Tokenizer
 
 

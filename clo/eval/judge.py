@@ -26,8 +26,8 @@ import re
 from tqdm import tqdm
 
 from clo.model.chat import ChatFormat, encode_prompt, stop_ids
-from clo.model.generate import generate
 from clo.model.decoder import Transformer
+from clo.model.generate import generate
 from clo.model.tokenizer import Tokenizer
 
 JUDGE_TEMPLATE = """You compare two answers to the same instruction and decide which one is better.

@@ -34,11 +34,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from clo.train.batching import EncodedExample, flat_sequences
 from clo.errors import CloError
-from clo.train.scoring import sequence_logps
 from clo.model.decoder import Transformer
 from clo.model.tokenizer import Tokenizer
+from clo.train.batching import EncodedExample
+from clo.train.scoring import Batching, four_way_rows
 
 LETTERS = ("A", "B", "C", "D")
 
@@ -142,8 +142,7 @@ def choice_logps(model: Transformer, items: list[tuple[list[int], list[list[int]
             out[idx] = logprobs.gather(1, letter_ids).cpu()
         else:  # each choice as a (context, continuation) sequence; collate orders rows [all A | all B | ...]
             batch = [EncodedExample(str(i), [(items[i][0], c) for c in items[i][1]]) for i in idx]
-            logps, _ = sequence_logps(model, flat_sequences(batch), pad_id, bucket=8)
-            out[idx] = logps.float().cpu().view(4, len(idx)).T
+            out[idx] = four_way_rows(model, batch, Batching(pad_id, 8, 1))
     return out
 
 

@@ -24,23 +24,16 @@ Per-token numbers compare models that share a tokenizer (base vs its fine-tunes)
 import math
 
 import torch
-from tqdm import tqdm
 
-from clo.train.batching import SEQUENCE_NAMES, EncodedExample, flat_sequences
-from clo.train.scoring import sequence_logps
 from clo.model.decoder import Transformer
+from clo.train.batching import SEQUENCE_NAMES, EncodedExample
+from clo.train.scoring import Batching, example_logps
 
 
-@torch.no_grad()
 def four_way_logps(model: Transformer, examples: list[EncodedExample], pad_id: int, batch_size: int, bucket: int = 8) -> torch.Tensor:
-    """log π(y|x) of every sequence: [N, 4] float32, columns in SEQUENCE_NAMES order (en_en, en_t, t_t, t_en)."""
-    out = torch.empty(len(examples), 4)
-    order = sorted(range(len(examples)), key=lambda i: examples[i].longest)
-    for start in tqdm(range(0, len(order), batch_size), desc="held-out log-probs", unit="batch"):
-        idx = order[start : start + batch_size]
-        logps, _ = sequence_logps(model, flat_sequences([examples[i] for i in idx]), pad_id, bucket)  # as training scores them
-        out[idx] = logps.float().cpu().view(4, len(idx)).T
-    return out
+    """log π(y|x) of every sequence: [N, 4] float32, columns in SEQUENCE_NAMES order (en_en, en_t, t_t, t_en),
+    scored exactly as training scores them (clo.train.scoring.example_logps)."""
+    return example_logps(model, examples, Batching(pad_id, bucket, 1), batch_size, desc="held-out log-probs")
 
 
 def preference_metrics(logps: torch.Tensor, examples: list[EncodedExample]) -> dict:

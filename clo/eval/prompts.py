@@ -16,10 +16,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from clo.pairs import load_pairs
 from clo.errors import CloError
 from clo.jsonl import read_text, split_lines
 from clo.languages import LANGUAGES, get_language
+from clo.pairs import load_pairs
 
 
 @dataclass(frozen=True)

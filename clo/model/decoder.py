@@ -25,7 +25,6 @@ import torch.utils.checkpoint
 
 from clo.model.config import ModelConfig
 
-
 # The linear layers of a block by group (HF names): what `--stages` groups and LoRA targets refer to.
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")

@@ -116,13 +116,12 @@ def cut_at_stop(ids: list[int], stop_ids: set[int]) -> list[int]:
 
 def main(argv=None):
     """python -m clo.model.generate --model M "prompt" ...: answer prompts with a checkpoint's chat format."""
+    from clo.errors import ArgumentParser
     from clo.model.chat import detect_format, encode_prompt, stop_ids
     from clo.model.hf_folder import load_model
-    from clo.runtime import on_for_cuda
     from clo.model.sources import DEFAULT_MODEL, resolve_model
-    from clo.runtime import resolve_device
-    from clo.errors import ArgumentParser
     from clo.model.tokenizer import load_tokenizer
+    from clo.runtime import on_for_cuda, resolve_device
 
     p = ArgumentParser(description=main.__doc__)
     p.add_argument("prompts", nargs="+", help="one or more prompts, answered as one batch")

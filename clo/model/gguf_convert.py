@@ -20,7 +20,7 @@ What changes on the way:
 - llama.cpp's convert script permutes the rows of q_proj and k_proj so that rope rotates adjacent
   pairs (x0, x1), (x2, x3), ...; HF's Llama rotates halves (x_i, x_{i + head_dim/2}). We undo that.
 - The tokenizer is rebuilt so that it gives the same ids as transformers' own GGUF tokenizer
-  (transformers/integrations/gguf/gguf_tokenizer_mapping.py), which tests/test_default_model.py checks.
+  (transformers/integrations/gguf/gguf_tokenizer_mapping.py), which tests/test_sources.py checks.
 
 Only what the default model needs is supported: architecture "llama", tokenizer "gpt2" (byte-level
 BPE). Anything else raises a CloError naming the file and the field.

@@ -15,9 +15,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from clo.atomic import atomic_folder
-from clo.model.config import ModelConfig
 from clo.errors import CloError
 from clo.jsonfile import read_json
+from clo.model.config import ModelConfig
 from clo.model.decoder import Transformer, rope_inv_freq
 from clo.runtime import default_dtype
 

@@ -36,10 +36,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from clo.atomic import atomic_folder
-from clo.model.hf_folder import hf_key
 from clo.errors import CloError
 from clo.jsonfile import read_json
 from clo.model.decoder import ATTENTION_PROJECTIONS
+from clo.model.hf_folder import hf_key
 
 DEFAULT_TARGETS = ATTENTION_PROJECTIONS
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import torch
 
 from clo.model.chat import ChatFormat, encode_prompt, encode_response
+from clo.model.tokenizer import Tokenizer
 from clo.pairs import Example
 from clo.train.loss import IGNORE_INDEX
-from clo.model.tokenizer import Tokenizer
 
 SEQUENCE_NAMES = ("en_en", "en_t", "t_t", "t_en")
 

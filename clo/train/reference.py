@@ -14,13 +14,12 @@ import sys
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from clo.atomic import atomic_file, write_atomic
-from clo.train.batching import EncodedExample, flat_sequences
-from clo.model.hf_folder import weight_files
 from clo.errors import CloError
-from clo.train.scoring import Batching
+from clo.model.hf_folder import weight_files
+from clo.train.batching import EncodedExample
+from clo.train.scoring import Batching, example_logps
 
 
 def model_fingerprint(folder: Path, memo: Path | None = None) -> str:
@@ -89,14 +88,8 @@ def compute_reference_logps(model, examples: list[EncodedExample], batching: Bat
     device = model.embed_tokens.weight.device
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    out = torch.full((len(examples), 4), float("nan"))  # a row left unfilled can never pass as a log-prob
-    # shortest first: less padding, and a bar that speeds up is better than one that slows down
-    order = sorted(range(len(examples)), key=lambda i: examples[i].longest)
-    for start in tqdm(range(0, len(order), batch_size), desc="reference log-probs", unit="batch"):
-        idx = order[start : start + batch_size]
-        with torch.autocast(device.type, autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            logps, _ = batching.logps(model, flat_sequences([examples[i] for i in idx]))
-        out[idx] = logps.float().cpu().view(4, len(idx)).T
+    with torch.autocast(device.type, autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        out = example_logps(model, examples, batching, batch_size, desc="reference log-probs")
     model.train(was_training)
     bad = (~torch.isfinite(out)).any(1).nonzero().flatten()
     if len(bad):

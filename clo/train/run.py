@@ -24,7 +24,12 @@ from clo.atomic import leftovers, write_atomic
 from clo.errors import CloError
 from clo.lock import output_lock
 from clo.train.interrupt import stop_requests
-from clo.train.resume import read_checkpoint, resume_from, save_checkpoint, set_rng_state
+from clo.train.resume import (
+    read_checkpoint,
+    resume_from,
+    save_checkpoint,
+    set_rng_state,
+)
 from clo.train.schedule import Position
 
 RUN_FILES = ("run.json", "metrics.jsonl", "checkpoint.pt", "model", "adapter")

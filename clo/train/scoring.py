@@ -17,8 +17,9 @@ order of floating-point sums inside the matmuls differs.
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
-from clo.train.batching import collate_sequences
+from clo.train.batching import EncodedExample, collate_sequences, flat_sequences
 from clo.train.loss import response_logps
 
 
@@ -69,3 +70,22 @@ class Batching:
     def logps(self, model, sequences):
         """`sequence_logps` of (prompt ids, response ids) pairs. -> (logp_sum [N], n_tokens [N])."""
         return sequence_logps(model, sequences, self.pad_id, self.bucket, self.groups)
+
+
+def four_way_rows(model, batch: list[EncodedExample], batching: Batching) -> torch.Tensor:
+    """log π of each example's four sequences: [B, 4] float32 on the CPU, columns in the examples' order."""
+    logps, _ = batching.logps(model, flat_sequences(batch))
+    return logps.float().cpu().view(4, len(batch)).T
+
+
+@torch.no_grad()
+def example_logps(model, examples: list[EncodedExample], batching: Batching, batch_size: int, desc: str = "log-probs") -> torch.Tensor:
+    """`four_way_rows` of every example, `batch_size` at a time, shortest first (less padding, and a
+    bar that speeds up): [N, 4] float32, row i = example i. The one scorer of the reference table,
+    held-out preference and the multiple-choice fallback; a row left unfilled stays NaN."""
+    out = torch.full((len(examples), 4), float("nan"))
+    order = sorted(range(len(examples)), key=lambda i: examples[i].longest)
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
+        idx = order[start : start + batch_size]
+        out[idx] = four_way_rows(model, [examples[i] for i in idx], batching)
+    return out

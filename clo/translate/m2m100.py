@@ -15,11 +15,12 @@ tokens count from pad_id + 1, pad tokens get position pad_id, whose row is zero.
 Translation: the source is `[__src__] pieces </s>`; the decoder starts from `</s>` and its first
 output is forced to be the target language token `__tgt__`; decoding stops at `</s>`.
 
-Decoding keeps a KV cache: self-attention keys/values grow by one position per step; cross-attention
-keys/values are computed once per source sentence and shared by all of its beams (queries of the
-beams attend to one copy). Greedy and beam search follow `transformers`' `generate` step for step
-(same scores, same tie-breaking), so outputs are identical (tests/test_m2m100.py); beams or sentences
-that can no longer change are dropped from the batch, which `generate` does not do.
+Decoding keeps a KV cache (`DecoderCache`): self-attention keys/values grow by one position per step;
+cross-attention keys/values are computed once per source sentence and shared by all of its beams
+(queries of the beams attend to one copy). Greedy and beam search (clo/translate/search.py) follow
+`transformers`' `generate` step for step (same scores, same tie-breaking), so outputs are identical
+(tests/test_m2m100.py); beams or sentences that can no longer change are dropped from the batch,
+which `generate` does not do.
 """
 
 import json

@@ -106,6 +106,56 @@ def greedy_search(model: M2M100, src_ids: Tensor, src_mask: Tensor, forced_bos_i
     return outputs
 
 
+@dataclass
+class FinishedSlots:
+    """Per sentence, num_beams finished hypotheses, best first (score -1e9: an empty slot)."""
+
+    seqs: Tensor  # [B, K, max_len] token ids
+    scores: Tensor  # [B, K] length-penalised scores
+    full: Tensor  # [B, K] bool: slot holds a hypothesis
+    lens: Tensor  # [B, K] tokens including the start token
+
+    @classmethod
+    def empty(cls, like: Tensor) -> "FinishedSlots":
+        B, K, dev = like.size(0), like.size(1), like.device
+        zeros = torch.zeros(B, K, dtype=torch.long, device=dev)
+        return cls(like.clone(), torch.full((B, K), -1e9, device=dev), zeros.bool(), zeros)
+
+    def merge(self, alive: Tensor, cands: Tensor, scores: Tensor, entering: Tensor, length: int) -> None:
+        """Candidates cands [A, 2K, max_len] of sentences `alive`, with scores [A, 2K] (-1e9: may not
+        enter) and `entering` [A, 2K] bool, compete with the sentences' finished slots."""
+        merged = torch.cat([self.scores[alive], scores], dim=1)
+        best = merged.topk(self.scores.size(1)).indices
+        self.scores[alive] = merged.take_along_dim(best, dim=1)
+        self.seqs[alive] = torch.cat([self.seqs[alive], cands], dim=1).take_along_dim(best[:, :, None], dim=1)
+        self.full[alive] = torch.cat([self.full[alive], entering], dim=1).take_along_dim(best, dim=1)
+        lens = torch.full_like(scores, length + 1, dtype=torch.long)
+        self.lens[alive] = torch.cat([self.lens[alive], lens], dim=1).take_along_dim(best, dim=1)
+
+
+def start_beams(B: int, beams: int, max_len: int, cfg, dev) -> tuple[Tensor, Tensor]:
+    """Per sentence: live beams (token ids padded to max_len, like transformers) [B, K, max_len] and
+    their scores [B, K]; only beam 0 starts live, so the first step does not pick the same token K times."""
+    live = torch.full((B, beams, max_len), cfg.pad_token_id, dtype=torch.long, device=dev)
+    live[:, :, 0] = cfg.decoder_start_token_id
+    scores = torch.zeros(B, beams, device=dev)
+    scores[:, 1:] = -1e9
+    return live, scores
+
+
+def top_candidates(log_probs: Tensor, live: Tensor, scores: Tensor, length: int, n_top: int):
+    """The best n_top continuations of each sentence's live beams, by summed log-prob.
+    -> (scores [A, n_top], parent beam [A, n_top], token [A, n_top], token ids [A, n_top, max_len])."""
+    A, beams, _ = live.shape
+    vocab = log_probs.size(-1)
+    totals = (log_probs.view(A, beams, vocab) + scores[:, :, None]).view(A, beams * vocab)
+    top_scores, top_index = totals.topk(n_top)
+    top_beam, top_token = top_index // vocab, top_index % vocab
+    cands = live.take_along_dim(top_beam[:, :, None], dim=1)
+    cands[:, :, length] = top_token
+    return top_scores, top_beam, top_token, cands
+
+
 def beam_search(model: M2M100, src_ids: Tensor, src_mask: Tensor, forced_bos_id: int | None,
                 settings: GenerationSettings) -> list[list[int]]:
     """transformers' beam search (GenerationMixin._beam_search), step for step.
@@ -123,32 +173,17 @@ def beam_search(model: M2M100, src_ids: Tensor, src_mask: Tensor, forced_bos_id:
     n_top = 2 * beams  # enough candidates that num_beams remain live even if num_beams of them just ended
     is_top_beams = torch.arange(n_top, device=dev) < beams  # only these may enter the finished slots
 
-    # Per sentence: live beams (token ids padded to max_len, like transformers) and their scores;
-    # only beam 0 starts live, so the first step does not pick the same token num_beams times.
-    live = torch.full((B, beams, max_len), cfg.pad_token_id, dtype=torch.long, device=dev)
-    live[:, :, 0] = cfg.decoder_start_token_id
-    live_scores = torch.zeros(B, beams, device=dev)
-    live_scores[:, 1:] = -1e9
-    # Per sentence: the finished slots, best first (score -1e9: empty) and their generated lengths.
-    done_seqs, done_scores = live.clone(), torch.full((B, beams), -1e9, device=dev)
-    done_full = torch.zeros(B, beams, dtype=torch.bool, device=dev)
-    done_lens = torch.zeros(B, beams, dtype=torch.long, device=dev)
+    a_live, a_scores = start_beams(B, beams, max_len, cfg, dev)
+    done = FinishedSlots.empty(a_live)
     can_improve = torch.ones(B, dtype=torch.bool, device=dev)
-
-    alive = torch.arange(B, device=dev)  # sentences still decoding; rows of the tensors below
-    a_live, a_scores = live, live_scores
+    alive = torch.arange(B, device=dev)  # sentences still decoding; rows of a_live and a_scores
     length = 1  # decoder tokens so far
     while True:
         A = len(alive)
         log_probs = F.log_softmax(model.decode(a_live[:, :, length - 1].reshape(-1, 1), cache)[:, -1].float(), dim=-1)
         if length == 1 and forced_bos_id is not None:
             log_probs = force_token(log_probs, forced_bos_id)
-        vocab = log_probs.size(-1)
-        totals = (log_probs.view(A, beams, vocab) + a_scores[:, :, None]).view(A, beams * vocab)
-        top_scores, top_index = totals.topk(n_top)  # [A, 2K]
-        top_beam, top_token = top_index // vocab, top_index % vocab
-        cands = a_live.take_along_dim(top_beam[:, :, None], dim=1)  # [A, 2K, max_len]
-        cands[:, :, length] = top_token
+        top_scores, top_beam, top_token, cands = top_candidates(log_probs, a_live, a_scores, length, n_top)
         ends = top_token.eq(cfg.eos_token_id) | (length + 1 >= max_len)
 
         # The next live beams: the best num_beams candidates that did not end.
@@ -159,32 +194,23 @@ def beam_search(model: M2M100, src_ids: Tensor, src_mask: Tensor, forced_bos_id:
         parent = top_beam.take_along_dim(pick, dim=1)
 
         # The finished slots: merge in candidates among the top num_beams that just ended.
-        fin_scores = top_scores / (length ** lp)  # length + 1 tokens, less the start token
-        slots_full = done_full[alive].all(dim=1, keepdim=True) & (early is True)
+        slots_full = done.full[alive].all(dim=1, keepdim=True) & (early is True)
         just_ended = ends & is_top_beams
-        fin_scores = fin_scores + slots_full.float() * -1e9  # -1e9: cannot enter the slots
-        fin_scores = fin_scores + (~can_improve[alive, None]).float() * -1e9
-        fin_scores = fin_scores + (~just_ended).float() * -1e9
-        merged_scores = torch.cat([done_scores[alive], fin_scores], dim=1)
-        best = merged_scores.topk(beams).indices
-        done_scores[alive] = merged_scores.take_along_dim(best, dim=1)
-        done_seqs[alive] = torch.cat([done_seqs[alive], cands], dim=1).take_along_dim(best[:, :, None], dim=1)
-        done_full[alive] = torch.cat([done_full[alive], just_ended], dim=1).take_along_dim(best, dim=1)
-        lens = torch.full_like(fin_scores, length + 1, dtype=torch.long)
-        done_lens[alive] = torch.cat([done_lens[alive], lens], dim=1).take_along_dim(best, dim=1)
+        fin_scores = top_scores / (length ** lp)  # length + 1 tokens, less the start token
+        # -1e9 each: full slots, a sentence that cannot improve, a candidate that did not just end cannot enter
+        fin_scores = fin_scores + slots_full.float() * -1e9 + (~can_improve[alive, None]).float() * -1e9 + (~just_ended).float() * -1e9
+        done.merge(alive, cands, fin_scores, just_ended, length)
 
         cache.select_rows((torch.arange(A, device=dev)[:, None] * beams + parent).flatten())
         length += 1
 
         # Can the best live beam still beat the worst finished one? (transformers' heuristic)
-        if early == "never" and lp > 0.0:
-            best_possible = a_scores[:, :1] / ((max_len - 1) ** lp)
-        else:
-            best_possible = a_scores[:, :1] / ((length - 1) ** lp)
-        worst_done = torch.where(done_full[alive], done_scores[alive].min(dim=1, keepdim=True).values, -1e9)
+        horizon = max_len - 1 if early == "never" and lp > 0.0 else length - 1
+        best_possible = a_scores[:, :1] / (horizon ** lp)
+        worst_done = torch.where(done.full[alive], done.scores[alive].min(dim=1, keepdim=True).values, -1e9)
         can_improve[alive] &= (best_possible > worst_done).any(dim=1)
 
-        still = can_improve[alive] & ~(done_full[alive].all(dim=1) & (early is True))
+        still = can_improve[alive] & ~(done.full[alive].all(dim=1) & (early is True))
         if ends.all() or not still.any():
             break
         if not still.all():
@@ -192,6 +218,6 @@ def beam_search(model: M2M100, src_ids: Tensor, src_mask: Tensor, forced_bos_id:
             alive, a_live, a_scores = alive[keep], a_live[keep], a_scores[keep]
             cache.select_sources(keep)
 
-    return [done_seqs[b, 0, 1:done_lens[b, 0]].tolist() for b in range(B)]
+    return [done.seqs[b, 0, 1:done.lens[b, 0]].tolist() for b in range(B)]
 
 

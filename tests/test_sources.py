@@ -20,9 +20,15 @@ from gguf.quants import quantize
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, pre_tokenizers
 
-from clo.model.sources import DEFAULT_MODEL, cache_dir, default_gguf_path, fetch_default_gguf, resolve_model
 from clo.errors import CloError
 from clo.model.gguf_convert import convert_gguf_to_hf
+from clo.model.sources import (
+    DEFAULT_MODEL,
+    cache_dir,
+    default_gguf_path,
+    fetch_default_gguf,
+    resolve_model,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -326,8 +332,8 @@ def test_our_decoder_matches_transformers_loading_the_gguf(smollm2_dir, gguf_mod
 @pytest.mark.slow
 def test_our_greedy_generation_matches_transformers(smollm2_dir, gguf_model):
     from clo.model.chat import detect_format, encode_prompt, stop_ids
-    from clo.model.hf_folder import load_model
     from clo.model.generate import generate
+    from clo.model.hf_folder import load_model
     from clo.model.tokenizer import load_tokenizer
 
     ours, tok = load_model(smollm2_dir), load_tokenizer(smollm2_dir)

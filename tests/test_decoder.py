@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
+from hf_models import FAMILIES, write_hf_model
 from safetensors.torch import load_file, save_file
 
-from clo.model.hf_folder import load_model, save_model
 from clo.errors import CloError
-from hf_models import FAMILIES, write_hf_model
+from clo.model.hf_folder import load_model, save_model
 
 
 def tokens(batch=2, length=24, vocab=128):

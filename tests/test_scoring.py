@@ -2,15 +2,15 @@
 
 import pytest
 import torch
+from tiny_chat_model import make_tiny_training_setup
 
-from clo.train.batching import collate, encode_all, flat_sequences
 from clo.model.chat import detect_format
 from clo.model.hf_folder import load_model
-from clo.pairs import load_pairs
-from clo.train.scoring import length_groups, sequence_logps
-from clo.train.loss import response_logps
 from clo.model.tokenizer import load_tokenizer
-from tiny_chat_model import make_tiny_training_setup
+from clo.pairs import load_pairs
+from clo.train.batching import collate, encode_all, flat_sequences
+from clo.train.loss import response_logps
+from clo.train.scoring import length_groups, sequence_logps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
