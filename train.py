@@ -3,6 +3,7 @@
     python train.py --lang sw                        # CLO on the demo set, default model, CPU or GPU
     python train.py --lang sw --method sft           # baseline: SFT on the target-language pairs
     python train.py --lang sw --method sft-dpo       # baseline: SFT, then DPO from the SFT model
+    torchrun --nproc-per-node 4 train.py --lang sw   # the same run on 4 GPUs (FSDP2; clo/train/distributed.py)
 
 `train()` reads top to bottom like the method: data -> four sequences per example -> model ->
 reference log-probs (once, cached) -> stages of steps with the CLO loss -> an HF-format model folder.
@@ -10,14 +11,18 @@ reference log-probs (once, cached) -> stages of steps with the CLO loss -> an HF
     L_CLO = λ·NLL(y_t | x_t) + (1−λ)·L_CL      (docs/paper.md "Loss"; clo/train/loss.py)
 
 The pieces live in clo/train: the step (step.py), what trains (stages.py), the precision policy
-(precision.py), the schedule (schedule.py), the run folder, resume and Ctrl-C (run.py).
+(precision.py), the schedule (schedule.py), the run folder, resume and Ctrl-C (run.py), N processes
+(distributed.py).
 Features: stages of parameter groups (`--stages attn:1,all:1`), optional LoRA, AdamW with fp32
 master weights and bf16 autocast on CUDA, linear warmup/decay, gradient accumulation and clipping,
 torch.compile of each block on CUDA, optional activation checkpointing, metrics as JSONL, atomic
 checkpoints with exact `--resume` (refused when a setting that changes the computation differs),
 Ctrl-C / SIGTERM save between steps, one run per --out (a lock), the SFT+DPO baseline as one command.
-Limitations: one device (no multi-GPU); single-turn examples only; examples longer than
---max-length are dropped, not cut; the NLL is a token mean per micro-batch.
+Under torchrun: N processes (NCCL on CUDA, gloo on CPU) with FSDP2, the same global batches and
+the same numbers as one process; a resume needs the same number of processes.
+Limitations: single-turn examples only; examples longer than --max-length are dropped, not cut;
+the NLL is a token mean per micro-batch; checkpoints hold whole (gathered) tensors, written by
+process 0, so every process must see the same --out (one machine, or a shared file system).
 """
 
 import argparse
@@ -40,19 +45,9 @@ from clo.model.tokenizer import load_tokenizer
 from clo.pairs import demo_path, load_pairs
 from clo.runtime import on_for_cuda, resolve_device
 from clo.train.batching import encode_all
-from clo.train.precision import (
-    check_precision_flags,
-    checkpoint_dtype,
-    restore_originals,
-    training_precision,
-)
-from clo.train.reference import (
-    cache_key,
-    cached_reference_logps,
-    compute_reference_logps,
-    data_digest,
-    model_fingerprint,
-)
+from clo.train.distributed import World, check_batch, full_weights, load_optimizer_state, load_weights, shard, start
+from clo.train.precision import check_precision_flags, checkpoint_dtype, restore_originals, training_precision
+from clo.train.reference import cache_key, cached_reference_logps, compute_reference_logps, data_digest, model_fingerprint
 from clo.train.run import Run
 from clo.train.schedule import Position, Schedule, lr_at
 from clo.train.scoring import Batching
@@ -86,7 +81,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=float, default=0.1, help="fraction of steps with linear warmup")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
-    p.add_argument("--batch-size", type=int, default=8, help="examples per micro-batch (each is 4 sequences)")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per micro-batch (each is 4 sequences); under torchrun the global micro-batch, split across the processes")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--max-length", type=int, default=512, help="longest sequence in tokens; longer examples are dropped")
     p.add_argument("--bucket", type=int, default=0, help="pad lengths to a multiple of this, so compiled shapes stay few (0: 64 when compiling, else 8)")
@@ -111,21 +106,22 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)
-    resolve_device(args.device)
+    world = start(resolve_device(args.device))  # one process, or the N that torchrun started
     if args.method == "sft-dpo":
-        return sft_then_dpo(args)
-    return train(args)
+        return sft_then_dpo(args, world)
+    return train(args, world)
 
 
-def train(args) -> Path:
+def train(args, world: World = World()) -> Path:
     """One training run (clo, sft or dpo) from validated flags. -> the output folder."""
     lang = target_language(args.lang)
     stages = parse_stages(args.stages)
-    device = resolve_device(args.device)
-    precision = training_precision(device, args.dtype, args.amp)
+    device = world.device(resolve_device(args.device))
+    precision = training_precision(device, args.dtype, args.amp, sharded=world.distributed)
     compiled = on_for_cuda(args.compile, device)
+    check_processes(args, world)
     objective = Objective(args.method, beta=args.beta, lam=args.lam, directions=args.directions, sft_on=args.sft_on)
-    with Run(Path(args.out or f"runs/{args.method}-{lang.code}"), resume=args.resume, overwrite=args.overwrite) as run:
+    with Run(Path(args.out or f"runs/{args.method}-{lang.code}"), resume=args.resume, overwrite=args.overwrite, world=world) as run:
         random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
 
         # 1. Data: every line validated before anything expensive (nothing is printed before the last
@@ -145,14 +141,17 @@ def train(args) -> Path:
         saved = run.saved_checkpoint()
         model = load_model(folder, device, precision.frozen)
         model_id = model_fingerprint(folder, memo=cache_dir() / "fingerprints.json")
-        settings = run_settings(args, batching, fmt, precision, model_id, data_digest(examples))
+        settings = run_settings(args, batching, fmt, precision, model_id, data_digest(examples), world.size)
         ckpt = run.check_resume(saved, settings, SETTING_FLAGS)
-        print(f"data: {data_path}: {pairs.summary()}, {too_long} longer than {args.max_length} tokens dropped; chat format {fmt.name}", file=sys.stderr)
+        if world.main:
+            print(f"data: {data_path}: {pairs.summary()}, {too_long} longer than {args.max_length} tokens dropped; chat format {fmt.name}", file=sys.stderr)
         if args.lora:
             add_lora(model, stages, args)
+        if world.distributed:  # N processes: FSDP2 over the blocks and the root (clo/train/distributed.py)
+            shard(model, world, precision.autocast if device.type == "cuda" else None)
 
         # 3. Reference log-probs of the starting model: once, cached on disk, never a second model in memory.
-        ref_table = reference_table(model, examples, batching, precision, model_id, args) if objective.needs_reference else None
+        ref_table = reference_table(model, examples, batching, precision, model_id, args, world) if objective.needs_reference else None
 
         # 4. Stages of optimizer steps, resumed from the checkpoint's position if there is one.
         schedule = Schedule(tuple(stages), len(examples), args.batch_size, args.grad_accum, args.seed)
@@ -163,7 +162,11 @@ def train(args) -> Path:
         run.summarize(device)
 
         # 5. Outputs: an HF-format folder transformers loads (and a PEFT adapter with --lora).
-        save_outputs(model, folder, trained, run.out, fmt.name, args)
+        if world.distributed:
+            model = gathered_model(model, folder, stages, args, world)  # a whole copy on process 0, None elsewhere
+        if world.main:
+            save_outputs(model, folder, trained, run.out, fmt.name, args)
+        world.barrier()
     return run.out
 
 
@@ -174,34 +177,33 @@ def train_stages(model, examples, ref_table, schedule: Schedule, pos: Position, 
     -> the names of the parameters that trained."""
     trained: set[str] = set()
     if ckpt is not None:
-        params = dict(model.named_parameters())
-        for name, value in ckpt["weights"].items():
-            params[name].data = value.to(params[name].device)  # keeps the saved dtype: fp32 master weights stay fp32
+        load_weights(model, ckpt["weights"])
         trained = set(ckpt["weights"])
     total = schedule.total_steps
     optimizer, stage_idx = None, None
 
     def save():
-        run.save(weights={n: p for n, p in model.named_parameters() if n in trained}, optimizer=optimizer, position=pos, settings=settings)
+        run.save(model, trained, optimizer, pos, settings)
 
     with run.steps(min(total, args.max_steps) if args.max_steps else total, pos.step, f"{args.method} {args.lang}"):
         for s, epoch, micro in schedule.steps_from(Position(**vars(pos))):
-            if (args.max_steps and pos.step >= args.max_steps) or run.stop.requested:
+            if (args.max_steps and pos.step >= args.max_steps) or run.stop_requested():
                 break
             if s != stage_idx:
                 stage_idx, stage = s, schedule.stages[s]
                 optimizer, trainable, counts = begin_stage(model, stage.groups, lora=args.lora, lr=args.lr, weight_decay=args.weight_decay, compile=compiled,
                                                            checkpoint_activations=args.checkpoint_activations, source=source, trained=trained)
                 trained |= {n for n, p in model.named_parameters() if p.requires_grad}
-                run.bar.write(f"stage {s + 1}/{len(schedule.stages)}: {'+'.join(stage.groups)} for {stage.epochs} epoch(s), trainable {sum(counts.values()):,} params {counts}")
+                if run.world.main:
+                    run.bar.write(f"stage {s + 1}/{len(schedule.stages)}: {'+'.join(stage.groups)} for {stage.epochs} epoch(s), trainable {sum(counts.values()):,} params {counts}")
                 if ckpt is not None and s == ckpt["position"].stage:
-                    optimizer.load_state_dict(ckpt["optimizer"])
+                    load_optimizer_state(model, optimizer, ckpt["optimizer"])
 
             t0 = time.perf_counter()
             lr = lr_at(pos.step, total, args.lr, args.warmup)
             batches = [schedule.batch(s, epoch, b) for b in micro]
             micro_batches = [([examples[i] for i in idx], None if ref_table is None else ref_table[idx]) for idx in batches]
-            row, n_tok = optimizer_step(model, optimizer, trainable, micro_batches, lr, objective, batching, precision, args.grad_clip)
+            row, n_tok = optimizer_step(model, optimizer, trainable, micro_batches, lr, objective, batching, precision, args.grad_clip, run.world)
             pos = Position(s, epoch, micro.stop, pos.step + 1)
             run.record({**row, "step": pos.step, "stage": s, "epoch": epoch, "lr": lr, "tokens": n_tok, "tokens_per_s": n_tok / (time.perf_counter() - t0)})
             if args.save_every and pos.step % args.save_every == 0:
@@ -221,7 +223,27 @@ def add_lora(model, stages, args) -> None:
     model.to(model.embed_tokens.weight.device)
 
 
-def reference_table(model, examples, batching: Batching, precision, model_id: str, args) -> torch.Tensor:
+def check_processes(args, world: World) -> None:
+    """What N processes need: at least one example each per micro-batch; at most 4 length groups
+    (each example's four sequences fill them, so every process runs the same forward passes)."""
+    check_batch(args.batch_size, world)
+    if world.distributed and args.length_groups > 4:
+        raise CloError(f"--length-groups {args.length_groups}: at most 4 under torchrun")
+
+
+def gathered_model(model, folder: Path, stages, args, world: World):
+    """A whole, unsharded copy of a sharded model on process 0's CPU (None on the others), to save."""
+    weights = full_weights(model, {n for n, _ in model.named_parameters()})  # every process takes part
+    if not world.main:
+        return None
+    whole = load_model(folder, "cpu", torch.float32)
+    if args.lora:
+        add_lora(whole, stages, args)
+    load_weights(whole, weights)
+    return whole
+
+
+def reference_table(model, examples, batching: Batching, precision, model_id: str, args, world: World) -> torch.Tensor:
     """log π_ref [N, 4] of the starting model (adapters off), from the cache or computed and cached."""
     key = cache_key(model_id, str(precision), examples, batching=f"batch {args.batch_size}, bucket {batching.bucket}, groups {batching.groups}")
     adapters_off = nullcontext()
@@ -232,10 +254,11 @@ def reference_table(model, examples, batching: Batching, precision, model_id: st
     with adapters_off:
         table, hit = cached_reference_logps(
             cache_dir() / "reference", key,
-            lambda: compute_reference_logps(model, examples, batching, args.batch_size, precision.autocast),
-            rows=len(examples), recompute=args.recompute_reference,
+            lambda: compute_reference_logps(model, examples, batching, args.batch_size, precision.autocast, world),
+            rows=len(examples), recompute=args.recompute_reference, world=world,
         )  # fmt: skip
-    print(f"reference log-probs: {'cached' if hit else 'computed'} ({key})", file=sys.stderr)
+    if world.main:
+        print(f"reference log-probs: {'cached' if hit else 'computed'} ({key})", file=sys.stderr)
     return table
 
 
@@ -256,7 +279,7 @@ def save_outputs(model, folder: Path, trained: set[str], out: Path, chat_format:
     print(f"model saved to {out / 'model'}", file=sys.stderr)
 
 
-def sft_then_dpo(args) -> Path:
+def sft_then_dpo(args, world: World = World()) -> Path:
     """The paper's second baseline as one command: SFT into <out>/sft, then DPO from that model into <out>.
 
     The DPO phase's reference policy is the SFT model (as in the paper's SFT+DPO). --resume skips a
@@ -266,12 +289,14 @@ def sft_then_dpo(args) -> Path:
     phases = [("sft", args.model, out / "sft"), ("dpo", str(out / "sft" / "model"), out)]
     for method, model, phase_out in phases:
         if method == "sft" and args.resume and (phase_out / "model" / "config.json").is_file():
-            print(f"sft-dpo: SFT phase already finished in {phase_out}", file=sys.stderr)
+            if world.main:
+                print(f"sft-dpo: SFT phase already finished in {phase_out}", file=sys.stderr)
             continue
         resume = args.resume and (phase_out / "checkpoint.pt").is_file()
         overwrite = args.overwrite or (args.resume and not resume)  # nothing saved yet: the files are this command's own
-        print(f"sft-dpo: {method} phase -> {phase_out}", file=sys.stderr)
-        train(argparse.Namespace(**{**vars(args), "method": method, "model": model, "out": str(phase_out), "resume": resume, "overwrite": overwrite}))
+        if world.main:
+            print(f"sft-dpo: {method} phase -> {phase_out}", file=sys.stderr)
+        train(argparse.Namespace(**{**vars(args), "method": method, "model": model, "out": str(phase_out), "resume": resume, "overwrite": overwrite}), world)
     return out
 
 
@@ -318,10 +343,11 @@ SETTING_FLAGS = {
     "precision": "precision (--dtype/--amp: frozen weights/autocast)",
     "model": "--model (a hash of its weights)",
     "data": "--data (a hash of its token ids)",
+    "processes": "the number of processes (torchrun --nproc-per-node x --nnodes)",
 }
 
 
-def run_settings(args, batching: Batching, fmt, precision, model_id: str, data_id: str) -> dict:
+def run_settings(args, batching: Batching, fmt, precision, model_id: str, data_id: str, processes: int = 1) -> dict:
     """Every setting that changes what a run computes, saved in checkpoints and compared on --resume.
 
     Free to change on a resume: --max-steps (it only says where to stop; the schedule follows the
@@ -331,7 +357,7 @@ def run_settings(args, batching: Batching, fmt, precision, model_id: str, data_i
     """
     settings = {k: getattr(args, k) for k in COMPUTE_FLAGS + (LORA_FLAGS if args.lora else ())}
     settings.update(bucket=batching.bucket, length_groups=batching.groups)
-    settings.update(chat_format=f"{fmt.name}, system {fmt.system!r}", precision=str(precision), model=model_id, data=data_id)
+    settings.update(chat_format=f"{fmt.name}, system {fmt.system!r}", precision=str(precision), model=model_id, data=data_id, processes=processes)
     return settings
 
 

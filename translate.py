@@ -40,12 +40,7 @@ from clo.pairs import FIELDS, RECORD_START, pair_line
 from clo.runtime import resolve_device
 from clo.translate.parallel_pairs import continuation_pairs, read_doc_ids
 from clo.translate.segment import Segmented, reassemble, segment
-from clo.translate.sft_sources import (
-    FORMATS,
-    SftExample,
-    read_sft_source,
-    sample_examples,
-)
+from clo.translate.sft_sources import FORMATS, SftExample, read_sft_source, sample_examples
 from clo.translate.translator import DTYPES, Translator
 
 # --- the output file ------------------------------------------------------------------------------

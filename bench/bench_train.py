@@ -41,26 +41,9 @@ import traceback
 from pathlib import Path
 
 import torch
-from common import (
-    RANDOM_SHAPES,
-    bench_device,
-    clo_model,
-    machine,
-    model_config,
-    model_name,
-    resolve_models,
-    sync,
-    write_results,
-)
+from common import RANDOM_SHAPES, bench_device, clo_model, machine, model_config, model_name, resolve_models, sync, write_results
 from trl_peer import NOTES, trl_worker
-from workload import (
-    bench_batches,
-    final_memory,
-    matmul_rate,
-    precision_policy,
-    start_peak,
-    step_flops,
-)
+from workload import bench_batches, final_memory, matmul_rate, precision_policy, start_peak, step_flops
 
 from clo.errors import ArgumentParser, CloError, run_cli
 from clo.runtime import bf16_is_fast, on_for_cuda, resolve_device

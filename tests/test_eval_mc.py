@@ -5,15 +5,7 @@ import torch
 from tiny_chat_model import make_tiny_chat_model
 
 from clo.errors import CloError
-from clo.eval.mc import (
-    LETTERS,
-    build_prompt,
-    choice_logps,
-    dev_file_for,
-    encode_choices,
-    evaluate_mc,
-    read_mc_csv,
-)
+from clo.eval.mc import LETTERS, build_prompt, choice_logps, dev_file_for, encode_choices, evaluate_mc, read_mc_csv
 from clo.model.hf_folder import load_model
 from clo.model.tokenizer import load_tokenizer
 

@@ -13,16 +13,7 @@ from clo.errors import CloError
 from clo.model.config import ModelConfig
 from clo.model.decoder import Transformer
 from clo.model.hf_folder import load_model, save_model
-from clo.model.lora import (
-    LoRALinear,
-    apply_lora,
-    disable_adapters,
-    load_adapter,
-    lora_layers,
-    lora_state_dict,
-    merge_lora,
-    save_adapter,
-)
+from clo.model.lora import LoRALinear, apply_lora, disable_adapters, load_adapter, lora_layers, lora_state_dict, merge_lora, save_adapter
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

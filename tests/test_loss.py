@@ -8,16 +8,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from clo.errors import CloError
-from clo.train.loss import (
-    IGNORE_INDEX,
-    FourWay,
-    clo_loss,
-    dpo_loss,
-    dpo_only_loss,
-    response_logps,
-    sft_loss,
-    token_mean_nll,
-)
+from clo.train.loss import IGNORE_INDEX, FourWay, clo_loss, dpo_loss, dpo_only_loss, response_logps, sft_loss, token_mean_nll
 
 LOG_2 = math.log(2.0)
 

@@ -11,12 +11,7 @@ import torch
 from clo.errors import CloError
 from clo.translate.m2m100 import load_m2m100
 from clo.translate.search import GenerationSettings, generate
-from clo.translate.tokenizer import (
-    LANGUAGE_CODES,
-    M2M100Tokenizer,
-    NllbTokenizer,
-    load_tokenizer,
-)
+from clo.translate.tokenizer import LANGUAGE_CODES, M2M100Tokenizer, NllbTokenizer, load_tokenizer
 
 transformers = pytest.importorskip("transformers")
 

@@ -22,13 +22,7 @@ from tokenizers import Tokenizer, pre_tokenizers
 
 from clo.errors import CloError
 from clo.model.gguf_convert import convert_gguf_to_hf
-from clo.model.sources import (
-    DEFAULT_MODEL,
-    cache_dir,
-    default_gguf_path,
-    fetch_default_gguf,
-    resolve_model,
-)
+from clo.model.sources import DEFAULT_MODEL, cache_dir, default_gguf_path, fetch_default_gguf, resolve_model
 
 transformers = pytest.importorskip("transformers")
 

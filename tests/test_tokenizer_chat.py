@@ -6,13 +6,7 @@ import json
 import pytest
 
 from clo.errors import CloError
-from clo.model.chat import (
-    ChatFormat,
-    detect_format,
-    encode_prompt,
-    encode_response,
-    stop_ids,
-)
+from clo.model.chat import ChatFormat, detect_format, encode_prompt, encode_response, stop_ids
 from clo.model.tokenizer import load_tokenizer
 
 LANGS = ["eng_Latn", "swh_Latn", "yor_Latn", "ind_Latn", "kor_Hang", "zho_Hans", "deu_Latn"]

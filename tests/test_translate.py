@@ -9,11 +9,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from test_m2m100 import (
-    write_tiny_m2m100,
-    write_tiny_nllb_tokenizer,
-    write_tiny_tokenizer,
-)
+from test_m2m100 import write_tiny_m2m100, write_tiny_nllb_tokenizer, write_tiny_tokenizer
 
 import translate
 from clo.errors import CloError, run_cli

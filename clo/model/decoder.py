@@ -194,9 +194,15 @@ class Transformer(nn.Module):
                 x = layer(x, cos, sin, mask, cache_pos)
         return self.norm(x)
 
-    def forward(self, tokens, positions=None, mask=None, cache_pos=None) -> torch.Tensor:
-        """Logits [B, T, V] in the model's dtype."""
-        return self.lm_head(self.hidden(tokens, positions, mask, cache_pos))
+    def forward(self, tokens, positions=None, mask=None, cache_pos=None, head=None) -> torch.Tensor:
+        """Logits [B, T, V] in the model's dtype; or, with `head`, head(hidden [B, T, D], output weight [V, D]).
+
+        `head` lets training apply its own output projection (a chunked fp32 log-prob that never
+        builds [B, T, V], clo/train/loss.py) inside this forward, where a sharded model
+        (clo/train/distributed.py) has its weights gathered.
+        """
+        hidden = self.hidden(tokens, positions, mask, cache_pos)
+        return self.lm_head(hidden) if head is None else head(hidden, self.lm_head.weight)
 
     def setup_cache(self, batch: int, max_len: int) -> None:
         """Give every layer a KV cache [batch, n_kv_heads, max_len, head_dim]; one of that shape already there is kept.

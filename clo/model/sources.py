@@ -99,9 +99,7 @@ def _ensure_default_model() -> Path:
     with _cache_lock():
         if (target / "config.json").is_file():  # another process finished while we waited
             return target
-        from clo.model.gguf_convert import (
-            convert_gguf_to_hf,  # here: torch & co. load only when converting
-        )
+        from clo.model.gguf_convert import convert_gguf_to_hf  # here: torch & co. load only when converting
 
         gguf_path = _fetch_gguf_locked()
         print(f"clo: converting {gguf_path.name} to an HF folder at {target}", file=sys.stderr)

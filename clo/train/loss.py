@@ -103,11 +103,15 @@ def response_logps(
     return logp_sum, (labels != IGNORE_INDEX).sum(dim=1)
 
 
-def token_mean_nll(logp_sum: Tensor, n_tokens: Tensor) -> Tensor:
+def token_mean_nll(logp_sum: Tensor, n_tokens: Tensor, total_tokens: int | None = None) -> Tensor:
     """−Σ_b logp_sum[b] / Σ_b n_tokens[b]: the mean NLL per response token of the batch (scalar).
 
-    logp_sum: [B], n_tokens: [B]. A batch with no response tokens gives 0, not NaN.
+    logp_sum: [B], n_tokens: [B]. A batch with no response tokens gives 0, not NaN. total_tokens:
+    the denominator when these rows are one process's share of a larger batch (the shares' terms
+    then add up to the whole batch's mean, clo/train/distributed.py).
     """
+    if total_tokens is not None:
+        return -logp_sum.sum() / max(total_tokens, 1)
     return -logp_sum.sum() / n_tokens.sum().clamp(min=1).to(logp_sum.dtype)
 
 
@@ -141,9 +145,10 @@ class FourWay(NamedTuple):
 
 
 def _cross_lingual_loss(
-    policy: FourWay, reference: FourWay, beta: float, directions: str
+    policy: FourWay, reference: FourWay, beta: float, directions: str, examples: int | None = None
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """L_CL and its per-direction metrics: x_en prefers y_en over y_t, x_t prefers y_t over y_en."""
+    """L_CL and its per-direction metrics: x_en prefers y_en over y_t, x_t prefers y_t over y_en.
+    examples: the divisor of the per-example mean when these are one process's share of a batch."""
     if directions not in ("mean", "sum"):
         raise CloError(f"directions: must be 'mean' or 'sum', got {directions!r}")
     metrics, total = {}, 0.0
@@ -152,7 +157,7 @@ def _cross_lingual_loss(
             getattr(policy, chosen), getattr(policy, rejected),
             getattr(reference, chosen), getattr(reference, rejected), beta,
         )  # fmt: skip
-        total = total + losses.mean()
+        total = total + (losses.mean() if examples is None else losses.sum() / examples)
         metrics[f"{name}/chosen_reward"] = r_c.mean()
         metrics[f"{name}/rejected_reward"] = r_r.mean()
         metrics[f"{name}/margin"] = (r_c - r_r).mean()
@@ -171,19 +176,21 @@ def clo_loss(
     beta: float = 0.1,
     lam: float = 0.5,
     directions: str = "mean",
+    examples: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """L_CLO = λ · nll + (1 − λ) · L_CL (docs/paper.md "Loss"; λ = 0.5, β = 0.1).
 
     policy, reference: FourWay of [B] sequence log-probs (reference from the frozen starting model).
     nll: scalar L_SFT, `token_mean_nll` of the policy's y_t | x_t (the same forward as policy.t_t).
     directions: "mean" averages the two DPO directions, "sum" adds them.
+    examples: with N processes, the whole batch's example count (this process holds a share of it).
     Returns (loss scalar, metrics): 0-d detached tensors (no host sync) named loss, nll, cl_loss,
     margin, accuracy and {en,t}/{chosen_reward, rejected_reward, margin, accuracy}; accuracy is the
     fraction of examples whose chosen reward beats the rejected one.
     """
     if not 0.0 <= lam <= 1.0:
         raise CloError(f"lam: must be in [0, 1], got {lam}")
-    cl_loss, metrics = _cross_lingual_loss(policy, reference, beta, directions)
+    cl_loss, metrics = _cross_lingual_loss(policy, reference, beta, directions, examples)
     loss = lam * nll + (1 - lam) * cl_loss
     return loss, {"loss": loss.detach(), "nll": nll.detach(), **metrics}
 
@@ -194,13 +201,14 @@ def dpo_only_loss(
     beta: float = 0.1,
     directions: str = "mean",
     nll: Tensor | None = None,
+    examples: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """`--method dpo`: L_CL alone (DPO on the cross-lingual pairs, both directions), no NLL term.
 
     Same arguments and metrics as `clo_loss`; `nll`, if given, is only reported ("nll" is absent
     from the metrics otherwise) and never reaches the gradient.
     """
-    cl_loss, metrics = _cross_lingual_loss(policy, reference, beta, directions)
+    cl_loss, metrics = _cross_lingual_loss(policy, reference, beta, directions, examples)
     extra = {} if nll is None else {"nll": nll.detach()}
     return cl_loss, {"loss": cl_loss.detach(), **extra, **metrics}
 

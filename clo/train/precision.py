@@ -50,9 +50,15 @@ def check_precision_flags(dtype: str, amp: str) -> None:
                        "bf16 autocast; use --amp on (bf16 compute) or --dtype float32 (fp32 compute)")
 
 
-def training_precision(device: torch.device, dtype: str = "auto", amp: str = "auto") -> Precision:
-    """The policy for `--dtype` (auto, bfloat16, float32) and `--amp` (auto, on, off) on `device`."""
+def training_precision(device: torch.device, dtype: str = "auto", amp: str = "auto", sharded: bool = False) -> Precision:
+    """The policy for `--dtype` (auto, bfloat16, float32) and `--amp` (auto, on, off) on `device`.
+    sharded (N processes, FSDP2): every weight is held in fp32, whose shard is no larger than a whole
+    bf16 copy from 2 processes on (clo/train/distributed.py)."""
     check_precision_flags(dtype, amp)
+    if sharded and dtype == "bfloat16":
+        raise CloError("--dtype bfloat16 under torchrun: sharded weights are held in fp32 (compute is bf16 under --amp); leave --dtype auto")
+    if sharded:
+        dtype = "float32"
     # frozen weights held in bf16 need bf16 compute: --dtype bfloat16 turns auto autocast on everywhere
     use_amp = amp == "on" or (amp == "auto" and (bf16_is_fast(device) or dtype == "bfloat16"))
     auto = torch.bfloat16 if device.type == "cuda" and use_amp else torch.float32
@@ -63,7 +69,8 @@ def training_precision(device: torch.device, dtype: str = "auto", amp: str = "au
 def master_copies(params) -> None:
     """Rule 2: the parameters a stage trains, in fp32 (in place)."""
     for p in params:
-        p.data = p.data.float()
+        if p.dtype != torch.float32:
+            p.data = p.data.float()
 
 
 def restore_originals(model, folder: Path | str, names) -> list[str]:

@@ -19,6 +19,7 @@ from clo.atomic import atomic_file, write_atomic
 from clo.errors import CloError
 from clo.model.hf_folder import weight_files
 from clo.train.batching import EncodedExample
+from clo.train.distributed import World, is_sharded
 from clo.train.scoring import Batching, example_logps
 
 
@@ -79,7 +80,8 @@ def data_digest(examples: list[EncodedExample]) -> str:
 
 
 @torch.no_grad()
-def compute_reference_logps(model, examples: list[EncodedExample], batching: Batching, batch_size: int, autocast_dtype=None) -> torch.Tensor:
+def compute_reference_logps(model, examples: list[EncodedExample], batching: Batching, batch_size: int, autocast_dtype=None,
+                            world: World = World()) -> torch.Tensor:
     """log π_ref for every sequence: [N, 4] float32, row i = example i, columns in SEQUENCE_NAMES order.
 
     `batch_size` examples at a time, shortest first, scored as training scores them (`batching`)."""
@@ -89,7 +91,9 @@ def compute_reference_logps(model, examples: list[EncodedExample], batching: Bat
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     with torch.autocast(device.type, autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-        out = example_logps(model, examples, batching, batch_size, desc="reference log-probs")
+        out = example_logps(model, examples, batching, batch_size, desc="reference log-probs", world=world)
+    if is_sharded(model):
+        model.reshard()  # FSDP keeps the root gathered after a forward; training must gather it again, with gradients
     model.train(was_training)
     bad = (~torch.isfinite(out)).any(1).nonzero().flatten()
     if len(bad):
@@ -98,25 +102,39 @@ def compute_reference_logps(model, examples: list[EncodedExample], batching: Bat
     return out
 
 
-def cached_reference_logps(cache_dir: Path, key: str, compute, rows: int, recompute: bool = False) -> tuple[torch.Tensor, bool]:
+def cached_reference_logps(cache_dir: Path, key: str, compute, rows: int, recompute: bool = False,
+                           world: World = World()) -> tuple[torch.Tensor, bool]:
     """The [rows, 4] table for `key` from `cache_dir`, or `compute()` it and save it atomically. -> (table, hit).
 
     A cached file that is unreadable, of the wrong shape or not finite is computed again and replaced
-    (with a warning naming it), as is any file when `recompute`.
+    (with a warning naming it), as is any file when `recompute`. With N processes, process 0 reads
+    and writes the file and hands the table to the others; all of them compute it together.
     """
     path = Path(cache_dir) / f"ref-{key}.pt"
-    if path.is_file() and not recompute:
-        try:
-            table = torch.load(path, weights_only=True)
-            if isinstance(table, torch.Tensor) and table.shape == (rows, 4) and torch.isfinite(table).all():
-                return table, True
-            problem = "wrong shape or values"
-        except Exception as e:
-            problem = type(e).__name__
-        print(f"warning: {path}: damaged reference cache ({problem}); computing it again", file=sys.stderr)
+    table = read_cached(path, rows) if world.main and not recompute else None
+    table = world.broadcast_object(table)
+    if table is not None:
+        return table, True
     table = compute()
     if table.shape != (rows, 4) or not torch.isfinite(table).all():
         raise CloError(f"reference log-probs: expected a finite [{rows}, 4] table, got {list(table.shape)}")  # never cached
-    with atomic_file(path) as tmp:
-        torch.save(table, tmp)
+    if world.main:
+        with atomic_file(path) as tmp:
+            torch.save(table, tmp)
+    world.barrier()
     return table, False
+
+
+def read_cached(path: Path, rows: int) -> torch.Tensor | None:
+    """The cached table at `path`, or None if there is none or it is damaged (with a warning)."""
+    if not path.is_file():
+        return None
+    try:
+        table = torch.load(path, weights_only=True)
+        if isinstance(table, torch.Tensor) and table.shape == (rows, 4) and torch.isfinite(table).all():
+            return table
+        problem = "wrong shape or values"
+    except Exception as e:
+        problem = type(e).__name__
+    print(f"warning: {path}: damaged reference cache ({problem}); computing it again", file=sys.stderr)
+    return None

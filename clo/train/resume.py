@@ -47,12 +47,13 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: Path, *, weights: dict, optimizer, position: Position, settings: dict) -> None:
+def save_checkpoint(path: Path, *, weights: dict, optimizer: dict, position: Position, settings: dict, rng=None) -> None:
+    """optimizer: its state dict; rng: the RNG states (default: this process's; a list, one per process, with N)."""
     payload = {
         "weights": {k: v.detach().cpu() for k, v in weights.items()},
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer,
         "position": asdict(position),
-        "rng": rng_state(),
+        "rng": rng_state() if rng is None else rng,
         "settings": settings,
     }
     with atomic_file(path) as tmp:

@@ -12,6 +12,7 @@ and turns Ctrl-C / SIGTERM into a request read between steps (clo/train/interrup
 
 import json
 import shutil
+import signal
 import sys
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -23,13 +24,9 @@ from tqdm import tqdm
 from clo.atomic import leftovers, write_atomic
 from clo.errors import CloError
 from clo.lock import output_lock
+from clo.train.distributed import World, full_weights, optimizer_state
 from clo.train.interrupt import stop_requests
-from clo.train.resume import (
-    read_checkpoint,
-    resume_from,
-    save_checkpoint,
-    set_rng_state,
-)
+from clo.train.resume import read_checkpoint, resume_from, rng_state, save_checkpoint, set_rng_state
 from clo.train.schedule import Position
 
 RUN_FILES = ("run.json", "metrics.jsonl", "checkpoint.pt", "model", "adapter")
@@ -39,18 +36,19 @@ class Run:
     """One run's folder. resume: continue the run in it; overwrite: replace it (else a folder
     holding a run is refused, before any work)."""
 
-    def __init__(self, out: Path, *, resume: bool = False, overwrite: bool = False):
-        self.out, self.resume, self.overwrite = Path(out), resume, overwrite
+    def __init__(self, out: Path, *, resume: bool = False, overwrite: bool = False, world: World = World()):
+        self.out, self.resume, self.overwrite, self.world = Path(out), resume, overwrite, world
         self.checkpoint_path, self.metrics_path = self.out / "checkpoint.pt", self.out / "metrics.jsonl"
         check_out(self.out, resume, overwrite)
         self._stack = ExitStack()
-        self.bar, self.stop = None, None
+        self.bar, self.stop, self.stopped = None, None, False
 
     def __enter__(self) -> "Run":
-        self._stack.enter_context(output_lock(self.out))
-        removed = remove_leftovers(self.out)
-        if removed:
-            print(f"removed {len(removed)} temporary file(s) left in {self.out} by a killed run", file=sys.stderr)
+        if self.world.main:  # process 0 writes every file, so it alone holds the lock
+            self._stack.enter_context(output_lock(self.out))
+            removed = remove_leftovers(self.out)
+            if removed:
+                print(f"removed {len(removed)} temporary file(s) left in {self.out} by a killed run", file=sys.stderr)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -69,45 +67,63 @@ class Run:
         else clear the folder. Writes run.json. -> the position to start from."""
         if ckpt is not None:
             pos = ckpt["position"]
-            set_rng_state(ckpt["rng"])  # nothing random happens between here and the next step
-            keep_metrics_until(self.metrics_path, pos.step)
-            print(f"resuming from {self.checkpoint_path} at step {pos.step}", file=sys.stderr)
+            rng = ckpt["rng"]
+            set_rng_state(rng[self.world.rank] if isinstance(rng, list) else rng)  # nothing random happens before the next step
+            if self.world.main:
+                keep_metrics_until(self.metrics_path, pos.step)
+                print(f"resuming from {self.checkpoint_path} at step {pos.step}", file=sys.stderr)
         else:
             pos = Position()
-            clear_run(self.out)  # only a run the user asked to --overwrite gets here with files in it
-            self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "run.json").write_text(json.dumps(info, indent=2))
+            if self.world.main:
+                clear_run(self.out)  # only a run the user asked to --overwrite gets here with files in it
+                self.out.mkdir(parents=True, exist_ok=True)
+        if self.world.main:
+            (self.out / "run.json").write_text(json.dumps(info, indent=2))
         return pos
 
     @contextmanager
     def steps(self, total: int, initial: int, desc: str):
         """The training loop's span: a progress bar, and Ctrl-C / SIGTERM read between steps (`self.stop`)."""
-        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step")
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not self.world.main)
         try:
             with stop_requests() as self.stop:
                 yield self
         finally:
             self.bar.close()
 
+    def stop_requested(self) -> bool:
+        """Whether any process was asked to stop (read between steps; every process stops at the same one)."""
+        self.stopped = self.world.any(self.stop.requested)
+        return self.stopped
+
     def record(self, row: dict) -> None:
-        """One step's metrics: a line of metrics.jsonl and the progress bar."""
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        """One step's metrics: a line of metrics.jsonl (process 0) and the progress bar."""
+        if self.world.main:
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
         self.bar.update(1)
         self.bar.set_postfix({"loss": f"{row['loss']:.3f}", **({"margin": f"{row['margin']:.3f}"} if "margin" in row else {}),
                               "tok/s": f"{row['tokens_per_s']:.0f}"})
 
-    def save(self, *, weights: dict, optimizer, position: Position, settings: dict) -> None:
-        save_checkpoint(self.checkpoint_path, weights=weights, optimizer=optimizer, position=position, settings=settings)
+    def save(self, model, trained: set[str], optimizer, position: Position, settings: dict) -> None:
+        """checkpoint.pt with the weights that trained so far (every process takes part; process 0 writes)."""
+        weights, state = full_weights(model, trained), optimizer_state(model, optimizer)
+        rng = self.world.gather_objects(rng_state()) if self.world.distributed else rng_state()
+        if self.world.main:
+            save_checkpoint(self.checkpoint_path, weights=weights, optimizer=state, position=position, settings=settings, rng=rng)
+        self.world.barrier()
 
     def exit_if_stopped(self, step: int) -> None:
         """After the checkpoint is saved: a requested stop ends the process with 128 + the signal."""
-        if self.stop is not None and self.stop.requested:
-            print(f"\ninterrupted: checkpoint saved to {self.checkpoint_path} at step {step}; continue with --resume", file=sys.stderr)
-            sys.exit(128 + self.stop.signum)
+        if self.stopped:
+            if self.world.main:
+                print(f"\ninterrupted: checkpoint saved to {self.checkpoint_path} at step {step}; continue with --resume", file=sys.stderr)
+            sys.exit(128 + (self.stop.signum or signal.SIGTERM))
 
     def summarize(self, device: torch.device) -> None:
         """Median tokens/s, peak memory and first/last loss and margin, printed and added to run.json."""
+        if not self.world.main:
+            return
         rows = [json.loads(line) for line in self.metrics_path.read_text().split("\n") if line]
         if not rows:
             return

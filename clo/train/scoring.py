@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from clo.train.batching import EncodedExample, collate_sequences, flat_sequences
+from clo.train.distributed import World
 from clo.train.loss import response_logps
 
 
@@ -37,12 +38,12 @@ def sequence_logps(model, sequences, pad_id: int, bucket: int, groups: int = 1):
     Returns (logp_sum [N] float32, n_tokens [N] long) in the order of `sequences`, with gradients
     to whatever in the model requires them (call under torch.no_grad() for a reference pass).
     """
-    device, head = model.embed_tokens.weight.device, model.lm_head.weight
+    device = model.embed_tokens.weight.device
     parts, counts, rows = [], [], []
     for idx in length_groups([len(p) + len(r) for p, r in sequences], groups):
         tokens, labels = collate_sequences([sequences[i] for i in idx], pad_id, bucket)
-        hidden = model.hidden(tokens.to(device))
-        logps, n_tokens = response_logps(hidden.to(head.dtype), head, labels.to(device))
+        labels = labels.to(device)
+        logps, n_tokens = model(tokens.to(device), head=lambda hidden, weight: response_logps(hidden.to(weight.dtype), weight, labels))
         parts.append(logps), counts.append(n_tokens), rows.extend(idx)
     back = torch.empty(len(rows), dtype=torch.long)
     back[torch.tensor(rows)] = torch.arange(len(rows))  # sorted position of each original row
@@ -79,13 +80,26 @@ def four_way_rows(model, batch: list[EncodedExample], batching: Batching) -> tor
 
 
 @torch.no_grad()
-def example_logps(model, examples: list[EncodedExample], batching: Batching, batch_size: int, desc: str = "log-probs") -> torch.Tensor:
+def example_logps(model, examples: list[EncodedExample], batching: Batching, batch_size: int, desc: str = "log-probs",
+                  world: World = World()) -> torch.Tensor:
     """`four_way_rows` of every example, `batch_size` at a time, shortest first (less padding, and a
     bar that speeds up): [N, 4] float32, row i = example i. The one scorer of the reference table,
-    held-out preference and the multiple-choice fallback; a row left unfilled stays NaN."""
+    held-out preference and the multiple-choice fallback; a row left unfilled stays NaN.
+
+    N processes take the batches in turn (the same batches as one process, so the same numbers) and
+    gather the table; one without a batch in the last round scores the last batch again, because
+    every process must run the same forward passes.
+    """
     out = torch.full((len(examples), 4), float("nan"))
     order = sorted(range(len(examples)), key=lambda i: examples[i].longest)
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
-        idx = order[start : start + batch_size]
-        out[idx] = four_way_rows(model, [examples[i] for i in idx], batching)
+    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    mine = {}
+    for r in tqdm(range(-(-len(batches) // world.size)), desc=desc, unit="batch", disable=not world.main):
+        b = r * world.size + world.rank
+        rows = four_way_rows(model, [examples[i] for i in batches[min(b, len(batches) - 1)]], batching)
+        if b < len(batches):
+            mine[b] = rows
+    for part in world.gather_objects(mine):
+        for b, rows in part.items():
+            out[batches[b]] = rows
     return out

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from clo.train.batching import count_tokens, flat_sequences
+from clo.train.distributed import World, full_tensor
 from clo.train.loss import FourWay, clo_loss, dpo_only_loss, token_mean_nll
 from clo.train.precision import Precision
 from clo.train.scoring import Batching
@@ -43,18 +44,25 @@ class Objective:
     def needs_reference(self) -> bool:
         return self.method != "sft"
 
-    def loss(self, logps: torch.Tensor, n_tokens: torch.Tensor, ref_rows: torch.Tensor | None):
+    def loss(self, logps: torch.Tensor, n_tokens: torch.Tensor, ref_rows: torch.Tensor | None, whole=None):
         """(loss, metrics) from the scored sequences: logps, n_tokens [len(sequences) * B] in
-        flat_sequences order; ref_rows [B, 4] (None for sft)."""
+        flat_sequences order; ref_rows [B, 4] (None for sft). whole: the batch these B examples are
+        a share of (N processes): its counts are the denominators, so the shares' losses add up to its loss."""
+        tokens, examples = (None, None) if whole is None else (self.nll_tokens(whole), len(whole))
         if self.method == "sft":
-            nll = token_mean_nll(logps, n_tokens)
+            nll = token_mean_nll(logps, n_tokens, tokens)
             return nll, {"loss": nll.detach(), "nll": nll.detach()}
         logps, n_tokens = logps.view(4, -1), n_tokens.view(4, -1)
         policy, reference = FourWay(*logps), FourWay(*ref_rows.to(logps.device).T)
-        nll = token_mean_nll(logps[2], n_tokens[2])  # NLL(y_t | x_t): target-language responses only
+        nll = token_mean_nll(logps[2], n_tokens[2], tokens)  # NLL(y_t | x_t): target-language responses only
         if self.method == "clo":
-            return clo_loss(policy, reference, nll, beta=self.beta, lam=self.lam, directions=self.directions)
-        return dpo_only_loss(policy, reference, beta=self.beta, directions=self.directions, nll=nll.detach())
+            return clo_loss(policy, reference, nll, beta=self.beta, lam=self.lam, directions=self.directions, examples=examples)
+        return dpo_only_loss(policy, reference, beta=self.beta, directions=self.directions, nll=nll.detach(), examples=examples)
+
+    def nll_tokens(self, batch) -> int:
+        """Response tokens under the NLL term in `batch`: the sft sequences, or y_t | x_t."""
+        which = self.sequences if self.method == "sft" else (2,)
+        return sum(len(ex.sequences[k][1]) for k in which for ex in batch)
 
 
 def batch_loss(model, batch, ref_rows, objective: Objective, batching: Batching):
@@ -63,21 +71,49 @@ def batch_loss(model, batch, ref_rows, objective: Objective, batching: Batching)
     return objective.loss(logps, n_tokens, ref_rows)
 
 
+def share_backward(model, batch, ref_rows, objective: Objective, batching: Batching, precision: Precision, world: World, scale: int):
+    """N processes: backward of this process's share of one global micro-batch; the whole batch's metrics.
+
+    Every share is padded to the same number of examples (repeats, weight 0), so that every process
+    runs the same forward passes, hence the same collectives; only the real rows reach the loss.
+    """
+    S, device = len(objective.sequences), model.embed_tokens.weight.device
+    k = -(-len(batch) // world.size)
+    mine = world.share(list(range(len(batch))))
+    padded = (mine + [mine[0] if mine else 0] * k)[:k]
+    with precision.compute(device):
+        logps, n_tokens = batching.logps(model, flat_sequences([batch[i] for i in padded], objective.sequences))
+        logps, n_tokens = logps.view(S, k)[:, : len(mine)], n_tokens.view(S, k)[:, : len(mine)]
+        if mine:
+            loss, _ = objective.loss(logps.flatten(), n_tokens.flatten(), None if ref_rows is None else ref_rows[mine], whole=batch)
+        else:
+            loss = logps.sum() * 0.0  # an empty share still runs backward: FSDP reduces every gradient
+    (loss / scale).backward()
+    pieces = world.gather_objects((logps.detach().float().cpu(), n_tokens.cpu()))
+    logps, n_tokens = torch.cat([p for p, _ in pieces], dim=1), torch.cat([n for _, n in pieces], dim=1)
+    _, metrics = objective.loss(logps.flatten(), n_tokens.flatten(), ref_rows)  # as one process computes them
+    return metrics
+
+
 def optimizer_step(model, optimizer, trainable, micro_batches, lr: float, objective: Objective, batching: Batching,
-                   precision: Precision, grad_clip: float):
-    """One update over [(examples, reference rows), ...] micro-batches; grad_clip 0 is off.
+                   precision: Precision, grad_clip: float, world: World = World()):
+    """One update over [(examples, reference rows), ...] micro-batches; grad_clip 0 is off. With N
+    processes each micro-batch is the global one and this process computes its share.
     -> (mean metrics incl. grad_norm, tokens)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     device = model.embed_tokens.weight.device
     n_tok, parts = 0, []
     for batch, ref_rows in micro_batches:
-        with precision.compute(device):
-            loss, metrics = batch_loss(model, batch, ref_rows, objective, batching)
-        (loss / len(micro_batches)).backward()
+        if world.distributed:
+            metrics = share_backward(model, batch, ref_rows, objective, batching, precision, world, len(micro_batches))
+        else:
+            with precision.compute(device):
+                loss, metrics = batch_loss(model, batch, ref_rows, objective, batching)
+            (loss / len(micro_batches)).backward()
         n_tok += count_tokens(batch, objective.sequences)
         parts.append(metrics)
-    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip if grad_clip > 0 else float("inf"))
+    grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(trainable, grad_clip if grad_clip > 0 else float("inf")))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     row = {k: sum(float(m[k]) for m in parts) / len(parts) for k in parts[0]}  # the one host sync per step

@@ -1,0 +1,178 @@
+"""torchrun on CPU (gloo, 2 processes of the tiny model): the same training as one process.
+
+The oracle is the plain one-process run of the same command (fp32; the shares' sums are added in
+another order, so not bit for bit): per-step loss within 1e-6, margin within 1e-5 (β times a
+difference of log-prob sums of tens of nats, whose fp32 resolution is ~1e-5), gradient norm within
+1e-5 relative (Adam is blind to the gradient's scale; the norm is not, so a wrong normalisation
+shows here), and the final weights within 1e-6 except in at most 0.1% of entries: Adam's first
+update of a fresh optimizer is lr·g/(|g| + 1e-8), which for a gradient entry near 1e-8 depends on
+its last bits, so such an entry may differ by up to one update (lr). A resumed 2-process
+run equals an uninterrupted one bit for bit, the reference table is the 1-process table, and a
+process that fails or is stopped ends the whole job.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_chat_model import make_tiny_training_setup
+
+import train
+from clo.errors import CloError
+from clo.train.distributed import World, check_batch
+
+REPO = Path(__file__).resolve().parents[1]
+TOL = 1e-6  # loss, NLL, weights
+MARGIN_TOL = 1e-5  # β · (difference of sums of log-probs)
+LR = 1e-3
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_training_setup(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLO_CACHE", str(tmp_path / "cache"))
+
+
+def argv(tiny, out, *extra):
+    folder, data = tiny
+    return ["--lang", "sw", "--model", str(folder), "--data", str(data), "--out", str(out), "--batch-size", "4",
+            "--lr", str(LR), "--amp", "off", "--save-every", "0", *extra]
+
+
+def torchrun_cmd(args: list[str], script: Path = REPO / "train.py") -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script), *args]
+
+
+def torchrun(args: list[str], script: Path = REPO / "train.py", timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(torchrun_cmd(args, script), env=dict(os.environ), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(folder: Path) -> dict:
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def assert_close_runs(a: Path, b: Path, folder: str = "model") -> None:
+    ra, rb = metrics(a), metrics(b)
+    assert [r["step"] for r in ra] == [r["step"] for r in rb]
+    for x, y in zip(ra, rb):
+        for key, tol in (("loss", TOL), ("nll", TOL), ("margin", MARGIN_TOL), ("accuracy", 0)):
+            if key in x:
+                assert abs(x[key] - y[key]) <= tol, (x["step"], key, x[key], y[key])
+        assert abs(x["grad_norm"] - y["grad_norm"]) <= 1e-5 * x["grad_norm"], (x["step"], x["grad_norm"], y["grad_norm"])
+    wa, wb = weights(a / folder), weights(b / folder)
+    assert wa.keys() == wb.keys()
+    diffs = torch.cat([(wa[k].float() - wb[k].float()).abs().flatten() for k in wa])
+    assert (diffs > TOL).float().mean() <= 1e-3, f"{int((diffs > TOL).sum())} of {diffs.numel()} weights differ by more than {TOL}"
+    assert diffs.max() <= LR, diffs.max()
+
+
+EXTRAS = {"attention": ("--stages", "attn:2"), "stages": ("--stages", "attn:1,all:1"), "lora": ("--lora", "--save-merged")}
+
+
+@pytest.fixture(scope="module")
+def two(tiny, tmp_path_factory):
+    """{case: the output folder of a 2-process run}, made once (each case computes its reference table)."""
+    runs = {}
+
+    def run(case):
+        if case not in runs:
+            root = tmp_path_factory.mktemp(f"two-{case}")
+            env = {**os.environ, "CLO_CACHE": str(root / "cache")}
+            done = subprocess.run(torchrun_cmd(argv(tiny, root / "two", *EXTRAS[case])), env=env, capture_output=True, text=True, timeout=240, cwd=REPO)
+            assert done.returncode == 0, done.stderr[-3000:]
+            runs[case] = root / "two"
+        return runs[case]
+
+    return run
+
+
+@pytest.mark.parametrize("case", list(EXTRAS))
+def test_two_processes_train_as_one(tiny, two, tmp_path, case):
+    one, two = train.main(argv(tiny, tmp_path / "one", *EXTRAS[case])), two(case)
+    assert_close_runs(one, two)
+    if case == "lora":
+        assert_close_runs(one, two, "adapter")
+    assert json.loads((two / "run.json").read_text())["summary"]["steps"] == len(metrics(one))
+    assert [p.name for p in two.iterdir() if p.name.startswith((".model.", ".checkpoint.pt."))] == []  # no temporary left
+    if case == "attention":
+        # the reference table computed by 2 processes is the 1-process table, under the same cache key
+        [a], [b] = (list((root / "reference").glob("ref-*.pt")) for root in (tmp_path / "cache", two.parent / "cache"))
+        assert a.name == b.name and torch.equal(torch.load(a, weights_only=True), torch.load(b, weights_only=True))
+        # and the saved folder loads in transformers with the 1-process folder's logits
+        transformers = pytest.importorskip("transformers")
+        tokens = torch.tensor([[5, 9, 17, 33, 4, 8, 2]])
+        with torch.no_grad():
+            la, lb = (transformers.AutoModelForCausalLM.from_pretrained(f / "model", torch_dtype=torch.float32)(tokens).logits for f in (one, two))
+        assert torch.allclose(la, lb, atol=1e-5)
+
+
+def worker(tmp_path: Path, body: str) -> Path:
+    """A train.py stand-in that patches AdamW.step on rank 1 with `body` (run at its 2nd call)."""
+    script = tmp_path / "worker.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, signal, sys, torch
+        sys.path.insert(0, {str(REPO)!r})
+        import train
+        from clo.errors import run_cli
+        if os.environ["RANK"] == "1":
+            real, calls = torch.optim.AdamW.step, []
+            def step(self, *a, **k):
+                result = real(self, *a, **k)
+                calls.append(1)
+                if len(calls) == 2:
+                    {body}
+                return result
+            torch.optim.AdamW.step = step
+        run_cli(lambda: train.main(sys.argv[1:]))
+    """))
+    return script
+
+
+def test_sigterm_on_one_process_saves_once_and_resumes_exactly(tiny, two, tmp_path):
+    """SIGTERM reaching rank 1 right after its 2nd update: every process stops after that step, the
+    checkpoint holds step 2, and the resumed 2-process run equals an uninterrupted one bit for bit."""
+    extra, full = EXTRAS["stages"], two("stages")
+    stopped = torchrun(argv(tiny, tmp_path / "part", *extra), worker(tmp_path, "os.kill(os.getpid(), signal.SIGTERM)"))
+    assert stopped.returncode != 0
+    saved = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)
+    assert saved["position"]["step"] == 2 and len(saved["rng"]) == 2
+    resumed = torchrun(argv(tiny, tmp_path / "part", *extra, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    def timeless(out):
+        return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in metrics(out)]
+
+    assert timeless(tmp_path / "part") == timeless(full)
+    wa, wb = weights(full / "model"), weights(tmp_path / "part" / "model")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    with pytest.raises(CloError, match="processes"):  # another number of processes: refused, not approximated
+        train.main(argv(tiny, tmp_path / "part", *extra, "--resume", "--max-steps", "3"))
+
+
+def test_a_failing_process_ends_the_job(tiny, tmp_path):
+    start = time.monotonic()
+    done = torchrun(argv(tiny, tmp_path / "run", "--stages", "attn:4"), worker(tmp_path, "raise RuntimeError('rank 1 fails on purpose')"), timeout=180)
+    assert done.returncode != 0
+    assert "rank 1 fails on purpose" in done.stderr
+    assert time.monotonic() - start < 120
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def test_batch_smaller_than_the_processes_is_refused():
+    check_batch(2, World(0, 2, 0, True))
+    with pytest.raises(CloError, match="--batch-size 1: smaller than the 2 processes"):
+        check_batch(1, World(0, 2, 0, True))
