@@ -81,7 +81,7 @@ def assert_close_runs(a: Path, b: Path, folder: str = "model") -> None:
     assert diffs.max() <= LR, diffs.max()
 
 
-EXTRAS = {"attention": ("--stages", "attn:2"), "stages": ("--stages", "attn:1,all:1"), "lora": ("--lora", "--save-merged")}
+EXTRAS = {"attention": ("--stages", "attn:2"), "stages": ("--stages", "attn:1,all:1", "--checkpoint-activations"), "lora": ("--lora", "--save-merged")}
 
 
 @pytest.fixture(scope="module")

@@ -114,8 +114,9 @@ class Run:
         self.world.barrier()
 
     def exit_if_stopped(self, step: int) -> None:
-        """After the checkpoint is saved: a requested stop ends the process with 128 + the signal."""
-        if self.stopped:
+        """After the checkpoint is saved: a requested stop (one that came during the last step too) ends
+        the process with 128 + the signal."""
+        if self.stopped or (self.stop is not None and self.world.any(self.stop.requested)):
             if self.world.main:
                 print(f"\ninterrupted: checkpoint saved to {self.checkpoint_path} at step {step}; continue with --resume", file=sys.stderr)
             sys.exit(128 + (self.stop.signum or signal.SIGTERM))
