@@ -29,6 +29,7 @@ from clo.errors import CloError
 from clo.train.distributed import World, check_batch
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # each torchrun starts 2 Python processes: ~70 s for the file on 2 cores
 TOL = 1e-6  # loss, NLL, weights
 MARGIN_TOL = 1e-5  # β · (difference of sums of log-probs)
 LR = 1e-3
