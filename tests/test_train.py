@@ -411,8 +411,13 @@ def test_signal_right_after_an_update_is_saved_with_its_position(tiny, tmp_path,
         return result
 
     monkeypatch.setattr(torch.optim.AdamW, "step", step_then_signal)
-    with pytest.raises(SystemExit) as stopped:
-        run(tiny, tmp_path / "part", *args, "--max-steps", "4")
+    # a shell starts background jobs with SIGINT ignored, and train.py keeps an ignored signal ignored
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            run(tiny, tmp_path / "part", *args, "--max-steps", "4")
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert stopped.value.code == 130
     monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
     saved = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)
