@@ -23,7 +23,14 @@ then, with --judge, judge every model against the first (clo/eval/judge.py), and
 
 All files are written at the end, each atomically: a failed run leaves nothing half-written. An
 existing --out must hold nothing but these (an earlier eval.py run's, which are replaced).
-Limitations: greedy decoding only; one device; judged pairs are each model vs the first.
+
+    torchrun --nproc-per-node N eval.py ...     # N processes (GPUs: one each; CPU: gloo)
+
+splits the prompts, held-out pairs, questions and judge prompts across processes, each holding the
+whole model: they take in turn the batches one process forms, so every number and file is the
+1-process run's (tests/test_eval_distributed.py); process 0 takes the lock, writes and reports.
+Limitations: greedy decoding only; each process holds the whole model (no sharding); judged pairs
+are each model vs the first.
 """
 
 import argparse
@@ -31,6 +38,7 @@ import gc
 import os
 import re
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +64,7 @@ from clo.model.tokenizer import load_tokenizer
 from clo.pairs import demo_path, load_pairs
 from clo.runtime import on_for_cuda, resolve_device
 from clo.train.batching import encode_all
+from clo.world import World, start
 
 
 def parse_args(argv=None):
@@ -98,6 +107,11 @@ def parse_args(argv=None):
     args.device = resolve_device(args.device)
     return args
 
+
+# A collective waits for the slowest process's share (a batch of generation more than the others:
+# minutes for a 7B model on a CPU); a process that dies is noticed at once (torchrun stops the
+# rest), so this only bounds a hang.
+COLLECTIVE_TIMEOUT_S = 3600
 
 DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}  # --dtype (auto: bf16 on CUDA, fp32 on CPU)
 
@@ -195,25 +209,35 @@ def main(argv=None):
     args = parse_args(argv)
     lang = target_language(args.lang)
     out = Path(args.out or f"runs/eval-{lang.code}")
+    world = start(args.device, COLLECTIVE_TIMEOUT_S)  # one process, or the N that torchrun started
 
     # 0. Every input and output is checked before any model runs: a typo costs seconds, not an hour.
+    # Every process checks (the same files, the same verdict); a failure on process 0 alone (the lock)
+    # ends it, and torchrun then stops the others.
     check_out(out)
     langid = LanguageId(args.langs)
-    inputs = read_inputs(args, lang.code)
-    with output_lock(out):  # one eval per --out: a second stops at once, not after an hour of generation
+    inputs = read_inputs(args, lang.code, world)
+    with output_lock(out) if world.main else nullcontext():  # one eval per --out: a second stops at once
         # 1-3. Each model in turn: generate and grade, held-out preference and NLL, multiple choice.
         results, generations = [], {}
         for name, folder in zip(inputs.names, inputs.folders):
-            result, generations[name] = evaluate_model(name, folder, inputs, langid, args)
+            result, generations[name] = evaluate_model(name, folder, inputs, langid, args, world)
             results.append(result)
         # 4. Pairwise judging: every model against the first, both presentation orders.
-        judgments = judge_all(inputs, results, generations, args) if inputs.judge_folder is not None else []
-        # 5. Outputs, each file atomically.
-        write_outputs(out, lang.code, inputs, results, generations, judgments, args)
+        judgments = judge_all(inputs, results, generations, args, world) if inputs.judge_folder is not None else []
+        # 5. Outputs, each file atomically, by process 0 (every process holds the same results).
+        if world.main:
+            write_outputs(out, lang.code, inputs, results, generations, judgments, args)
     return results
 
 
-def read_inputs(args, lang: str) -> Inputs:
+def note(world: World, message: str) -> None:
+    """A progress line on stderr, from process 0 only (the others would repeat it)."""
+    if world.main:
+        print(f"eval: {message}", file=sys.stderr)
+
+
+def read_inputs(args, lang: str, world: World = World()) -> Inputs:
     """Read and check every input file and model folder (cheaply), before any model runs."""
     heldout_path = Path(args.heldout) if args.heldout else demo_path(lang, heldout=True)
     heldout = load_pairs(heldout_path, lang).examples
@@ -238,30 +262,30 @@ def read_inputs(args, lang: str) -> Inputs:
     for name in names:  # one AlpacaEval file per model: two names must not map to one file
         if (other := exports.setdefault(file_safe(name), name)) != name:
             raise CloError(f"--names: {other!r} and {name!r} would both be written to alpaca_eval/{file_safe(name)}.json")
-    print(
-        f"eval: {len(prompts)} prompts from {', '.join(map(str, prompt_files))}; {len(heldout)} held-out pairs from {heldout_path}; "
-        f"{sum(map(len, mmlu))} multiple-choice questions; {len(folders)} models; device {args.device}",
-        file=sys.stderr,
-    )
+    processes = f" x {world.size} processes" if world.distributed else ""
+    note(world, f"{len(prompts)} prompts from {', '.join(map(str, prompt_files))}; {len(heldout)} held-out pairs from {heldout_path}; "
+                f"{sum(map(len, mmlu))} multiple-choice questions; {len(folders)} models; device {args.device}{processes}")
     return Inputs(heldout_path, heldout, prompt_files, prompts, mmlu, mmlu_dev, folders, names, judge_folder)
 
 
-def evaluate_model(name: str, folder: Path, inputs: Inputs, langid: LanguageId, args) -> tuple[dict, list[dict]]:
-    """One model: answers generated and graded, held-out preference and NLL, multiple choice. -> (result, graded answers)."""
-    print(f"eval: {name} ({folder})", file=sys.stderr)
-    model = load_checked(folder, args.device, DTYPES[args.dtype])
+def evaluate_model(name: str, folder: Path, inputs: Inputs, langid: LanguageId, args, world: World = World()) -> tuple[dict, list[dict]]:
+    """One model: answers generated and graded, held-out preference and NLL, multiple choice. -> (result, graded answers).
+    N processes share each step's batches; every process returns the whole result."""
+    note(world, f"{name} ({folder})")
+    device = world.device(args.device)
+    model = load_checked(folder, device, DTYPES[args.dtype])
     tok = load_tokenizer(folder)
     fmt = detect_format(tok, args.chat_format)
     answers = generate_answers(model, tok, fmt, inputs.prompts, args.max_new_tokens, args.batch_size, desc=f"generate {name}",
-                               compile=on_for_cuda(args.compile, args.device))
+                               compile=on_for_cuda(args.compile, device), world=world)
     records = grade_answers(name, inputs.prompts, answers, langid, args.max_new_tokens, args.copy_threshold, args.repeat_threshold, args.ngram)
 
     encoded, too_long = encode_all(tok, fmt, inputs.heldout, args.max_length)
     preference = None
     if encoded:
-        preference = preference_metrics(four_way_logps(model, encoded, tok.pad_id, args.batch_size), encoded)
+        preference = preference_metrics(four_way_logps(model, encoded, tok.pad_id, args.batch_size, world=world), encoded)
         preference["skipped_too_long"] = too_long
-    mc = evaluate_mc(model, tok, inputs.mmlu, inputs.mmlu_dev, args.mmlu_shots, args.batch_size, args.limit) if inputs.mmlu else None
+    mc = evaluate_mc(model, tok, inputs.mmlu, inputs.mmlu_dev, args.mmlu_shots, args.batch_size, args.limit, world) if inputs.mmlu else None
 
     sets = sorted({r["set"] for r in records})
     result = {
@@ -275,17 +299,17 @@ def evaluate_model(name: str, folder: Path, inputs: Inputs, langid: LanguageId, 
     return result, records
 
 
-def judge_all(inputs: Inputs, results: list[dict], generations: dict, args) -> list[dict]:
+def judge_all(inputs: Inputs, results: list[dict], generations: dict, args, world: World = World()) -> list[dict]:
     """Every model after the first judged against the first, in both orders; fills result["judge"]. -> judgment rows."""
-    print(f"eval: judging with {inputs.judge_folder}", file=sys.stderr)
-    judge = load_checked(inputs.judge_folder, args.device, DTYPES[args.dtype])
+    note(world, f"judging with {inputs.judge_folder}")
+    judge = load_checked(inputs.judge_folder, world.device(args.device), DTYPES[args.dtype])
     judge_tok = load_tokenizer(inputs.judge_folder)
     judge_fmt = detect_format(judge_tok)  # the judge speaks its own format
     baseline, judgments = inputs.names[0], []
     for result in results[1:]:
         rows, summary = judge_pairs(
             judge, judge_tok, judge_fmt, generations[result["name"]], generations[baseline],
-            args.batch_size, args.judge_max_new_tokens, args.judge_language_check,
+            args.batch_size, args.judge_max_new_tokens, args.judge_language_check, world,
         )  # fmt: skip
         result["judge"] = {"against": baseline, "judge": str(inputs.judge_folder), **summary}
         judgments += [{"model_a": result["name"], "model_b": baseline, **row} for row in rows]

@@ -45,7 +45,7 @@ from clo.model.tokenizer import load_tokenizer
 from clo.pairs import demo_path, load_pairs
 from clo.runtime import on_for_cuda, resolve_device
 from clo.train.batching import encode_all
-from clo.train.distributed import World, check_batch, full_weights, load_optimizer_state, load_weights, shard, start
+from clo.train.distributed import check_batch, full_weights, load_optimizer_state, load_weights, shard
 from clo.train.precision import check_precision_flags, checkpoint_dtype, restore_originals, training_precision
 from clo.train.reference import cache_key, cached_reference_logps, compute_reference_logps, data_digest, model_fingerprint
 from clo.train.run import Run
@@ -53,6 +53,7 @@ from clo.train.schedule import Position, Schedule, lr_at
 from clo.train.scoring import Batching
 from clo.train.stages import begin_stage, lora_targets, parse_stages
 from clo.train.step import SFT_SEQUENCES, Objective, optimizer_step
+from clo.world import World, start
 
 
 def parse_args(argv=None):
@@ -117,7 +118,7 @@ def train(args, world: World = World()) -> Path:
     lang = target_language(args.lang)
     stages = parse_stages(args.stages)
     device = world.device(resolve_device(args.device))
-    precision = training_precision(device, args.dtype, args.amp, sharded=world.distributed)
+    precision = training_precision(device, args.dtype, args.amp, sharded=world.size > 1)
     compiled = on_for_cuda(args.compile, device)
     check_processes(args, world)
     objective = Objective(args.method, beta=args.beta, lam=args.lam, directions=args.directions, sft_on=args.sft_on)
@@ -147,7 +148,7 @@ def train(args, world: World = World()) -> Path:
             print(f"data: {data_path}: {pairs.summary()}, {too_long} longer than {args.max_length} tokens dropped; chat format {fmt.name}", file=sys.stderr)
         if args.lora:
             add_lora(model, stages, args)
-        if world.distributed:  # N processes: FSDP2 over the blocks and the root (clo/train/distributed.py)
+        if world.size > 1:  # FSDP2 over the blocks and the root (clo/train/distributed.py); one process has nothing to shard
             shard(model, world, precision.autocast if device.type == "cuda" else None)
 
         # 3. Reference log-probs of the starting model: once, cached on disk, never a second model in memory.
@@ -162,7 +163,7 @@ def train(args, world: World = World()) -> Path:
         run.summarize(device)
 
         # 5. Outputs: an HF-format folder transformers loads (and a PEFT adapter with --lora).
-        if world.distributed:
+        if world.size > 1:
             model = gathered_model(model, folder, stages, args, world)  # a whole copy on process 0, None elsewhere
         if world.main:
             save_outputs(model, folder, trained, run.out, fmt.name, args)
@@ -227,7 +228,7 @@ def check_processes(args, world: World) -> None:
     """What N processes need: at least one example each per micro-batch; at most 4 length groups
     (each example's four sequences fill them, so every process runs the same forward passes)."""
     check_batch(args.batch_size, world)
-    if world.distributed and args.length_groups > 4:
+    if world.size > 1 and args.length_groups > 4:
         raise CloError(f"--length-groups {args.length_groups}: at most 4 under torchrun")
 
 

@@ -14,6 +14,12 @@ crash loses at most the work in flight; running the same command again skips the
 --out is checked whole before it is touched: a file that is not this tool's output for --lang is
 refused unchanged. One run per --out at a time (clo/lock.py). `parallel` replaces --out atomically.
 
+`torchrun --nproc-per-node N translate.py ...` deals the chunks out to N processes (on CUDA,
+one GPU each) in lock-step rounds; process 0 alone writes, a round at a time, so --out holds the
+same records in the same order and bytes as a one-process run on the same kind of device. A crash
+of any process loses at most the round in flight; the same command, with any N or plain `python`,
+resumes it. Write `--num-examples` there for `--n`, which torchrun's own parser would claim.
+
 Features: OASST1 (both release formats), Alpaca JSON and plain JSONL sources (clo/translate/sft_sources.py);
 responses cut at line breaks and sentences and put back together with their lists, tables and code
 blocks intact, code untranslated (clo/translate/segment.py); identical sentences translated once per chunk;
@@ -26,9 +32,12 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from clo.atomic import write_atomic
@@ -42,6 +51,7 @@ from clo.translate.parallel_pairs import continuation_pairs, read_doc_ids
 from clo.translate.segment import Segmented, reassemble, segment
 from clo.translate.sft_sources import FORMATS, SftExample, read_sft_source, sample_examples
 from clo.translate.translator import DTYPES, Translator
+from clo.world import World, start
 
 # --- the output file ------------------------------------------------------------------------------
 
@@ -166,53 +176,144 @@ def chunks(jobs: list[Job], sentences_per_chunk: int) -> list[list[Job]]:
 
 def run_mt(args) -> None:
     language = get_language(args.lang)
-    source = read_sft_source(args.source, args.format)
-    for line in source.skipped[:3]:
-        print(f"skipped: {line}", file=sys.stderr)
-    if len(source.skipped) > 3:
-        print(f"skipped: ... {len(source.skipped)} records with empty text in all", file=sys.stderr)
-    examples = sample_examples(source.examples, args.n, args.seed)
-    if args.n is not None and args.n > len(examples):
-        print(f"--n {args.n}: the source has only {len(examples)} usable examples; taking all", file=sys.stderr)
+    # one process, or the N that torchrun started; a round waits for its slowest chunk (minutes of beam
+    # search on a CPU), and a process that dies is noticed at once (torchrun stops the rest)
+    world = start(torch.device(args.device), timeout_s=3600)
+    examples = read_examples(args, world.main)
     out = Path(args.out)
-    with output_lock(out):
-        existing = read_out(out, language.code)  # --out is checked, not yet changed
+    with ExitStack() as held:
+        existing = claim_out(out, language.code, world, held)  # --out is checked, not yet changed
+        if existing is None:
+            return  # process 0 refused --out and says why
         todo = [e for e in examples if e.id not in existing.ids]
         if not todo:
-            repair(out, existing)
-            print(f"nothing to do: all {len(examples)} examples are already in {out}", file=sys.stderr)
+            if world.main:
+                repair(out, existing)
+                print(f"nothing to do: all {len(examples)} examples are already in {out}", file=sys.stderr)
             return
-        translator = Translator(args.model, language, args.device, args.dtype, args.beams, args.max_length)
+        device = world.device(torch.device(args.device))
+        translator = Translator(args.model, language, str(device), args.dtype, args.beams, args.max_length)
         jobs = [Job(e, segment(e.prompt, args.max_chars), segment(e.response, args.max_chars)) for e in todo]
-        groups = chunks(jobs, args.batch_size * args.chunk_batches)
+        groups = chunks(jobs, args.batch_size * args.chunk_batches)  # the same on every process
         total = sum(len({p for job in group for p in job.pieces}) for group in groups)
+        if not world.main:
+            translate_groups(groups, translator, language.code, args.batch_size, world, lambda records: None)
+            return
+        where = args.device if world.size == 1 else f"{world.size} processes ({args.device})"
         print(f"{len(existing.ids)} of {len(examples)} examples already in {out}; translating {len(todo)} "
-              f"({total} sentences) into {language.name} on {args.device} ({args.dtype}), "
+              f"({total} sentences) into {language.name} on {where} ({args.dtype}), "
               f"beams {translator.settings.num_beams}, max length {translator.settings.max_length}", file=sys.stderr)
 
         repair(out, existing)  # every check has passed: only now is --out changed
-        start, written, empty = time.perf_counter(), 0, 0
+        started = time.perf_counter()
         with open(out, "a", encoding="utf-8") as f, tqdm(total=total, unit="sent", dynamic_ncols=True) as bar:
-            for group in groups:
-                group_written, group_empty = translate_group(group, translator, language.code, args.batch_size, f, bar)
-                written, empty = written + group_written, empty + group_empty
-    elapsed = time.perf_counter() - start
-    skipped = f"; skipped {empty} whose translation came out empty (a rerun tries them again)" if empty else ""
-    print(f"wrote {written} records to {out} ({total / elapsed:.2f} sentences/s){skipped}", file=sys.stderr)
+            appender = Appender(f, bar)
+            translate_groups(groups, translator, language.code, args.batch_size, world, appender)
+    elapsed = time.perf_counter() - started
+    skipped = f"; skipped {appender.skipped} whose translation came out empty (a rerun tries them again)" if appender.skipped else ""
+    print(f"wrote {appender.written} records to {out} ({total / elapsed:.2f} sentences/s){skipped}", file=sys.stderr)
 
 
-def translate_group(group: list[Job], translator: Translator, lang: str, batch_size: int, f, bar) -> tuple[int, int]:
+def read_examples(args, main: bool) -> list[SftExample]:
+    """The examples to translate: the source read and --n drawn (the same on every process); notes
+    about skipped records and a short source are printed by process 0 only."""
+    source = read_sft_source(args.source, args.format)
+    examples = sample_examples(source.examples, args.n, args.seed)
+    if main:
+        for line in source.skipped[:3]:
+            print(f"skipped: {line}", file=sys.stderr)
+        if len(source.skipped) > 3:
+            print(f"skipped: ... {len(source.skipped)} records with empty text in all", file=sys.stderr)
+        if args.n is not None and args.n > len(examples):
+            print(f"--n {args.n}: the source has only {len(examples)} usable examples; taking all", file=sys.stderr)
+    return examples
+
+
+def claim_out(out: Path, lang: str, world: World, held: ExitStack) -> ExistingOut | None:
+    """Process 0 takes --out's lock (kept until `held` closes) and checks the file (`read_out`); every
+    process gets what it holds. When process 0 refuses --out (in use, not this tool's file), it raises
+    the one-line CloError and the others get None and end quietly: an error exit of theirs would make
+    torchrun stop process 0 before it has said why."""
+    existing, refusal = None, None
+    if world.main:
+        try:
+            held.enter_context(output_lock(out))
+            existing = read_out(out, lang)
+        except CloError as e:
+            refusal = e
+    existing = world.broadcast_object(existing)
+    if refusal is not None:
+        raise refusal
+    return existing
+
+
+@dataclass
+class Records:
+    """What translating some jobs gave: their records as lines of --out, in source order."""
+
+    lines: list[str] = field(default_factory=list)
+    sentences: int = 0  # distinct pieces translated for them
+    skipped: int = 0  # records not written: a translation came out empty
+
+    def add(self, more: "Records") -> None:
+        self.lines += more.lines
+        self.sentences += more.sentences
+        self.skipped += more.skipped
+
+
+class Appender:
+    """Process 0's end of --out: records appended and flushed as they come, the bar advanced, the
+    final line's counts kept."""
+
+    def __init__(self, f, bar):
+        self.f, self.bar, self.written, self.skipped = f, bar, 0, 0
+
+    def __call__(self, records: Records) -> None:
+        self.f.write("".join(records.lines))
+        self.f.flush()
+        self.bar.update(records.sentences)
+        self.written += len(records.lines)
+        self.skipped += records.skipped
+
+
+def translate_groups(groups: list[list[Job]], translator: Translator, lang: str, batch_size: int,
+                     world: World, write) -> None:
+    """Translate every group and `write` its Records in source order.
+
+    One process writes after every model batch. N processes go in lock-step rounds: in round k,
+    process r translates group k·N + r exactly as one process would (the same batches, so the same
+    numbers and bytes), then the round's Records are gathered and written in group order. A crash
+    loses at most the round in flight (one chunk per process), and the file stays in source order.
+    """
+    if world.size == 1:
+        for group in groups:
+            for records in translate_group(group, translator, lang, batch_size):
+                write(records)
+        return
+    for first in range(0, len(groups), world.size):
+        mine = first + world.rank
+        records = Records()
+        if mine < len(groups):
+            for step in translate_group(groups[mine], translator, lang, batch_size):
+                records.add(step)
+        for part in world.gather_objects(records):  # in rank order: group order
+            write(part)
+
+
+def translate_group(group: list[Job], translator: Translator, lang: str, batch_size: int) -> Iterator[Records]:
     """Translate the distinct pieces of `group`, longest first in batches of batch_size; after each
-    batch, append (and flush) the records of the leading jobs that are now complete, so the file keeps
-    the source order. A record whose prompt or response translates to nothing but whitespace is
-    skipped: train.py's loader refuses a file with an empty field. Returns (written, skipped)."""
+    batch (and once before the first, for jobs with nothing to translate), yield the records of the
+    leading jobs that are now complete, so they keep the source order. A record whose prompt or
+    response translates to nothing but whitespace is skipped: train.py's loader refuses a file with
+    an empty field."""
     encoded = {piece: translator.encode(piece) for job in group for piece in job.pieces}
     order = sorted(encoded, key=lambda piece: -len(encoded[piece]))
     translated: dict[str, str] = {}
-    finished, written = 0, 0
+    finished = 0
 
-    def write_complete_jobs() -> None:
-        nonlocal finished, written
+    def complete_jobs(sentences: int) -> Records:
+        nonlocal finished
+        records = Records(sentences=sentences)
         while finished < len(group) and all(p in translated for p in group[finished].pieces):
             job = group[finished]
             finished += 1
@@ -223,17 +324,16 @@ def translate_group(group: list[Job], translator: Translator, lang: str, batch_s
                 "response": reassemble(job.response, [translated[p] for p in job.response.pieces]),
             }
             if record["prompt"].strip() and record["response"].strip():  # the test clo/pairs.py applies
-                f.write(pair_line(record))
-                written += 1
-        f.flush()
+                records.lines.append(pair_line(record))
+            else:
+                records.skipped += 1
+        return records
 
-    write_complete_jobs()  # jobs with nothing to translate (all code, say)
+    yield complete_jobs(0)
     for i in range(0, len(order), batch_size):
         batch = order[i:i + batch_size]
         translated.update(zip(batch, translator.translate_batch([encoded[p] for p in batch])))
-        bar.update(len(batch))
-        write_complete_jobs()
-    return written, finished - written
+        yield complete_jobs(len(batch))
 
 
 # --- parallel: pairs from human translations ------------------------------------------------------
@@ -265,13 +365,13 @@ def build_parser() -> ArgumentParser:
     mt.add_argument("--model", required=True, help="M2M100 or NLLB-200 checkpoint folder (config.json, weights, sentencepiece.bpe.model, vocab.json or tokenizer.json)")
     mt.add_argument("--lang", required=True, help="target language code, e.g. sw yo id ko zh de")
     mt.add_argument("--out", required=True, help="output JSONL; appended to, and resumed from, if it exists")
-    mt.add_argument("--n", type=int, default=None, help="translate this many examples, drawn with --seed (default: all); the paper used 6400")
+    mt.add_argument("--n", "--num-examples", type=int, default=None, help="translate this many examples, drawn with --seed (default: all); the paper used 6400; under torchrun write --num-examples (torchrun takes --n for its own --nnodes)")
     mt.add_argument("--seed", type=int, default=0, help="seed for drawing the --n examples (default 0)")
-    mt.add_argument("--batch-size", type=int, default=16, help="sentences per model batch (default 16)")
+    mt.add_argument("--batch-size", type=int, default=16, help="sentences per model batch, per process under torchrun (default 16)")
     mt.add_argument("--beams", type=int, default=None, help="beam size; 1 is greedy (default: the checkpoint's generation_config.json)")
     mt.add_argument("--max-length", type=int, default=None, help="max decoder tokens per sentence, incl. the start token (default: the checkpoint's)")
     mt.add_argument("--max-chars", type=int, default=400, help="cut sentences longer than this many characters (default 400)")
-    mt.add_argument("--chunk-batches", type=int, default=8, help="batches per length-sorted chunk; a crash loses at most one chunk's unfinished records (default 8)")
+    mt.add_argument("--chunk-batches", type=int, default=8, help="batches per length-sorted chunk, the unit dealt to a process under torchrun; a crash loses at most one chunk's unfinished records per process (default 8)")
     mt.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     mt.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="weights and activations (default: bfloat16 on cuda, float32 on cpu)")
     mt.set_defaults(run=run_mt)

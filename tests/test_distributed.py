@@ -26,7 +26,8 @@ from tiny_chat_model import make_tiny_training_setup
 
 import train
 from clo.errors import CloError
-from clo.train.distributed import World, check_batch
+from clo.train.distributed import check_batch
+from clo.world import World
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # each torchrun starts 2 Python processes: ~70 s for the file on 2 cores
@@ -51,8 +52,8 @@ def argv(tiny, out, *extra):
             "--lr", str(LR), "--amp", "off", "--save-every", "0", *extra]
 
 
-def torchrun_cmd(args: list[str], script: Path = REPO / "train.py") -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script), *args]
+def torchrun_cmd(args: list[str], script: Path = REPO / "train.py", processes: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes), str(script), *args]
 
 
 def torchrun(args: list[str], script: Path = REPO / "train.py", timeout: float = 240) -> subprocess.CompletedProcess:
@@ -120,6 +121,20 @@ def test_two_processes_train_as_one(tiny, two, tmp_path, case):
         with torch.no_grad():
             la, lb = (transformers.AutoModelForCausalLM.from_pretrained(f / "model", torch_dtype=torch.float32)(tokens).logits for f in (one, two))
         assert torch.allclose(la, lb, atol=1e-5)
+
+
+def test_one_process_under_torchrun_is_plain_python(tiny, tmp_path):
+    """torchrun with 1 process has nothing to shard: it runs the plain path, bit for bit, and writes the same files."""
+    plain = train.main(argv(tiny, tmp_path / "plain", "--save-every", "2"))
+    done = subprocess.run(torchrun_cmd(argv(tiny, tmp_path / "one", "--save-every", "2"), processes=1), env=dict(os.environ),
+                          capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    strip = [{k: v for k, v in row.items() if k != "tokens_per_s"} for row in metrics(plain)]
+    assert strip == [{k: v for k, v in row.items() if k != "tokens_per_s"} for row in metrics(tmp_path / "one")]
+    a, b = weights(plain / "model"), weights(tmp_path / "one" / "model")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ca, cb = (torch.load(d / "checkpoint.pt", weights_only=False) for d in (plain, tmp_path / "one"))
+    assert not isinstance(cb["rng"], list) and ca["settings"] == cb["settings"]  # either resumes the other
 
 
 def worker(tmp_path: Path, body: str) -> Path:

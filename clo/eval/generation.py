@@ -26,29 +26,32 @@ from clo.model.chat import ChatFormat, encode_prompt, stop_ids
 from clo.model.decoder import Transformer
 from clo.model.generate import generate
 from clo.model.tokenizer import Tokenizer
+from clo.world import World
 
 
 @torch.no_grad()
 def generate_answers(
     model: Transformer, tok: Tokenizer, fmt: ChatFormat, prompts: list[EvalPrompt], max_new_tokens: int, batch_size: int, desc: str = "generate",
-    compile: bool = False,
+    compile: bool = False, world: World = World(),
 ) -> list[tuple[str, int]]:
     """Greedy answers, in the order of `prompts`: (text, number of new tokens, stop token excluded).
 
     compile: decode with clo.model.generate's compiled static-shape step (one compile per batch shape).
+    world: N processes (torchrun) take the length-sorted batches in turn, the same batches one process
+    forms, so each answer is the one a single process gives; every process gets all the answers.
     """
     encoded = [encode_prompt(tok, fmt, p.text) for p in prompts]
     stops = stop_ids(tok, fmt)
-    answers: list[tuple[str, int] | None] = [None] * len(prompts)
     # similar lengths in one batch: less left padding to compute over
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
-        idx = order[start : start + batch_size]
-        outputs = generate(model, [encoded[i] for i in idx], max_new_tokens, stops, tok.pad_id, compile=compile)
-        for i, ids in zip(idx, outputs):
-            answers[i] = (tok.decode(ids), len(ids))
+    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    mine = {}
+    for b in tqdm(world.turns(len(batches)), desc=desc, unit="batch", disable=not world.main):
+        outputs = generate(model, [encoded[i] for i in batches[b]], max_new_tokens, stops, tok.pad_id, compile=compile)
+        mine.update({i: (tok.decode(ids), len(ids)) for i, ids in zip(batches[b], outputs)})
     model.clear_cache()  # a compiled decode keeps its cache between calls
-    return answers
+    answers = world.merge(mine)
+    return [answers[i] for i in range(len(prompts))]
 
 
 def grade_answers(

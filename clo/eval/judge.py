@@ -29,6 +29,7 @@ from clo.model.chat import ChatFormat, encode_prompt, stop_ids
 from clo.model.decoder import Transformer
 from clo.model.generate import generate
 from clo.model.tokenizer import Tokenizer
+from clo.world import World
 
 JUDGE_TEMPLATE = """You compare two answers to the same instruction and decide which one is better.
 Judge helpfulness, correctness and clarity. An answer written in a different language from the \
@@ -73,11 +74,13 @@ def judge_pairs(
     batch_size: int,
     max_new_tokens: int = 16,
     language_check: str = "langid",
+    world: World = World(),
 ) -> tuple[list[dict], dict]:
     """(one judgment record per prompt and order, summary) of model A against model B.
 
     records_*: generation records (clo/eval/generation.py) of the two models; prompts are matched by
     (set, id, prompt_lang). Summary: win_rate, wins, losses, ties, malformed, decided_by_language, n.
+    world: N processes share the judge's generations (`judge_replies`) and all return the same.
     """
     by_key = {pair_key(r): r for r in records_b}
     pairs = [(a, by_key[pair_key(a)]) for a in records_a if pair_key(a) in by_key]
@@ -94,17 +97,12 @@ def judge_pairs(
                 to_ask.append(j)
             judgments.append(j)
 
-    stops = stop_ids(tok, fmt)
-    order = sorted(range(len(to_ask)), key=lambda i: len(to_ask[i]["judge_prompt"]))
-    for start in tqdm(range(0, len(order), batch_size), desc="judge", unit="batch"):
-        batch = [to_ask[i] for i in order[start : start + batch_size]]
-        ids = [encode_prompt(tok, fmt, j.pop("judge_prompt")) for j in batch]
-        for j, out in zip(batch, generate(judge, ids, max_new_tokens, stops, tok.pad_id)):
-            reply = tok.decode(out)
-            verdict = parse_verdict(reply)
-            a_label = "a" if j["a_shown_first"] else "b"
-            score = 0.5 if verdict is None else float(verdict == a_label)
-            j.update(reply=reply, verdict=verdict, score_a=score, decided_by="judge" if verdict else "malformed")
+    replies = judge_replies(judge, tok, fmt, [j.pop("judge_prompt") for j in to_ask], batch_size, max_new_tokens, world)
+    for j, reply in zip(to_ask, replies, strict=True):
+        verdict = parse_verdict(reply)
+        a_label = "a" if j["a_shown_first"] else "b"
+        score = 0.5 if verdict is None else float(verdict == a_label)
+        j.update(reply=reply, verdict=verdict, score_a=score, decided_by="judge" if verdict else "malformed")
 
     scores = [j["score_a"] for j in judgments]
     summary = {
@@ -118,6 +116,21 @@ def judge_pairs(
         "decided_by_language": sum(j["decided_by"] == "language" for j in judgments),
     }
     return judgments, summary
+
+
+def judge_replies(judge: Transformer, tok: Tokenizer, fmt: ChatFormat, prompts: list[str], batch_size: int, max_new_tokens: int,
+                  world: World = World()) -> list[str]:
+    """The judge's greedy reply to each prompt, in order. Batches of similar length; N processes take
+    them in turn (one process's batches, so its replies) and every process gets all the replies."""
+    stops = stop_ids(tok, fmt)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    mine = {}
+    for b in tqdm(world.turns(len(batches)), desc="judge", unit="batch", disable=not world.main):
+        ids = [encode_prompt(tok, fmt, prompts[i]) for i in batches[b]]
+        mine.update({i: tok.decode(out) for i, out in zip(batches[b], generate(judge, ids, max_new_tokens, stops, tok.pad_id))})
+    replies = world.merge(mine)
+    return [replies[i] for i in range(len(prompts))]
 
 
 def alpaca_eval_outputs(records: list[dict], generator: str) -> list[dict]:

@@ -39,6 +39,7 @@ from clo.model.decoder import Transformer
 from clo.model.tokenizer import Tokenizer
 from clo.train.batching import EncodedExample
 from clo.train.scoring import Batching, four_way_rows
+from clo.world import World
 
 LETTERS = ("A", "B", "C", "D")
 
@@ -121,29 +122,44 @@ def encode_choices(tok: Tokenizer, prompt: str) -> tuple[list[int], list[list[in
 
 
 @torch.no_grad()
-def choice_logps(model: Transformer, items: list[tuple[list[int], list[list[int]]]], pad_id: int, batch_size: int) -> torch.Tensor:
-    """log π(continuation | context) of each item's four choices: [Q, 4] float32."""
-    device = model.embed_tokens.weight.device
-    head = model.lm_head.weight
-    out = torch.empty(len(items), 4)
+def choice_logps(model: Transformer, items: list[tuple[list[int], list[list[int]]]], pad_id: int, batch_size: int,
+                 world: World = World()) -> torch.Tensor:
+    """log π(continuation | context) of each item's four choices: [Q, 4] float32.
+
+    N processes take the length-sorted batches in turn (the batches of one process, so its numbers)
+    and every process gets the whole table.
+    """
     single_token = all(len(c) == 1 for _, conts in items for c in conts)
     order = sorted(range(len(items)), key=lambda i: len(items[i][0]))
-    for start in tqdm(range(0, len(order), batch_size), desc="multiple choice", unit="batch"):
-        idx = order[start : start + batch_size]
-        if single_token:  # one pass: the next-token distribution after each context
-            lengths = [len(items[i][0]) for i in idx]
-            tokens = torch.full((len(idx), max(lengths)), pad_id, dtype=torch.long)
-            for row, i in enumerate(idx):
-                tokens[row, : lengths[row]] = torch.tensor(items[i][0])
-            hidden = model.hidden(tokens.to(device))
-            last = hidden[torch.arange(len(idx)), torch.tensor(lengths) - 1]  # [B, D], right padding is never seen
-            logprobs = F.log_softmax((last @ head.T).float(), dim=-1)
-            letter_ids = torch.tensor([[c[0] for c in items[i][1]] for i in idx], device=device)
-            out[idx] = logprobs.gather(1, letter_ids).cpu()
-        else:  # each choice as a (context, continuation) sequence; collate orders rows [all A | all B | ...]
-            batch = [EncodedExample(str(i), [(items[i][0], c) for c in items[i][1]]) for i in idx]
-            out[idx] = four_way_rows(model, batch, Batching(pad_id, 8, 1))
+    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    mine = {}
+    for b in tqdm(world.turns(len(batches)), desc="multiple choice", unit="batch", disable=not world.main):
+        batch = [items[i] for i in batches[b]]
+        mine[b] = next_letter_logps(model, batch, pad_id) if single_token else choice_sequence_logps(model, batch, pad_id)
+    out = torch.empty(len(items), 4)
+    for b, rows in world.merge(mine).items():
+        out[batches[b]] = rows
     return out
+
+
+def next_letter_logps(model: Transformer, batch: list[tuple[list[int], list[list[int]]]], pad_id: int) -> torch.Tensor:
+    """One pass when every letter is one token: the next-token log-probs of the letters after each context. -> [B, 4] on the CPU."""
+    device = model.embed_tokens.weight.device
+    lengths = [len(context) for context, _ in batch]
+    tokens = torch.full((len(batch), max(lengths)), pad_id, dtype=torch.long)
+    for row, (context, _) in enumerate(batch):
+        tokens[row, : lengths[row]] = torch.tensor(context)
+    hidden = model.hidden(tokens.to(device))
+    last = hidden[torch.arange(len(batch)), torch.tensor(lengths) - 1]  # [B, D], right padding is never seen
+    logprobs = F.log_softmax((last @ model.lm_head.weight.T).float(), dim=-1)
+    letter_ids = torch.tensor([[c[0] for c in conts] for _, conts in batch], device=device)
+    return logprobs.gather(1, letter_ids).cpu()
+
+
+def choice_sequence_logps(model: Transformer, batch: list[tuple[list[int], list[list[int]]]], pad_id: int) -> torch.Tensor:
+    """Each choice scored as a (context, continuation) sequence, as training scores one. -> [B, 4] on the CPU."""
+    examples = [EncodedExample(str(k), [(context, c) for c in conts]) for k, (context, conts) in enumerate(batch)]
+    return four_way_rows(model, examples, Batching(pad_id, 8, 1))  # collate orders rows [all A | all B | ...]
 
 
 def evaluate_mc(
@@ -154,11 +170,13 @@ def evaluate_mc(
     shots: int,
     batch_size: int,
     limit: int = 0,
+    world: World = World(),
 ) -> dict:
     """Accuracy per subject and overall (micro: over questions; macro: mean over subjects).
 
     files: the questions of each CSV; dev_sets: each file's dev questions (few-shot examples) or None.
-    limit > 0 scores only the first `limit` questions of each file.
+    limit > 0 scores only the first `limit` questions of each file. world: N processes share the
+    questions (`choice_logps`) and all return the same numbers.
     """
     items, questions = [], []
     for qs, dev in zip(files, dev_sets, strict=True):
@@ -169,7 +187,7 @@ def evaluate_mc(
             questions.append(q)
     if not items:
         raise CloError(f"multiple choice: no questions left to score after taking {shots} few-shot examples")
-    predicted = choice_logps(model, items, tok.pad_id, batch_size).argmax(dim=1).tolist()
+    predicted = choice_logps(model, items, tok.pad_id, batch_size, world).argmax(dim=1).tolist()
     per_subject: dict[str, list[int]] = {}
     for q, p in zip(questions, predicted):
         per_subject.setdefault(q.subject, []).append(int(LETTERS[p] == q.answer))

@@ -28,12 +28,15 @@ import torch
 from clo.model.decoder import Transformer
 from clo.train.batching import SEQUENCE_NAMES, EncodedExample
 from clo.train.scoring import Batching, example_logps
+from clo.world import World
 
 
-def four_way_logps(model: Transformer, examples: list[EncodedExample], pad_id: int, batch_size: int, bucket: int = 8) -> torch.Tensor:
+def four_way_logps(model: Transformer, examples: list[EncodedExample], pad_id: int, batch_size: int, bucket: int = 8,
+                   world: World = World()) -> torch.Tensor:
     """log π(y|x) of every sequence: [N, 4] float32, columns in SEQUENCE_NAMES order (en_en, en_t, t_t, t_en),
-    scored exactly as training scores them (clo.train.scoring.example_logps)."""
-    return example_logps(model, examples, Batching(pad_id, bucket, 1), batch_size, desc="held-out log-probs")
+    scored exactly as training scores them (clo.train.scoring.example_logps; N processes share the
+    batches and all get the whole table)."""
+    return example_logps(model, examples, Batching(pad_id, bucket, 1), batch_size, desc="held-out log-probs", world=world)
 
 
 def preference_metrics(logps: torch.Tensor, examples: list[EncodedExample]) -> dict:

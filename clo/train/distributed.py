@@ -3,7 +3,9 @@
     torchrun --nproc-per-node 4 train.py --lang sw ...          # one machine, 4 GPUs (NCCL)
     torchrun --nproc-per-node 2 train.py --lang sw --device cpu  # CPU processes (gloo)
 
-`python train.py` stays one process without any of this. Under torchrun:
+`python train.py` stays one process without any of this, and so does `torchrun --nproc-per-node 1`:
+one process has nothing to shard, and FSDP2 at world size 1 only copies every weight in and out of
+its buffers (7-9% of a CPU step, bench/bench_distributed.py). Under torchrun with N >= 2:
 
 - Sharding (FSDP2, `shard`): each decoder block is one `fully_shard` unit and the root (embedding,
   final norm, head) another; frozen and trainable weights are both sharded. Every weight is held
@@ -21,84 +23,10 @@
 - Files are written by process 0 only (checkpoint, metrics, model); the others compute.
 """
 
-import datetime
-import os
-from dataclasses import dataclass
-
 import torch
-import torch.distributed as dist
 
 from clo.errors import CloError
-
-
-@dataclass(frozen=True)
-class World:
-    rank: int = 0
-    size: int = 1
-    local_rank: int = 0
-    distributed: bool = False  # started by torchrun (even with one process)
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def device(self, device: torch.device) -> torch.device:
-        """This process's device: CUDA device LOCAL_RANK under torchrun."""
-        if self.distributed and device.type == "cuda" and device.index is None:
-            return torch.device("cuda", self.local_rank)
-        return device
-
-    def share(self, items: list) -> list:
-        """This process's contiguous share of a global batch (possibly empty for the last processes)."""
-        k = -(-len(items) // self.size)
-        return items[self.rank * k : (self.rank + 1) * k]
-
-    def any(self, flag: bool) -> bool:
-        """True on every process if `flag` is true on any (a stop request, say)."""
-        if not self.distributed:
-            return flag
-        t = torch.tensor([int(flag)], device=self._comm_device())
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
-
-    def gather_objects(self, obj) -> list:
-        """Every process's `obj`, in rank order (small things: rows of a table, RNG states)."""
-        if not self.distributed:
-            return [obj]
-        out = [None] * self.size
-        dist.all_gather_object(out, obj)
-        return out
-
-    def broadcast_object(self, obj):
-        """Process 0's `obj` on every process."""
-        if not self.distributed:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
-
-    def _comm_device(self) -> torch.device:
-        return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
-def start(device: torch.device, timeout_s: float = 600) -> World:
-    """The process group torchrun asked for (NCCL on CUDA, gloo on CPU), or a one-process World.
-
-    timeout_s bounds how long a collective waits for a process that died or hangs: the job then
-    fails instead of hanging (torchrun also stops every process when one exits with an error).
-    """
-    if "TORCHELASTIC_RUN_ID" not in os.environ and "LOCAL_RANK" not in os.environ:
-        return World()
-    rank, size, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    if device.type == "cuda":
-        torch.cuda.set_device(local)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
-    return World(rank, size, local, True)
+from clo.world import World
 
 
 def shard(model, world: World, compute_dtype: torch.dtype | None) -> None:

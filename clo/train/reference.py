@@ -19,8 +19,9 @@ from clo.atomic import atomic_file, write_atomic
 from clo.errors import CloError
 from clo.model.hf_folder import weight_files
 from clo.train.batching import EncodedExample
-from clo.train.distributed import World, is_sharded
+from clo.train.distributed import is_sharded
 from clo.train.scoring import Batching, example_logps
+from clo.world import World
 
 
 def model_fingerprint(folder: Path, memo: Path | None = None) -> str:

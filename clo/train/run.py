@@ -24,10 +24,11 @@ from tqdm import tqdm
 from clo.atomic import leftovers, write_atomic
 from clo.errors import CloError
 from clo.lock import output_lock
-from clo.train.distributed import World, full_weights, optimizer_state
+from clo.train.distributed import full_weights, optimizer_state
 from clo.train.interrupt import stop_requests
 from clo.train.resume import read_checkpoint, resume_from, rng_state, save_checkpoint, set_rng_state
 from clo.train.schedule import Position
+from clo.world import World
 
 RUN_FILES = ("run.json", "metrics.jsonl", "checkpoint.pt", "model", "adapter")
 
@@ -108,7 +109,7 @@ class Run:
     def save(self, model, trained: set[str], optimizer, position: Position, settings: dict) -> None:
         """checkpoint.pt with the weights that trained so far (every process takes part; process 0 writes)."""
         weights, state = full_weights(model, trained), optimizer_state(model, optimizer)
-        rng = self.world.gather_objects(rng_state()) if self.world.distributed else rng_state()
+        rng = self.world.gather_objects(rng_state()) if self.world.size > 1 else rng_state()
         if self.world.main:
             save_checkpoint(self.checkpoint_path, weights=weights, optimizer=state, position=position, settings=settings, rng=rng)
         self.world.barrier()

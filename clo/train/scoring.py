@@ -20,8 +20,8 @@ import torch
 from tqdm import tqdm
 
 from clo.train.batching import EncodedExample, collate_sequences, flat_sequences
-from clo.train.distributed import World
 from clo.train.loss import response_logps
+from clo.world import World
 
 
 def length_groups(lengths: list[int], groups: int) -> list[list[int]]:

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 import torch
 
 from clo.train.batching import count_tokens, flat_sequences
-from clo.train.distributed import World, full_tensor
+from clo.train.distributed import full_tensor
 from clo.train.loss import FourWay, clo_loss, dpo_only_loss, token_mean_nll
 from clo.train.precision import Precision
 from clo.train.scoring import Batching
+from clo.world import World
 
 # --method sft: which of the four sequences (clo/train/batching.py) get the NLL
 SFT_SEQUENCES = {"target": (2,), "english": (0,), "both": (0, 2)}
@@ -105,7 +106,7 @@ def optimizer_step(model, optimizer, trainable, micro_batches, lr: float, object
     device = model.embed_tokens.weight.device
     n_tok, parts = 0, []
     for batch, ref_rows in micro_batches:
-        if world.distributed:
+        if world.size > 1:
             metrics = share_backward(model, batch, ref_rows, objective, batching, precision, world, len(micro_batches))
         else:
             with precision.compute(device):
