@@ -16,13 +16,14 @@ This is why `torchrun --nproc-per-node 1` does not shard (clo/train/distributed.
 
 import argparse
 import os
+import socket
 import statistics
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from common import bench_device, clo_model, machine, resolve_models, write_results  # puts clo on sys.path
+from common import bench_device, clo_model, machine, resolve_models, sync, write_results  # puts clo on sys.path
 
 from clo.model.chat import detect_format
 from clo.model.sources import DEFAULT_MODEL
@@ -51,20 +52,27 @@ def demo_batch(spec: str, tokenizer: str, batch_size: int, vocab: int):
     return examples, tok.pad_id
 
 
+def free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=DEFAULT_MODEL, help="an HF folder, the default model, or random:<shape> (bench/common.py)")
+    p.add_argument("--tokenizer", help="tokenizer folder for a random model (default: the default model's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=8, help="examples per step (train.py's default)")
     p.add_argument("--steps", type=int, default=4, help="timed steps per side, after one warm-up step each")
     p.add_argument("--json", help="where the results go (default runs/bench/fsdp-world1-<device>.json)")
     args = p.parse_args()
     device = bench_device(args.device)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29533"), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT") or free_port(), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     world = World(0, 1, 0, True)
 
-    model_spec, tokenizer = resolve_models(args.model, None)
+    model_spec, tokenizer = resolve_models(args.model, args.tokenizer)
     source = None if model_spec.startswith("random:") else Path(model_spec)
     sides = {}
     for name in ("plain", "fsdp2"):
@@ -79,14 +87,17 @@ def main() -> None:
     batch = [(examples, torch.zeros(len(examples), 4))]
     batching = Batching.resolve(pad_id, 0, 0, device, False)
 
+    losses = {name: [] for name in sides}  # the same batch and weights on both sides: the same numbers, step by step
+    norms = {name: [] for name in sides}
+
     def step(name: str) -> float:
         model, optimizer, trainable, precision, w = sides[name]
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         t = time.perf_counter()
-        optimizer_step(model, optimizer, trainable, batch, 1e-6, Objective(), batching, precision, 1.0, w)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        row, _ = optimizer_step(model, optimizer, trainable, batch, 1e-6, Objective(), batching, precision, 1.0, w)
+        sync(device)
+        losses[name].append(row["loss"])
+        norms[name].append(row["grad_norm"])
         return time.perf_counter() - t
 
     times = {name: [] for name in sides}
@@ -100,14 +111,17 @@ def main() -> None:
         for name in ("plain", "fsdp2") if i % 2 == 0 else ("fsdp2", "plain"):
             times[name].append(step(name))
     tokens = sum(len(p) + len(r) for ex in examples for p, r in ex.sequences)
-    results = {name: {"step_s": t, "median_step_s": statistics.median(t), "tokens_per_s": tokens / statistics.median(t), "peak_gib": peak[name]}
-               for name, t in times.items()}
+    results = {name: {"step_s": t, "median_step_s": statistics.median(t), "tokens_per_s": tokens / statistics.median(t), "peak_gib": peak[name],
+                      "losses": losses[name], "grad_norms": norms[name]} for name, t in times.items()}
     ratio = results["fsdp2"]["median_step_s"] / results["plain"]["median_step_s"]
     for name, r in results.items():
         memory = f", peak {r['peak_gib']:.2f} GiB" if r["peak_gib"] is not None else ""
         print(f"{name:<6} steps {[round(t, 2) for t in r['step_s']]} s, median {r['median_step_s']:.3f} s, {r['tokens_per_s']:.0f} tokens/s{memory}")
-    print(f"FSDP2 at world size 1 / plain: {ratio:.3f}x")
-    write_results(args.json, f"fsdp-world1-{device.type}", {"machine": machine(), "settings": vars(args), "results": results, "ratio": ratio})
+    gap = max(abs(a - b) for a, b in zip(losses["plain"], losses["fsdp2"]))
+    norm_gap = max(abs(a - b) / a for a, b in zip(norms["plain"], norms["fsdp2"]))
+    print(f"FSDP2 at world size 1 / plain: {ratio:.3f}x; over the {len(losses['plain'])} steps, largest difference of the loss {gap:.3g}, "
+          f"of the gradient norm {norm_gap:.3g} (relative)")
+    write_results(args.json, f"fsdp-world1-{device.type}", {"machine": machine(), "settings": vars(args), "results": results, "ratio": ratio, "loss_gap": gap, "grad_norm_gap": norm_gap})
     dist.destroy_process_group()
 
 

@@ -4,6 +4,8 @@
 #   2. bench/bench_train.py --device cuda     (Llama-2-7B shape, random bf16 weights, sequence 1024, vs TRL)
 #   3. bench/bench_generate.py --device cuda  (same shape, batch 1 and 16, compiled decode vs transformers)
 #   4. bench/bench_train.py, clo only, with --checkpoint-activations (what recomputing costs and saves)
+#   5. bench/bench_fsdp_world1.py --device cuda (FSDP2 over one GPU vs the plain step, 7B shape: time, memory, equal losses;
+#      both copies of the model in one process: ~90 GB, so an H200 or a smaller MODEL)
 # Logs and JSON results go to $OUT (default runs/gpu). Optional, for machines without internet:
 #   .whl/  wheels installed first (trl, datasets, ... : see BENCHMARKS.md), .tok/  the tokenizer folder.
 # Limits (seconds) can be changed with TESTS_S, TRAIN_S, GENERATE_S; DEVICE/MODEL/ARGS for a CPU dry run.
@@ -44,3 +46,5 @@ part generate "${GENERATE_S:-140}" python3 bench/bench_generate.py --device "$DE
   --json "$OUT/generate.json" ${GENERATE_ARGS:-}
 part train-checkpointing "${CHECKPOINTING_S:-70}" python3 bench/bench_train.py --device "$DEVICE" --model "$MODEL" \
   --tokenizer "$TOKENIZER" --sides clo --clo-flags=--checkpoint-activations --json "$OUT/train-checkpointing.json" ${TRAIN_ARGS:-}
+part fsdp-world1 "${FSDP_S:-150}" python3 bench/bench_fsdp_world1.py --device "$DEVICE" --model "$MODEL" --tokenizer "$TOKENIZER" --steps 4 \
+  --json "$OUT/fsdp-world1.json" ${FSDP_ARGS:-}

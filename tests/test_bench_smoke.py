@@ -1,4 +1,4 @@
-"""The benchmark scripts stay runnable: bench/bench_train.py and bench/bench_generate.py at a tiny size.
+"""The benchmark scripts stay runnable: bench/bench_train.py, bench_generate.py and bench_fsdp_world1.py at a tiny size.
 
 CPU only: the CUDA paths (max_memory_allocated, fused AdamW, torch.compile, the sequential mode for
 two 7B workers) cannot run here. The random-weights path that `--device cuda` uses by default is
@@ -125,3 +125,15 @@ def test_bench_generate_matches_transformers_tokens(tiny, tmp_path):
         assert row["same_tokens"] == 1.0  # greedy, fp32: the same ids as transformers
         for side in ("clo", "transformers"):
             assert row[side]["lengths_ok"] and row[side]["decode_tokens_per_s"] > 0
+
+
+def test_bench_fsdp_world1_steps_equal_the_plain_steps(tiny, tmp_path):
+    """FSDP2 over one process computes train.py's plain step (fp32: the same loss and gradient norm,
+    step after step; Adam hides a wrongly scaled gradient from the loss, not from the norm)."""
+    out = tmp_path / "fsdp.json"
+    run_script("bench_fsdp_world1.py", "--model", str(tiny), "--batch-size", "2", "--steps", "2", "--json", str(out), cache=tmp_path / "cache")
+    result = json.loads(out.read_text())
+    plain, fsdp = result["results"]["plain"]["losses"], result["results"]["fsdp2"]["losses"]
+    assert len(plain) == len(fsdp) == 3 and plain[0] != plain[-1]  # the weights moved
+    assert result["loss_gap"] <= 1e-6, (plain, fsdp)
+    assert result["grad_norm_gap"] <= 1e-5, result["results"]
