@@ -1,4 +1,4 @@
-"""The benchmark scripts stay runnable: bench/bench_train.py, bench_generate.py and bench_fsdp_world1.py at a tiny size.
+"""The benchmark scripts stay runnable at a tiny size: bench/bench_train.py, bench_generate.py, bench_fsdp_world1.py, bench_packing.py.
 
 CPU only: the CUDA paths (max_memory_allocated, fused AdamW, torch.compile, the sequential mode for
 two 7B workers) cannot run here. The random-weights path that `--device cuda` uses by default is
@@ -137,3 +137,13 @@ def test_bench_fsdp_world1_steps_equal_the_plain_steps(tiny, tmp_path):
     assert len(plain) == len(fsdp) == 3 and plain[0] != plain[-1]  # the weights moved
     assert result["loss_gap"] <= 1e-6, (plain, fsdp)
     assert result["grad_norm_gap"] <= 1e-5, result["results"]
+
+
+def test_bench_packing_same_losses_fewer_tokens(tiny, tmp_path):
+    out = tmp_path / "packing.json"
+    run_script("bench_packing.py", "--model", str(tiny), "--batch-size", "3", "--steps", "2", "--json", str(out), cache=tmp_path / "cache")
+    result = json.loads(out.read_text())
+    padded, packed = result["results"]["padded"], result["results"]["packed"]
+    assert result["loss_gap"] <= 1e-5 and len(packed["losses"]) == 2
+    assert packed["computed_tokens"] < padded["computed_tokens"]  # prompts computed once
+    assert set(result["lengths"]) == {"x_en", "y_en", "x_t", "y_t"}

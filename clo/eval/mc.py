@@ -159,7 +159,9 @@ def next_letter_logps(model: Transformer, batch: list[tuple[list[int], list[list
 def choice_sequence_logps(model: Transformer, batch: list[tuple[list[int], list[list[int]]]], pad_id: int) -> torch.Tensor:
     """Each choice scored as a (context, continuation) sequence, as training scores one. -> [B, 4] on the CPU."""
     examples = [EncodedExample(str(k), [(context, c) for c in conts]) for k, (context, conts) in enumerate(batch)]
-    return four_way_rows(model, examples, Batching(pad_id, 8, 1))  # collate orders rows [all A | all B | ...]
+    # packed where training packs (CPU): the context is computed once for its four choices
+    batching = Batching.resolve(pad_id, 8, 1, model.embed_tokens.weight.device, compiled=False)
+    return four_way_rows(model, examples, batching)  # rows [all A | all B | ...]
 
 
 def evaluate_mc(

@@ -36,7 +36,8 @@ def four_way_logps(model: Transformer, examples: list[EncodedExample], pad_id: i
     """log π(y|x) of every sequence: [N, 4] float32, columns in SEQUENCE_NAMES order (en_en, en_t, t_t, t_en),
     scored exactly as training scores them (clo.train.scoring.example_logps; N processes share the
     batches and all get the whole table)."""
-    return example_logps(model, examples, Batching(pad_id, bucket, 1), batch_size, desc="held-out log-probs", world=world)
+    batching = Batching.resolve(pad_id, bucket, 1, model.embed_tokens.weight.device, compiled=False)  # packed where training packs
+    return example_logps(model, examples, batching, batch_size, desc="held-out log-probs", world=world)
 
 
 def preference_metrics(logps: torch.Tensor, examples: list[EncodedExample]) -> dict:

@@ -94,13 +94,19 @@ def response_logps(
     [chunk_size, V] fp32 block in forward and in backward. Gradients reach hidden and, when it
     requires grad, lm_head_weight; a frozen head costs no gradient matmul.
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     rows, cols = (labels != IGNORE_INDEX).nonzero(as_tuple=True)
-    h, targets = hidden[rows, cols], labels[rows, cols]  # [N, D], [N]
-    token_logps = _ChunkedTokenLogps.apply(h, lm_head_weight, targets, chunk_size)
+    token_logps = token_logps_at(hidden, lm_head_weight, rows, cols, labels[rows, cols], chunk_size)
     logp_sum = token_logps.new_zeros(labels.shape[0]).index_add(0, rows, token_logps)
     return logp_sum, (labels != IGNORE_INDEX).sum(dim=1)
+
+
+def token_logps_at(hidden: Tensor, lm_head_weight: Tensor, rows: Tensor, cols: Tensor, targets: Tensor, chunk_size: int = 1024) -> Tensor:
+    """log π(targets[m] | the prefix up to hidden[rows[m], cols[m]]) for m in [M]: [M] float32, chunked
+    as in `response_logps`. A position may be read more than once (a packed prompt's last position
+    predicts the first token of each of its answers, clo/train/packing.py)."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return _ChunkedTokenLogps.apply(hidden[rows, cols], lm_head_weight, targets, chunk_size)
 
 
 def token_mean_nll(logp_sum: Tensor, n_tokens: Tensor, total_tokens: int | None = None) -> Tensor:

@@ -20,7 +20,8 @@ import torch
 from tqdm import tqdm
 
 from clo.train.batching import EncodedExample, collate_sequences, flat_sequences
-from clo.train.loss import response_logps
+from clo.train.loss import response_logps, token_logps_at
+from clo.train.packing import pack
 from clo.world import World
 
 
@@ -51,25 +52,46 @@ def sequence_logps(model, sequences, pad_id: int, bucket: int, groups: int = 1):
     return torch.cat(parts)[back], torch.cat(counts)[back]
 
 
+def packed_sequence_logps(model, sequences, pad_id: int, bucket: int):
+    """`sequence_logps` from packed, prefix-shared rows (clo/train/packing.py): the same numbers up to
+    float rounding, from each prompt computed once and no padding but each row's tail."""
+    device = model.embed_tokens.weight.device
+    packed = pack(sequences, pad_id, bucket, model.cfg.sliding_window).to(device)
+
+    def head(hidden, weight):
+        return token_logps_at(hidden.to(weight.dtype), weight, packed.read_rows, packed.read_cols, packed.targets)
+
+    token_logps = model(packed.tokens, positions=packed.positions, mask=packed.mask, head=head)
+    logp_sum = token_logps.new_zeros(packed.n_sequences).index_add(0, packed.owners, token_logps)
+    return logp_sum, torch.bincount(packed.owners, minlength=packed.n_sequences)
+
+
 @dataclass(frozen=True)
 class Batching:
-    """How sequences become padded tensors: the pad id, lengths rounded up to a multiple of `bucket`,
-    and `groups` length groups per batch (`sequence_logps`)."""
+    """How sequences become tensors: the pad id, lengths rounded up to a multiple of `bucket`, and
+    `groups` length groups per batch (`sequence_logps`); or, with `packing`, packed prefix-shared
+    rows (`packed_sequence_logps`), where groups play no part."""
 
     pad_id: int
     bucket: int
     groups: int
+    packing: bool = False
 
     @classmethod
-    def resolve(cls, pad_id: int, bucket: int, groups: int, device: torch.device, compiled: bool) -> "Batching":
-        """0 means auto. bucket: 64 when compiling (one graph per padded shape: keep the shapes few),
-        else 8. groups: 4 on CPU, where a third of the demo's padded tokens were padding and 4 groups
-        cut a default-job step from 26.8 to 18.3 s (AMD EPYC, BENCHMARKS.md); 1 on CUDA, not yet
-        measured there."""
-        return cls(pad_id, bucket or (64 if compiled else 8), groups or (1 if device.type == "cuda" else 4))
+    def resolve(cls, pad_id: int, bucket: int, groups: int, device: torch.device, compiled: bool, packing: str = "auto") -> "Batching":
+        """0 and "auto" mean auto. bucket: 64 when compiling (one graph per padded shape: keep the shapes
+        few), else 8. groups: 4 on CPU, where a third of the demo's padded tokens were padding and 4
+        groups cut a default-job step from 26.8 to 18.3 s (AMD EPYC, BENCHMARKS.md); 1 on CUDA, not
+        yet measured there. packing: auto is on for CPUs, where the default job's step took 20.9 s packed
+        vs 24.5 s padded in 4 groups (AMD EPYC, fp32, BENCHMARKS.md), and off on CUDA, where a dense
+        mask keeps SDPA off its flash kernel and nothing is measured yet."""
+        packed = packing == "on" or (packing == "auto" and device.type == "cpu")
+        return cls(pad_id, bucket or (64 if compiled else 8), groups or (1 if device.type == "cuda" else 4), packed)
 
     def logps(self, model, sequences):
-        """`sequence_logps` of (prompt ids, response ids) pairs. -> (logp_sum [N], n_tokens [N])."""
+        """log π(response | prompt) of (prompt ids, response ids) pairs. -> (logp_sum [N], n_tokens [N])."""
+        if self.packing:
+            return packed_sequence_logps(model, sequences, self.pad_id, self.bucket)
         return sequence_logps(model, sequences, self.pad_id, self.bucket, self.groups)
 
 

@@ -1,0 +1,131 @@
+"""Packed, prefix-shared rows: every prompt computed once, no padding but each row's tail.
+
+CLO's four sequences per example are two prompts with two answers each: (x_en, y_en) and
+(x_en, y_t) share x_en, (x_t, y_t) and (x_t, y_en) share x_t. Padded batches run each prompt twice
+and pad every row to the longest. Here sequences that share a prompt become one *segment*,
+
+    [ x | y_1 | y_2 ]      y_2 sees x and itself, never y_1; its RoPE positions continue from x's end,
+
+so every answer is computed exactly as if it were its own sequence (same tokens in view, same
+positions), and segments are packed side by side into rows of one length (first fit, longest
+first). Attention never crosses segments. Per row, query i may see key j when
+
+    segment[j] == segment[i]  and  j <= i  and  (part[j] == 0 (prompt) or part[j] == part[i])
+
+A response token's log-prob is read from the hidden state just before it; for an answer's first
+token that is the prompt's last position, which every answer of the segment reads. The tail of a
+row (up to its length) is one segment of padding that attends to itself (a query with no visible
+key would make SDPA return NaN) and is never read.
+
+Sequences are grouped by the prompt's exact token ids, so any two sequences with the same prompt
+share it (in CLO, an example's two), and SFT's one sequence per example is a segment of one answer:
+no prompt sharing, but no padding either.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from clo.train.batching import round_up
+
+
+@dataclass
+class Segment:
+    prompt: list[int]
+    answers: list[tuple[int, list[int]]]  # (index of the sequence in the input, its response ids)
+
+    def __len__(self) -> int:
+        return len(self.prompt) + sum(len(a) for _, a in self.answers)
+
+
+@dataclass
+class Packed:
+    """Rows of packed segments and where to read each response token's log-prob.
+
+    tokens, positions [R, L] long; mask [R, 1, L, L] bool (True: may attend);
+    read_rows, read_cols, targets, owners [M] long: response token m (of sequence owners[m]) is
+    targets[m], predicted from the hidden state at (read_rows[m], read_cols[m]).
+    """
+
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    mask: torch.Tensor
+    read_rows: torch.Tensor
+    read_cols: torch.Tensor
+    targets: torch.Tensor
+    owners: torch.Tensor
+    n_sequences: int
+
+    def to(self, device) -> "Packed":
+        return Packed(*(t.to(device) for t in (self.tokens, self.positions, self.mask, self.read_rows, self.read_cols, self.targets, self.owners)),
+                      self.n_sequences)
+
+
+def segments(sequences: list[tuple[list[int], list[int]]]) -> list[Segment]:
+    """Sequences grouped by identical prompt, in order of first appearance."""
+    by_prompt: dict[tuple[int, ...], Segment] = {}
+    for i, (prompt, response) in enumerate(sequences):
+        by_prompt.setdefault(tuple(prompt), Segment(list(prompt), [])).answers.append((i, list(response)))
+    return list(by_prompt.values())
+
+
+def first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Indices of `lengths` in bins of at most `capacity`: longest first, each into the first bin it fits."""
+    bins, room = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for b, free in enumerate(room):
+            if lengths[i] <= free:
+                bins[b].append(i)
+                room[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            room.append(capacity - lengths[i])
+    return bins
+
+
+def pack(sequences: list[tuple[list[int], list[int]]], pad_id: int, bucket: int = 8, window: int | None = None) -> Packed:
+    """(prompt ids, response ids) pairs -> Packed rows of length L = the longest segment rounded up
+    to `bucket` (so a row never holds more attention than its longest segment needs).
+    window: a sliding-window model's window (Mistral), applied within each segment by position."""
+    segs = segments(sequences)
+    L = round_up(max(len(s) for s in segs), bucket)
+    rows = first_fit([len(s) for s in segs], L)
+    tokens = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(rows), L), dtype=torch.long)
+    seg_id = torch.full((len(rows), L), -1, dtype=torch.long)  # the tail: segment -1
+    part = torch.zeros((len(rows), L), dtype=torch.long)
+    reads = []  # (row, col, target, owner)
+    for r, members in enumerate(rows):
+        col = 0
+        for s in members:
+            seg, p = segs[s], len(segs[s].prompt)
+            tokens[r, col : col + p] = torch.tensor(seg.prompt)
+            positions[r, col : col + p] = torch.arange(p)
+            seg_id[r, col : col + p] = s
+            start = col + p
+            for k, (owner, answer) in enumerate(seg.answers, start=1):
+                n = len(answer)
+                tokens[r, start : start + n] = torch.tensor(answer)
+                positions[r, start : start + n] = torch.arange(p, p + n)
+                seg_id[r, start : start + n], part[r, start : start + n] = s, k
+                before = [col + p - 1] + list(range(start, start + n - 1))  # the hidden state before each answer token
+                reads += [(r, c, t, owner) for c, t in zip(before, answer)]
+                start += n
+            col = start
+        positions[r, col:] = torch.arange(L - col)
+    mask = segment_mask(seg_id, part, positions, window)
+    read_rows, read_cols, targets, owners = (torch.tensor(x, dtype=torch.long) for x in zip(*reads))
+    return Packed(tokens, positions, mask, read_rows, read_cols, targets, owners, len(sequences))
+
+
+def segment_mask(seg_id: torch.Tensor, part: torch.Tensor, positions: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """[R, 1, L, L] bool from per-token segment ids, parts (0 prompt, k answer k) and positions (module docstring)."""
+    L = seg_id.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    same = seg_id[:, :, None] == seg_id[:, None, :]
+    visible = (part[:, None, :] == 0) | (part[:, :, None] == part[:, None, :])
+    allowed = same & causal & visible
+    if window is not None:
+        allowed &= (positions[:, :, None] - positions[:, None, :]) < window
+    return allowed[:, None]

@@ -1,0 +1,153 @@
+"""Packed, prefix-shared rows (clo/train/packing.py) against the padded path, which is the oracle:
+the same four log-probs per example and the same gradients, segments that never see each other,
+and a packed second answer with exactly the logits of its own sequence."""
+
+import json
+
+import pytest
+import torch
+from hf_models import write_hf_model
+from safetensors.torch import load_file
+from tiny_chat_model import make_tiny_training_setup
+
+import train
+from clo.model.chat import detect_format
+from clo.model.hf_folder import load_model
+from clo.model.tokenizer import load_tokenizer
+from clo.pairs import demo_path, load_pairs
+from clo.train.batching import encode_all, flat_sequences
+from clo.train.packing import first_fit, pack, segments
+from clo.train.scoring import packed_sequence_logps, sequence_logps
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder, data = make_tiny_training_setup(tmp_path_factory.mktemp("tiny"))
+    tok = load_tokenizer(folder)
+    examples, _ = encode_all(tok, detect_format(tok), load_pairs(data).examples, 512)
+    return folder, tok, examples, data
+
+
+def test_four_sequences_become_two_segments_packed_without_overlap():
+    seqs = [([1, 2, 3], [7, 8]), ([1, 2, 3], [9]), ([4, 5], [6, 6, 6]), ([4, 5], [3])]
+    segs = segments(seqs)
+    assert [(s.prompt, [i for i, _ in s.answers]) for s in segs] == [([1, 2, 3], [0, 1]), ([4, 5], [2, 3])]
+    assert first_fit([5, 3, 4, 2], 8) == [[0, 1], [2, 3]]  # longest first, each into the first bin with room
+    p = pack(seqs, pad_id=0, bucket=1)
+    assert p.tokens.shape == (2, 6) and p.tokens[0].tolist() == [1, 2, 3, 7, 8, 9] and p.tokens[1].tolist() == [4, 5, 6, 6, 6, 3]
+    assert p.positions[0].tolist() == [0, 1, 2, 3, 4, 3]  # the second answer continues from the prompt's end
+    # each response token read from the position before it; an answer's first token from the prompt's last
+    reads = sorted(zip(p.owners.tolist(), p.read_rows.tolist(), p.read_cols.tolist(), p.targets.tolist()))
+    assert [r for r in reads if r[0] in (0, 1)] == [(0, 0, 2, 7), (0, 0, 3, 8), (1, 0, 2, 9)]
+
+
+def test_the_mask_by_hand():
+    p = pack([([1, 2], [3]), ([1, 2], [4, 5]), ([6], [7])], pad_id=0, bucket=8)
+    assert p.tokens.tolist() == [[1, 2, 3, 4, 5, 6, 7, 0]]  # one row of 8: two segments and a tail
+    expected = [
+        # 1  2  3  4  5  6  7  pad
+        [1, 0, 0, 0, 0, 0, 0, 0],  # 1  prompt
+        [1, 1, 0, 0, 0, 0, 0, 0],  # 2  prompt
+        [1, 1, 1, 0, 0, 0, 0, 0],  # 3  answer 1
+        [1, 1, 0, 1, 0, 0, 0, 0],  # 4  answer 2: the prompt and itself, not answer 1
+        [1, 1, 0, 1, 1, 0, 0, 0],  # 5  answer 2
+        [0, 0, 0, 0, 0, 1, 0, 0],  # 6  the next segment starts afresh
+        [0, 0, 0, 0, 0, 1, 1, 0],  # 7
+        [0, 0, 0, 0, 0, 0, 0, 1],  # the tail sees only itself
+    ]
+    assert p.mask[0, 0].int().tolist() == expected
+    assert p.positions[0].tolist() == [0, 1, 2, 2, 3, 0, 1, 0]
+
+
+def logps_and_grads(folder, seqs, pad_id, packing: bool):
+    model = load_model(folder)
+    for name, p in model.named_parameters():
+        p.requires_grad_(".self_attn." in name)
+    logps, n = packed_sequence_logps(model, seqs, pad_id, 8) if packing else sequence_logps(model, seqs, pad_id, 8, 1)
+    (logps.sum() / n.sum()).backward()
+    return logps.detach(), n, {k: p.grad for k, p in model.named_parameters() if p.requires_grad}
+
+
+def test_packed_logps_and_gradients_equal_the_padded_batch(tiny):
+    folder, tok, examples, _ = tiny
+    seqs = flat_sequences(examples[:6])
+    padded, n_padded, g_padded = logps_and_grads(folder, seqs, tok.pad_id, packing=False)
+    packed, n_packed, g_packed = logps_and_grads(folder, seqs, tok.pad_id, packing=True)
+    assert torch.equal(n_packed, n_padded)
+    # 1e-4 for sums of hundreds of nats; these reach ~1000, where one fp32 step is 1.2e-4: allow two steps more
+    tol = 1e-4 + 2 * torch.finfo(torch.float32).eps * padded.abs()
+    assert ((packed - padded).abs() <= tol).all(), ((packed - padded).abs().max(), padded.abs().max())
+    assert all(torch.allclose(g_packed[k], g_padded[k], atol=1e-6, rtol=1e-4) for k in g_padded)
+    assert any(g.abs().max() > 1e-4 for g in g_padded.values())  # gradients that could have differed
+    p = pack(seqs, tok.pad_id, 8)
+    assert p.tokens.numel() < sum(len(a) + len(b) for a, b in seqs)  # fewer tokens than the sequences hold: prompts shared
+
+
+def test_a_segment_never_sees_another(tiny):
+    """Changing one example's tokens (same lengths) leaves every other sequence's log-prob bit for bit."""
+    folder, tok, examples, _ = tiny
+    model = load_model(folder)
+    seqs = flat_sequences(examples[:4])
+    changed = [((p[:-2] + [(t + 1) % 300 + 3 for t in p[-2:]]), [(t + 5) % 300 + 3 for t in r]) if i % 4 == 1 else (p, r)
+               for i, (p, r) in enumerate(seqs)]  # example 1's four sequences (rows 1, 5, 9, 13)
+    assert pack(seqs, tok.pad_id).tokens.shape == pack(changed, tok.pad_id).tokens.shape
+    with torch.no_grad():
+        before, _ = packed_sequence_logps(model, seqs, tok.pad_id, 8)
+        after, _ = packed_sequence_logps(model, changed, tok.pad_id, 8)
+    others = [i for i in range(len(seqs)) if i % 4 != 1]
+    assert torch.equal(before[others], after[others])
+    assert not torch.equal(before[1::4], after[1::4])
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])  # mistral: a sliding window of 8, applied by position
+def test_a_second_answer_gets_the_logits_of_its_own_sequence(tmp_path, family):
+    write_hf_model(tmp_path, family)
+    model = load_model(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    ids = lambda n: torch.randint(3, 128, (n,), generator=g).tolist()  # noqa: E731
+    prompt, first, second = ids(7), ids(9), ids(6)
+    p = pack([(prompt, first), (prompt, second)], pad_id=0, bucket=8, window=model.cfg.sliding_window)
+    with torch.no_grad():
+        packed = model(p.tokens, positions=p.positions, mask=p.mask)[0]
+        alone = model(torch.tensor([prompt + second]))[0]
+    start = len(prompt) + len(first)
+    assert torch.allclose(packed[start : start + len(second)], alone[len(prompt) :], atol=1e-5)
+    assert torch.allclose(packed[: len(prompt)], alone[: len(prompt)], atol=1e-5)
+
+
+def test_packed_equals_padded_on_the_real_default_model(smollm2_dir):
+    tok = load_tokenizer(smollm2_dir)
+    examples, _ = encode_all(tok, detect_format(tok), load_pairs(demo_path("sw")).examples[:3], 512)
+    seqs = flat_sequences(examples)
+    model = load_model(smollm2_dir)
+    with torch.no_grad():
+        padded, _ = sequence_logps(model, seqs, tok.pad_id, 8, 1)
+        packed, _ = packed_sequence_logps(model, seqs, tok.pad_id, 8)
+    assert padded.abs().min() > 10  # sums of many nats
+    # 1e-4 for sums of hundreds of nats; these reach ~1000, where one fp32 step is 1.2e-4: allow two steps more
+    tol = 1e-4 + 2 * torch.finfo(torch.float32).eps * padded.abs()
+    assert ((packed - padded).abs() <= tol).all(), ((packed - padded).abs().max(), padded.abs().max())
+
+
+def test_training_packed_equals_padded(tiny, tmp_path, monkeypatch):
+    """train.py --packing on vs off, through a stage change: the same reference table (under two cache
+    keys), losses, margins and final weights, up to float rounding."""
+    monkeypatch.setenv("CLO_CACHE", str(tmp_path / "cache"))
+    folder, _, _, data = tiny
+    runs = {}
+    for packing in ("on", "off"):
+        runs[packing] = train.main(["--lang", "sw", "--model", str(folder), "--data", str(data), "--out", str(tmp_path / packing), "--batch-size", "4",
+                                    "--lr", "1e-3", "--amp", "off", "--stages", "attn:1,all:1", "--save-every", "0", "--packing", packing])
+    tables = [torch.load(f, weights_only=True) for f in sorted((tmp_path / "cache" / "reference").glob("ref-*.pt"))]
+    assert len(tables) == 2 and (tables[0] - tables[1]).abs().max() <= 1e-4
+    rows = {k: [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] for k, out in runs.items()}
+    assert len(rows["on"]) == len(rows["off"]) == 4
+    for a, b in zip(rows["on"], rows["off"]):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 and abs(a["margin"] - b["margin"]) <= 1e-4, (a, b)
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * b["grad_norm"]
+    wa, wb = (load_file(out / "model" / "model.safetensors") for out in runs.values())
+    diffs = torch.cat([(wa[k] - wb[k]).abs().flatten() for k in wa])
+    assert (diffs > 1e-5).float().mean() <= 1e-3 and diffs.max() <= 1e-3  # Adam's first step on near-zero gradients: at most lr
+    assert json.loads((runs["on"] / "run.json").read_text())["packing"] is True
