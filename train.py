@@ -86,7 +86,7 @@ def parse_args(argv=None):
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--max-length", type=int, default=512, help="longest sequence in tokens; longer examples are dropped")
     p.add_argument("--bucket", type=int, default=0, help="pad lengths to a multiple of this, so compiled shapes stay few (0: 64 when compiling, else 8)")
-    p.add_argument("--length-groups", type=int, default=0, help="run each micro-batch's sequences as N length-sorted groups, each padded to its own longest: the same numbers from fewer padded tokens (0: auto, 4 on CPU, 1 on CUDA)")
+    p.add_argument("--length-groups", type=int, default=0, help="run each micro-batch's sequences as N length-sorted groups, each padded to its own longest: the same numbers from fewer padded tokens (0: auto, 4 on CPU, 1 on CUDA); only with --packing off")
     p.add_argument("--packing", choices=["auto", "on", "off"], default="auto",
                    help="packed, prefix-shared rows: each prompt computed once, no padding but each row's tail (clo/train/packing.py); "
                         "off: padded batches in length groups (auto: on for CPUs, measured 1.17x faster; off on CUDA, not measured yet)")
