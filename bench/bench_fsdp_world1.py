@@ -58,6 +58,19 @@ def free_port() -> str:
         return str(s.getsockname()[1])
 
 
+def profile_steps(step, sides) -> None:
+    """One step per side under torch.profiler: total self CPU time and the operators that take most."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for name in sides:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step(name)
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events) / 1e6
+        top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:8]
+        print(f"{name}: self CPU {total:.2f} s; " + ", ".join(f"{e.key} {e.self_cpu_time_total / 1e6:.2f} s" for e in top))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=DEFAULT_MODEL, help="an HF folder, the default model, or random:<shape> (bench/common.py)")
@@ -66,6 +79,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8, help="examples per step (train.py's default)")
     p.add_argument("--steps", type=int, default=4, help="timed steps per side, after one warm-up step each")
     p.add_argument("--json", help="where the results go (default runs/bench/fsdp-world1-<device>.json)")
+    p.add_argument("--profile", action="store_true", help="then one more step per side under torch.profiler: self CPU time, top operators")
     args = p.parse_args()
     device = bench_device(args.device)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT") or free_port(), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
@@ -110,6 +124,8 @@ def main() -> None:
     for i in range(args.steps):
         for name in ("plain", "fsdp2") if i % 2 == 0 else ("fsdp2", "plain"):
             times[name].append(step(name))
+    if args.profile:
+        profile_steps(step, sides)
     tokens = sum(len(p) + len(r) for ex in examples for p, r in ex.sequences)
     results = {name: {"step_s": t, "median_step_s": statistics.median(t), "tokens_per_s": tokens / statistics.median(t), "peak_gib": peak[name],
                       "losses": losses[name], "grad_norms": norms[name]} for name, t in times.items()}

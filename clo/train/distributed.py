@@ -5,7 +5,8 @@
 
 `python train.py` stays one process without any of this, and so does `torchrun --nproc-per-node 1`:
 one process has nothing to shard, and FSDP2 at world size 1 only copies every weight in and out of
-its buffers (7-9% of a CPU step, bench/bench_distributed.py). Under torchrun with N >= 2:
+its buffers (bench/bench_fsdp_world1.py on a 2-core AMD EPYC: 0.98x-1.01x
+the step time, +4.7% CPU time by its --profile; BENCHMARKS.md). Under torchrun with N >= 2:
 
 - Sharding (FSDP2, `shard`): each decoder block is one `fully_shard` unit and the root (embedding,
   final norm, head) another; frozen and trainable weights are both sharded. Every weight is held

@@ -82,9 +82,9 @@ class Batching:
         """0 and "auto" mean auto. bucket: 64 when compiling (one graph per padded shape: keep the shapes
         few), else 8. groups: 4 on CPU, where a third of the demo's padded tokens were padding and 4
         groups cut a default-job step from 26.8 to 18.3 s (AMD EPYC, BENCHMARKS.md); 1 on CUDA, not
-        yet measured there. packing: auto is on for CPUs, where the default job's step took 20.9 s packed
-        vs 24.5 s padded in 4 groups (AMD EPYC, fp32, BENCHMARKS.md), and off on CUDA, where a dense
-        mask keeps SDPA off its flash kernel and nothing is measured yet."""
+        yet measured there. packing: auto is on for CPUs, where the default job's steps took a median
+        22.5 s packed vs 25.8 s padded in 4 groups (AMD EPYC, fp32, BENCHMARKS.md), and off on CUDA,
+        where nothing is measured yet and a fused kernel for the mask (FlexAttention) is not built."""
         packed = packing == "on" or (packing == "auto" and device.type == "cpu")
         return cls(pad_id, bucket or (64 if compiled else 8), groups or (1 if device.type == "cuda" else 4), packed)
 
@@ -121,7 +121,6 @@ def example_logps(model, examples: list[EncodedExample], batching: Batching, bat
         rows = four_way_rows(model, [examples[i] for i in batches[min(b, len(batches) - 1)]], batching)
         if b < len(batches):
             mine[b] = rows
-    for part in world.gather_objects(mine):
-        for b, rows in part.items():
-            out[batches[b]] = rows
+    for b, rows in world.merge(mine).items():
+        out[batches[b]] = rows
     return out
