@@ -19,7 +19,7 @@ then, with --judge, judge every model against the first (clo/eval/judge.py), and
     metrics.json/.jsonl     every number, per model (the JSON also holds the settings)
     judgments.jsonl         with --judge: one line per prompt, presentation order and model pair
     alpaca_eval/<name>.json each model's answers in AlpacaEval's format, for an external judge
-    report.md (+ .png)      the comparison table (the plot when matplotlib is installed)
+    report.md, report.png   the comparison table, and its main rates as a bar chart
 
 All files are written at the end, each atomically: a failed run leaves nothing half-written. An
 existing --out must hold nothing but these (an earlier eval.py run's, which are replaced).
@@ -81,6 +81,7 @@ def parse_args(argv=None):
     p.add_argument("--judge-language-check", choices=["langid", "judge"], default="langid", help="langid: an answer in the wrong language loses without asking the judge; judge: left to the judge prompt")
     p.add_argument("--judge-max-new-tokens", type=int, default=16, help="longest judge reply")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens")
+    p.add_argument("--no-generate", dest="generate", action="store_false", help="answer no prompts: held-out scoring and multiple choice only (no --prompts, no --judge)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts (or held-out pairs, or questions) per forward batch")
     p.add_argument("--max-length", type=int, default=1024, help="held-out pairs with a longer (prompt + answer) are skipped and counted")
     p.add_argument("--limit", type=int, default=0, help="use only the first N records of each prompt file, held-out set and CSV (0: all)")
@@ -242,7 +243,7 @@ def read_inputs(args, lang: str, world: World = World()) -> Inputs:
     heldout_path = Path(args.heldout) if args.heldout else demo_path(lang, heldout=True)
     heldout = load_pairs(heldout_path, lang).examples
     heldout = heldout[: args.limit] if args.limit else heldout
-    prompt_files = [Path(p) for p in args.prompts] if args.prompts else [heldout_path]
+    prompt_files = [Path(p) for p in args.prompts] if args.prompts else [heldout_path] if args.generate else []
     prompts = [p for path in prompt_files for p in load_prompts(path, args.prompts_lang, args.limit)]
     keys = [(p.set, p.id, p.lang) for p in prompts]
     if len(set(keys)) != len(keys):
@@ -251,6 +252,8 @@ def read_inputs(args, lang: str, world: World = World()) -> Inputs:
     mmlu_dev = [None] * len(mmlu)
     if args.mmlu_shots:
         mmlu_dev = [read_mc_csv(d) if (d := dev_file_for(Path(path))) else None for path in args.mmlu]
+    if not args.generate and (args.prompts or args.judge):
+        raise CloError(f"--no-generate: answers no prompts, so {'--prompts' if args.prompts else '--judge'} has nothing to work on")
     if args.judge and len(args.models) < 2:
         raise CloError("--judge: needs at least two --models (each is judged against the first)")
     if args.names and len(args.names) != len(args.models):
@@ -277,7 +280,7 @@ def evaluate_model(name: str, folder: Path, inputs: Inputs, langid: LanguageId, 
     tok = load_tokenizer(folder)
     fmt = detect_format(tok, args.chat_format)
     answers = generate_answers(model, tok, fmt, inputs.prompts, args.max_new_tokens, args.batch_size, desc=f"generate {name}",
-                               compile=on_for_cuda(args.compile, device), world=world)
+                               compile=on_for_cuda(args.compile, device), world=world) if inputs.prompts else []
     records = grade_answers(name, inputs.prompts, answers, langid, args.max_new_tokens, args.copy_threshold, args.repeat_threshold, args.ngram)
 
     encoded, too_long = encode_all(tok, fmt, inputs.heldout, args.max_length)
@@ -329,9 +332,9 @@ def write_outputs(out: Path, lang: str, inputs: Inputs, results: list[dict], gen
         write_json(out / "alpaca_eval" / f"{file_safe(name)}.json", alpaca_eval_outputs(generations[name], name))
     report = markdown_report(results, lang, settings)
     write_atomic(out / "report.md", report)
-    plotted = plot_main_numbers(results, lang, out / "report.png")
+    plot_main_numbers(results, lang, out / "report.png")
     print(report.split("\n## ")[0], file=sys.stderr)
-    print(f"eval: wrote {out}/report.md{' and report.png' if plotted else ' (no plot: matplotlib is not installed)'}", file=sys.stderr)
+    print(f"eval: wrote {out}/report.md and report.png", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from clo.errors import ArgumentParser, CloError, run_cli
+from clo.eval.preview import Preview
 from clo.languages import target_language
 from clo.model.chat import detect_format
 from clo.model.hf_folder import load_model, save_model
@@ -104,6 +105,8 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint-activations", action="store_true", help="recompute each block in backward: much less activation memory, ~1/3 more compute")
     p.add_argument("--chat-format", default="auto", help="auto, chatml, llama3, llama2, mistral or plain")
     p.add_argument("--save-merged", action="store_true", help="with --lora: also write merged full weights to <out>/model")
+    p.add_argument("--show-answers", type=int, default=4, help="at the end, the starting and the trained model's greedy answers to the first N "
+                   "held-out demo prompts of --lang, and how many are in --lang (0: off; one process only)")
     return p.parse_args(argv)
 
 
@@ -149,6 +152,7 @@ def train(args, world: World = World()) -> Path:
         ckpt = run.check_resume(saved, settings, SETTING_FLAGS)
         if world.main:
             print(f"data: {data_path}: {pairs.summary()}, {too_long} longer than {args.max_length} tokens dropped; chat format {fmt.name}", file=sys.stderr)
+        preview = Preview(model, tok, fmt, lang.code, args.show_answers if world.size == 1 else 0)  # the starting model's answers
         if args.lora:
             add_lora(model, stages, args)
         if world.size > 1:  # FSDP2 over the blocks and the root (clo/train/distributed.py); one process has nothing to shard
@@ -170,6 +174,7 @@ def train(args, world: World = World()) -> Path:
             model = gathered_model(model, folder, stages, args, world)  # a whole copy on process 0, None elsewhere
         if world.main:
             save_outputs(model, folder, trained, run.out, fmt.name, args)
+            preview.show(model)  # 6. What changed: the same prompts answered before and after
         world.barrier()
     return run.out
 
@@ -324,6 +329,7 @@ def check_args(args) -> None:
         "bucket": (args.bucket >= 0, "0 (auto) or more"),
         "length_groups": (args.length_groups >= 0, "0 (auto) or more"),
         "save_every": (args.save_every >= 0, "0 (only at the end) or more"),
+        "show_answers": (args.show_answers >= 0, "0 (off) or more"),
         "lora_r": (args.lora_r >= 1, "at least 1"),
         "lora_alpha": (finite(args.lora_alpha) and args.lora_alpha > 0, "a positive number"),
         "lora_dropout": (0 <= args.lora_dropout < 1, "in [0, 1)"),

@@ -258,19 +258,38 @@ def test_gradients_reach_only_the_stage(tiny):
 
 @pytest.mark.slow
 def test_default_command_runs_two_steps(smollm2_dir, tmp_path):
-    """`python train.py --lang sw` itself (default model, demo data), cut to two steps."""
+    """`python train.py --lang sw` itself (default model, demo data), cut to two steps of 4 of its examples
+    (the whole demo set's reference pass alone takes ~100 s on 2 cores); it ends with the preview."""
     import os
 
     env = {**os.environ, "CLO_CACHE": str(smollm2_dir.parent)}  # the default model's cache, not the tmp one
     out = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "train.py", "--lang", "sw", "--max-steps", "2", "--out", str(out)],
+        [sys.executable, "train.py", "--lang", "sw", "--max-steps", "2", "--max-examples", "8", "--batch-size", "4", "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=900, env=env,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"model saved to {out / 'model'}" in proc.stderr
     assert len(metrics(out)) == 2
     assert json.loads((out / "run.json").read_text())["summary"]["steps"] == 2
+    assert re.search(r"answered in Swahili: [0-4]/4 before training, [0-4]/4 after", proc.stderr)
+    assert proc.stderr.count("  before [") == proc.stderr.count("  after  [") == 4
+
+
+def test_preview_answers_the_same_prompts_before_and_after(tiny, tmp_path, capsys):
+    """--show-answers N: N held-out demo prompts, answered by the starting and the trained model; 0: none."""
+    from clo.eval.preview import preview_prompts
+
+    run(tiny, tmp_path / "shown", "--max-steps", "1", "--show-answers", "2")
+    err = capsys.readouterr().err
+    prompts = preview_prompts("sw", 2)
+    assert [p.text for p in prompts] == [ex.prompt for ex in load_pairs(REPO / "data/demo/sw.heldout.jsonl").examples[:2]]
+    for p in prompts:
+        assert f"  prompt        {' '.join(p.text.split())[:99]}" in err
+    assert err.count("  before [") == err.count("  after  [") == 2
+    assert re.search(r"answered in Swahili: [0-2]/2 before training, [0-2]/2 after", err)
+    run(tiny, tmp_path / "hidden", "--max-steps", "1", "--show-answers", "0")
+    assert "answered in Swahili" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("signame, code", [("SIGINT", 130), ("SIGTERM", 143)])

@@ -9,7 +9,7 @@ Input: one results dict per model, as eval.py builds them:
      "mc": {...} | None,                   clo/eval/mc.py
      "judge": {"against": name, ...} | None}   clo/eval/judge.py summary
 
-The PNG (report.png) needs matplotlib, an optional dependency: without it the plot is skipped.
+The PNG (report.png) is drawn with matplotlib (a requirement since study.py plots too).
 All files are written atomically (temp file, then rename), so a crash never leaves half a report.
 """
 
@@ -129,15 +129,13 @@ def markdown_report(results: list[dict], target: str, settings: dict) -> str:
     return "\n".join(parts)
 
 
-def plot_main_numbers(results: list[dict], target: str, path: Path) -> bool:
-    """A grouped bar chart of the main rates per model into `path`; False when matplotlib is absent."""
-    try:
-        import matplotlib
+def plot_main_numbers(results: list[dict], target: str, path: Path) -> None:
+    """A grouped bar chart of the main rates per model into `path` (PNG)."""
+    import matplotlib  # imported here: a second of start-up that only plotting needs
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
+    matplotlib.use("Agg")  # no display
+    import matplotlib.pyplot as plt
+
     metrics = {}
     for lang in prompt_langs(results, target):
         metrics[f"{lang} prompts: in {lang}"] = [(r["fidelity"].get(lang) or {}).get("in_lang_rate") for r in results]
@@ -155,9 +153,9 @@ def plot_main_numbers(results: list[dict], target: str, path: Path) -> bool:
     ax.set_xticks([m + 0.4 - width / 2 for m in range(len(metrics))], list(metrics), rotation=30, ha="right")
     ax.set_ylabel("%")
     ax.set_ylim(0, 100)
+    ax.set_title(f"eval.py, target language {target}: answers in the prompt's language, held-out preference", fontsize=9)
     ax.legend()
     fig.tight_layout()
     with atomic_file(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    return True
