@@ -54,13 +54,13 @@ from clo.lock import output_lock
 from clo.model.sources import DEFAULT_MODEL, cache_dir, resolve_model
 from clo.pairs import demo_path, load_pairs, pair_line
 from clo.train.reference import model_fingerprint
+from clo.train.schedule import PAPER_LR
 from clo.train.stages import parse_stages
 
 METHODS = ("clo", "sft", "sft-dpo", "dpo")
 # The learning rates a sweep tries when --lrs is not given: around what trains the default model
 # (135M parameters, attention only, tens of steps); any other model gets the paper's 7B recipe alone.
-DEFAULT_MODEL_LRS = (3e-5, 1e-4, 3e-4)
-PAPER_LR = 8e-6
+DEFAULT_MODEL_LRS = (3e-5, 1e-4, 3e-4, 1e-3)
 
 # (key, label, what it is, which way is better); every cell's numbers, from eval.py's metrics.
 METRICS = (
@@ -71,12 +71,13 @@ METRICS = (
     ("nll_t", "NLL of held-out {t} answers", "per token, given the {t} prompt", "lower"),
     ("nll_en", "NLL of held-out en answers", "per token, given the en prompt", "lower"),
     ("pref_t", "held-out pairs preferring y_{t} given x_{t}", "share with log π(y_t|x_t) > log π(y_en|x_t), sequence log-probs", "higher"),
+    ("pref_t_per_token", "held-out pairs preferring y_{t} given x_{t}, per token", "the same on per-token mean log-probs (length-fair: y_t is often longer in tokens)", "higher"),
     ("margin_t", "margin given x_{t}", "mean of log π(y_t|x_t) − log π(y_en|x_t), nats", "higher"),
     ("pref_en", "held-out pairs preferring y_en given x_en", "share with log π(y_en|x_en) > log π(y_t|x_en)", "higher"),
     ("margin_en", "margin given x_en", "mean of log π(y_en|x_en) − log π(y_t|x_en), nats", "higher"),
     ("win_rate", "win rate against SFT of the same size", "judged, both presentation orders, ties count ½", "higher"),
 )
-RATES = {"in_t", "in_t_ok", "degenerate_t", "en_in_en", "pref_t", "pref_en", "win_rate"}
+RATES = {"in_t", "in_t_ok", "degenerate_t", "en_in_en", "pref_t", "pref_t_per_token", "pref_en", "win_rate"}
 
 
 def parse_args(argv=None):
@@ -316,7 +317,7 @@ def cell_metrics(result: dict, lang: str) -> dict:
     return {
         "in_t": t.get("in_lang_rate"), "in_t_ok": t.get("in_lang_rate_ok"), "degenerate_t": t.get("degenerate_rate"),
         "en_in_en": en.get("in_lang_rate"),
-        **{k: pref.get(k) for k in ("nll_t", "nll_en", "pref_t", "margin_t", "pref_en", "margin_en")},
+        **{k: pref.get(k) for k in ("nll_t", "nll_en", "pref_t", "pref_t_per_token", "margin_t", "pref_en", "margin_en")},
         "win_rate": judge.get("win_rate"),
     }  # fmt: skip
 

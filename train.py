@@ -50,7 +50,7 @@ from clo.train.distributed import check_batch, full_weights, load_optimizer_stat
 from clo.train.precision import check_precision_flags, checkpoint_dtype, restore_originals, training_precision
 from clo.train.reference import cache_key, cached_reference_logps, compute_reference_logps, data_digest, model_fingerprint
 from clo.train.run import Run
-from clo.train.schedule import Position, Schedule, lr_at
+from clo.train.schedule import DEFAULT_MODEL_LR, PAPER_LR, Position, Schedule, default_lr, lr_at
 from clo.train.scoring import Batching
 from clo.train.stages import begin_stage, lora_targets, parse_stages
 from clo.train.step import SFT_SEQUENCES, Objective, optimizer_step
@@ -79,7 +79,8 @@ def parse_args(argv=None):
     p.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
     p.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha (scaling = alpha / r)")
     p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input")
-    p.add_argument("--lr", type=float, default=8e-6, help="peak learning rate (paper recipe: 8e-6)")
+    p.add_argument("--lr", default="auto", help=f"peak learning rate (auto: the paper's 7B recipe, {PAPER_LR}, except "
+                   f"{DEFAULT_MODEL_LR} for the embedded default model, chosen by study.py's sweep, docs/study.md)")
     p.add_argument("--warmup", type=float, default=0.1, help="fraction of steps with linear warmup")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
@@ -313,6 +314,13 @@ def sft_then_dpo(args, world: World = World()) -> Path:
 
 def check_args(args) -> None:
     """Every numeric flag's range, before any work: one line naming the flag and its value."""
+    if args.lr == "auto":
+        args.lr = default_lr(args.model, DEFAULT_MODEL)
+    elif isinstance(args.lr, str):
+        try:
+            args.lr = float(args.lr)
+        except ValueError:
+            raise CloError(f"--lr {args.lr!r}: must be a number or auto") from None
     finite = math.isfinite
     rules = {
         "batch_size": (args.batch_size >= 1, "at least 1"),

@@ -121,7 +121,7 @@ def test_tables_show_the_cells_own_eval_numbers(finished):
 
 
 def test_plot_is_a_png_of_one_panel_per_metric(finished):
-    # 10 metrics without a judge: 3 rows of 4 panels, 4.0 x 3.0 inches each at 100 dpi
+    # 11 metrics without a judge: 3 rows of 4 panels, 4.0 x 3.0 inches each at 100 dpi
     assert png_size(finished / "study.png") == (1600, 900)
 
 

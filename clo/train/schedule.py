@@ -13,6 +13,17 @@ import torch
 
 from clo.train.stages import Stage
 
+# The peak learning rate when --lr is not given: the paper's recipe for its 7B models, except for the
+# embedded default model (SmolLM2-135M, attention only, tens of steps), for which study.py's sweep
+# on human-translated Swahili news chose 3e-4 from 3e-5, 1e-4, 3e-4, 1e-3 (docs/study.md).
+PAPER_LR = 8e-6
+DEFAULT_MODEL_LR = 3e-4
+
+
+def default_lr(model: str, default_model: str) -> float:
+    """--lr's default for a --model spec: DEFAULT_MODEL_LR for the embedded default model, else PAPER_LR."""
+    return DEFAULT_MODEL_LR if model == default_model else PAPER_LR
+
 
 @dataclass
 class Position:
