@@ -272,7 +272,7 @@ def test_default_command_runs_two_steps(smollm2_dir, tmp_path):
     assert f"model saved to {out / 'model'}" in proc.stderr
     assert len(metrics(out)) == 2
     assert json.loads((out / "run.json").read_text())["summary"]["steps"] == 2
-    assert re.search(r"answered in Swahili: [0-4]/4 before training, [0-4]/4 after", proc.stderr)
+    assert re.search(r"answered in Swahili: [0-4]/4 before training \([0-4] not degenerate\), [0-4]/4 after \([0-4] not degenerate\)", proc.stderr)
     assert proc.stderr.count("  before [") == proc.stderr.count("  after  [") == 4
 
 
@@ -287,9 +287,24 @@ def test_preview_answers_the_same_prompts_before_and_after(tiny, tmp_path, capsy
     for p in prompts:
         assert f"  prompt        {' '.join(p.text.split())[:99]}" in err
     assert err.count("  before [") == err.count("  after  [") == 2
-    assert re.search(r"answered in Swahili: [0-2]/2 before training, [0-2]/2 after", err)
+    assert re.search(r"answered in Swahili: [0-2]/2 before training \([0-2] not degenerate\), [0-2]/2 after \([0-2] not degenerate\)", err)
     run(tiny, tmp_path / "hidden", "--max-steps", "1", "--show-answers", "0")
     assert "answered in Swahili" not in capsys.readouterr().err
+
+
+def test_preview_counts_degenerate_answers_apart():
+    import io
+
+    from clo.eval.preview import preview_prompts, print_preview
+
+    prompts = preview_prompts("sw", 3)
+    before = [("Hello there.", "en"), ("Habari yako, rafiki.", "sw"), ("", "und, empty")]
+    after = [("Habari, rafiki yangu.", "sw"), ("kwa kwa kwa kwa kwa kwa", "sw, repeat"), ("Asante sana kwa swali.", "sw")]
+    out = io.StringIO()
+    print_preview(prompts, before, after, "sw", file=out)
+    text = out.getvalue()
+    assert "answered in Swahili: 1/3 before training (1 not degenerate), 3/3 after (2 not degenerate)" in text
+    assert "  before [und, empty]  (empty)" in text and "  after  [sw, repeat]  kwa kwa" in text
 
 
 @pytest.mark.parametrize("signame, code", [("SIGINT", 130), ("SIGTERM", 143)])

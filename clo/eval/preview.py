@@ -11,6 +11,7 @@ import sys
 
 import torch
 
+from clo.eval.degenerate import classify_answer
 from clo.eval.generation import generate_answers
 from clo.eval.langid import LanguageId
 from clo.eval.prompts import EvalPrompt, load_prompts
@@ -29,13 +30,18 @@ def preview_prompts(lang: str, n: int) -> list[EvalPrompt]:
 
 
 def answer(model: Transformer, tok: Tokenizer, fmt: ChatFormat, prompts: list[EvalPrompt], langid: LanguageId) -> list[tuple[str, str]]:
-    """(answer, its language) per prompt: greedy, eager (compiled blocks would build a graph per decode length)."""
+    """(answer, its language) per prompt: greedy, eager (compiled blocks would build a graph per decode length);
+    a degenerate answer (empty, a copy of the prompt, a loop: clo/eval/degenerate.py) gets "<lang>, <reason>"."""
     was_training = model.training
     model.eval()
     with torch.compiler.set_stance("force_eager"):
         answers = generate_answers(model, tok, fmt, prompts, MAX_NEW_TOKENS, batch_size=len(prompts), desc="preview answers")
     model.train(was_training)
-    return [(text, langid.identify(text)) for text, _ in answers]
+    graded = []
+    for p, (text, _) in zip(prompts, answers, strict=True):
+        reason = classify_answer(p.text, text).reason
+        graded.append((text, langid.identify(text) + (f", {reason}" if reason else "")))
+    return graded
 
 
 class Preview:
@@ -64,8 +70,13 @@ def print_preview(prompts: list[EvalPrompt], before: list[tuple[str, str]], afte
     print(f"\n{len(prompts)} held-out {name} prompts (data/demo/{lang}.heldout.jsonl), greedy answers of at most {MAX_NEW_TOKENS} tokens:", file=file)
     for p, (b, b_lang), (a, a_lang) in zip(prompts, before, after, strict=True):
         print(f"  prompt        {short(p.text, 100)}", file=file)
-        print(f"  before [{b_lang:>3}]  {short(b, 100)}", file=file)
-        print(f"  after  [{a_lang:>3}]  {short(a, 100)}", file=file)
-    n_before, n_after = sum(x == lang for _, x in before), sum(x == lang for _, x in after)
-    print(f"answered in {name}: {n_before}/{len(prompts)} before training, {n_after}/{len(prompts)} after "
-          f"(eval.py measures more prompts, study.py methods and sizes)", file=file)  # fmt: skip
+        print(f"  before [{b_lang}]  {short(b, 100)}", file=file)
+        print(f"  after  [{a_lang}]  {short(a, 100)}", file=file)
+
+    def count(graded):
+        return sum(x.split(",")[0] == lang for _, x in graded), sum(x == lang for _, x in graded)
+
+    (b_all, b_ok), (a_all, a_ok) = count(before), count(after)
+    n = len(prompts)
+    print(f"answered in {name}: {b_all}/{n} before training ({b_ok} not degenerate), {a_all}/{n} after ({a_ok} not degenerate); "
+          f"eval.py measures more prompts, study.py methods and sizes", file=file)  # fmt: skip
