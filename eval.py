@@ -99,6 +99,8 @@ def parse_args(argv=None):
     for flag in ("max_new_tokens", "batch_size", "max_length", "judge_max_new_tokens", "ngram"):
         if getattr(args, flag) < 1:
             raise CloError(f"--{flag.replace('_', '-')}: must be >= 1, got {getattr(args, flag)}")
+    if not args.generate and (args.prompts or args.judge):
+        raise CloError(f"--no-generate: answers no prompts, so {'--prompts' if args.prompts else '--judge'} has nothing to work on")
     for flag in ("limit", "mmlu_shots"):
         if getattr(args, flag) < 0:
             raise CloError(f"--{flag.replace('_', '-')}: must be >= 0, got {getattr(args, flag)}")
@@ -252,8 +254,6 @@ def read_inputs(args, lang: str, world: World = World()) -> Inputs:
     mmlu_dev = [None] * len(mmlu)
     if args.mmlu_shots:
         mmlu_dev = [read_mc_csv(d) if (d := dev_file_for(Path(path))) else None for path in args.mmlu]
-    if not args.generate and (args.prompts or args.judge):
-        raise CloError(f"--no-generate: answers no prompts, so {'--prompts' if args.prompts else '--judge'} has nothing to work on")
     if args.judge and len(args.models) < 2:
         raise CloError("--judge: needs at least two --models (each is judged against the first)")
     if args.names and len(args.names) != len(args.models):

@@ -255,3 +255,9 @@ def test_default_model_and_two_demo_checkpoints(smollm2_dir, tiny, tmp_path):
     assert smol["preference"]["pref_en"] >= 0.75
     assert all(m["judge"]["n_judgments"] == 16 for m in metrics["models"][1:])
     assert (out / "report.md").is_file() and len((out / "generations.jsonl").read_text().splitlines()) == 3 * 8
+
+
+def test_no_generate_refuses_prompts_and_judge_before_any_model():
+    for extra in (["--prompts", "x.jsonl"], ["--judge", "j", "--models", "a", "b"]):
+        with pytest.raises(CloError, match="--no-generate: answers no prompts"):
+            eval_script.main(["--lang", "sw", "--no-generate", *extra])

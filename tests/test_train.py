@@ -298,8 +298,8 @@ def test_preview_counts_degenerate_answers_apart():
     from clo.eval.preview import preview_prompts, print_preview
 
     prompts = preview_prompts("sw", 3)
-    before = [("Hello there.", "en"), ("Habari yako, rafiki.", "sw"), ("", "und, empty")]
-    after = [("Habari, rafiki yangu.", "sw"), ("kwa kwa kwa kwa kwa kwa", "sw, repeat"), ("Asante sana kwa swali.", "sw")]
+    before = [("Hello there.", "en", None), ("Habari yako, rafiki.", "sw", None), ("", "und", "empty")]
+    after = [("Habari, rafiki yangu.", "sw", None), ("kwa kwa kwa kwa kwa kwa", "sw", "repeat"), ("Asante sana kwa swali.", "sw", None)]
     out = io.StringIO()
     print_preview(prompts, before, after, "sw", file=out)
     text = out.getvalue()

@@ -29,19 +29,15 @@ def preview_prompts(lang: str, n: int) -> list[EvalPrompt]:
     return [p for p in load_prompts(demo_path(lang, heldout=True)) if p.lang == lang][:n]
 
 
-def answer(model: Transformer, tok: Tokenizer, fmt: ChatFormat, prompts: list[EvalPrompt], langid: LanguageId) -> list[tuple[str, str]]:
-    """(answer, its language) per prompt: greedy, eager (compiled blocks would build a graph per decode length);
-    a degenerate answer (empty, a copy of the prompt, a loop: clo/eval/degenerate.py) gets "<lang>, <reason>"."""
+def answer(model: Transformer, tok: Tokenizer, fmt: ChatFormat, prompts: list[EvalPrompt], langid: LanguageId) -> list[tuple[str, str, str | None]]:
+    """(answer, its language, why it is degenerate or None) per prompt: greedy, eager (compiled blocks would
+    build a graph per decode length); degenerate: empty, a copy of the prompt or a loop (clo/eval/degenerate.py)."""
     was_training = model.training
     model.eval()
     with torch.compiler.set_stance("force_eager"):
         answers = generate_answers(model, tok, fmt, prompts, MAX_NEW_TOKENS, batch_size=len(prompts), desc="preview answers")
     model.train(was_training)
-    graded = []
-    for p, (text, _) in zip(prompts, answers, strict=True):
-        reason = classify_answer(p.text, text).reason
-        graded.append((text, langid.identify(text) + (f", {reason}" if reason else "")))
-    return graded
+    return [(text, langid.identify(text), classify_answer(p.text, text).reason) for p, (text, _) in zip(prompts, answers, strict=True)]
 
 
 class Preview:
@@ -59,7 +55,7 @@ class Preview:
             print_preview(self.prompts, self.before, answer(trained, self.tok, self.fmt, self.prompts, self.langid), self.lang, file)
 
 
-def print_preview(prompts: list[EvalPrompt], before: list[tuple[str, str]], after: list[tuple[str, str]], lang: str, file=None) -> None:
+def print_preview(prompts: list[EvalPrompt], before: list[tuple[str, str, str | None]], after: list[tuple[str, str, str | None]], lang: str, file=None) -> None:
     """Each prompt with both answers, then the share in the target language before and after."""
     name, file = get_language(lang).name, file or sys.stderr
 
@@ -68,13 +64,13 @@ def print_preview(prompts: list[EvalPrompt], before: list[tuple[str, str]], afte
         return text if len(text) <= width else text[: width - 1] + "…"
 
     print(f"\n{len(prompts)} held-out {name} prompts (data/demo/{lang}.heldout.jsonl), greedy answers of at most {MAX_NEW_TOKENS} tokens:", file=file)
-    for p, (b, b_lang), (a, a_lang) in zip(prompts, before, after, strict=True):
+    for p, b, a in zip(prompts, before, after, strict=True):
         print(f"  prompt        {short(p.text, 100)}", file=file)
-        print(f"  before [{b_lang}]  {short(b, 100)}", file=file)
-        print(f"  after  [{a_lang}]  {short(a, 100)}", file=file)
+        for when, (text, answer_lang, reason) in (("before", b), ("after ", a)):
+            print(f"  {when} [{answer_lang}{', ' + reason if reason else ''}]  {short(text, 100)}", file=file)
 
     def count(graded):
-        return sum(x.split(",")[0] == lang for _, x in graded), sum(x == lang for _, x in graded)
+        return sum(x == lang for _, x, _ in graded), sum(x == lang and r is None for _, x, r in graded)
 
     (b_all, b_ok), (a_all, a_ok) = count(before), count(after)
     n = len(prompts)
