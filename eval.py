@@ -16,7 +16,8 @@ and --out before any model runs; then for each model, one at a time in memory:
 then, with --judge, judge every model against the first (clo/eval/judge.py), and write into --out:
 
     generations.jsonl       one line per prompt per model (answer, its language, degenerate or not)
-    metrics.json/.jsonl     every number, per model (the JSON also holds the settings)
+    metrics.json/.jsonl     every number, per model (the JSON also holds the settings); `ci95`: the 95%
+                            bootstrap interval of each rate and held-out number (clo/eval/bootstrap.py)
     judgments.jsonl         with --judge: one line per prompt, presentation order and model pair
     alpaca_eval/<name>.json each model's answers in AlpacaEval's format, for an external judge
     report.md, report.png   the comparison table, and its main rates as a bar chart
@@ -47,11 +48,11 @@ import torch
 from clo.atomic import write_atomic
 from clo.errors import ArgumentParser, CloError, run_cli
 from clo.eval.degenerate import COPY_THRESHOLD, NGRAM, REPEAT_THRESHOLD
-from clo.eval.generation import fidelity, generate_answers, grade_answers
+from clo.eval.generation import fidelity, fidelity_intervals, generate_answers, grade_answers
 from clo.eval.judge import alpaca_eval_outputs, judge_pairs
 from clo.eval.langid import DEFAULT_LANGS, LanguageId
 from clo.eval.mc import dev_file_for, evaluate_mc, read_mc_csv
-from clo.eval.preference import four_way_logps, preference_metrics
+from clo.eval.preference import four_way_logps, preference_intervals, preference_metrics
 from clo.eval.prompts import load_prompts
 from clo.eval.report import markdown_report, plot_main_numbers, write_json, write_jsonl
 from clo.languages import target_language
@@ -284,10 +285,12 @@ def evaluate_model(name: str, folder: Path, inputs: Inputs, langid: LanguageId, 
     records = grade_answers(name, inputs.prompts, answers, langid, args.max_new_tokens, args.copy_threshold, args.repeat_threshold, args.ngram)
 
     encoded, too_long = encode_all(tok, fmt, inputs.heldout, args.max_length)
-    preference = None
+    preference, ci95 = None, {"fidelity": fidelity_intervals(records), "preference": None}
     if encoded:
-        preference = preference_metrics(four_way_logps(model, encoded, tok.pad_id, args.batch_size, world=world), encoded)
+        logps = four_way_logps(model, encoded, tok.pad_id, args.batch_size, world=world)
+        preference = preference_metrics(logps, encoded)
         preference["skipped_too_long"] = too_long
+        ci95["preference"] = preference_intervals(logps, encoded)
     mc = evaluate_mc(model, tok, inputs.mmlu, inputs.mmlu_dev, args.mmlu_shots, args.batch_size, args.limit, world) if inputs.mmlu else None
 
     sets = sorted({r["set"] for r in records})
@@ -296,6 +299,7 @@ def evaluate_model(name: str, folder: Path, inputs: Inputs, langid: LanguageId, 
         "fidelity": fidelity(records),
         "fidelity_by_set": {s: fidelity([r for r in records if r["set"] == s]) for s in sets},
         "preference": preference, "mc": mc, "judge": None,
+        "ci95": ci95,  # 95% bootstrap intervals of the fidelity rates and the preference numbers (clo/eval/bootstrap.py)
     }  # fmt: skip
     del model
     gc.collect()

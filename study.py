@@ -9,18 +9,22 @@ Reads top to bottom (each step's files are kept in --out, so a rerun of the same
   0. every argument and input is checked before any training; the pairs are shuffled once (--seed):
      the first --dev pairs are the dev split, the rest the training pool, and a size N trains on the
      pool's first N pairs, so a larger size holds every smaller one;
-  1. the learning rate of each method: with several --lrs, each is trained at --sweep-size and scored
-     on the dev split (never on --heldout); the lowest dev NLL wins (the mean of the target and
-     English per-token NLL of the dev reference answers: learning the target language without
-     forgetting English);
+  1. the learning rate of each method: with several --lrs, each is trained at --sweep-size (default:
+     the largest size, where drift is largest) and evaluated on the dev split (never on --heldout);
+     a rate whose dev answers break (`broken`: English prompts answered in English, or target prompts
+     in the target language, less than half as often as by the base model) is out, and of the rest
+     the lowest dev NLL wins (the mean of the target and English per-token NLL of the dev reference
+     answers: learning the target language without forgetting English);
   2. every cell (method, size) trained with train.py at its method's learning rate, same seed;
   3. the base model and every size's cells evaluated with eval.py on the same held-out pairs and
      prompts (with --judge: every method against the SFT cell of its size, both orders);
   4. the comparison, written into --out:
 
-    study.md        one table per metric (rows methods, columns sizes; size 0 is the base model)
+    study.md        one table per metric (rows methods, columns sizes; size 0 is the base model),
+                    each number with its 95% bootstrap interval over the held-out sample
     study.jsonl     every number of every cell, the base model and the sweep, one JSON line each
-    study.png       each metric against data size, one line per method, the base model as a dashed line
+    study.png       each metric against data size, one line per method (its 95% bootstrap interval as a
+                    band), the base model as a dashed line
     cells/<method>-n<size>-lr<lr>/   train.py's run (model/, metrics.jsonl, run.json)
     eval/base/, eval/n<size>/         eval.py's outputs (metrics.jsonl, generations.jsonl, report.md)
     data/pool.jsonl, data/dev.jsonl   the shuffled training pool and the dev split
@@ -30,7 +34,8 @@ its checkpoint, a size already evaluated with the same models is not evaluated a
 that change the numbers (study.json) must match on a rerun; --sizes, --methods, --lrs, --sweep-size
 and --judge may change (a new learning rate is one more sweep run; a finished cell is kept).
 Limitations: one process (run train.py / eval.py under torchrun yourself for several GPUs); full
-attention training only (no --lora); the learning rate is chosen at one size for every size.
+attention training only (no --lora); the learning rate is chosen at one size for every size
+(as in the paper, one recipe for every size).
 """
 
 import argparse
@@ -39,7 +44,6 @@ import hashlib
 import json
 import math
 import random
-import statistics
 import sys
 from pathlib import Path
 
@@ -91,7 +95,8 @@ def parse_args(argv=None):
     p.add_argument("--methods", nargs="+", choices=METHODS, default=["clo", "sft"], help="train.py --method of each row")
     p.add_argument("--lrs", nargs="+", type=float, help="learning rates to sweep on the dev split, per method "
                    f"(default: {' '.join(map(str, DEFAULT_MODEL_LRS))} for the default model, else the paper's {PAPER_LR} alone)")
-    p.add_argument("--sweep-size", type=int, default=0, help="training pairs of the sweep's runs (0: the median of --sizes)")
+    p.add_argument("--sweep-size", type=int, default=0, help="training pairs of the sweep's runs (0: the largest of --sizes: "
+                   "the most steps, where a rate that is too high does its harm; that size's cells are the sweep's own runs)")
     p.add_argument("--dev", type=int, default=16, help="pairs held back from --pairs as the dev split of the sweep")
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffle and of every run")
     p.add_argument("--stages", default="attn:2", help="train.py --stages of every cell (paper: attention only, 2 epochs)")
@@ -121,7 +126,7 @@ def check_args(args) -> None:
             raise CloError(f"--lrs {' '.join(map(str, args.lrs))}: every learning rate must be a positive number")
         args.lrs = sorted(set(args.lrs))
     if args.sweep_size < 0:
-        raise CloError(f"--sweep-size {args.sweep_size}: must be 0 (the median of --sizes) or more")
+        raise CloError(f"--sweep-size {args.sweep_size}: must be 0 (the largest of --sizes) or more")
     for flag in ("dev", "eval_limit"):
         if getattr(args, flag) < 0:
             raise CloError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be 0 or more")
@@ -150,7 +155,7 @@ def main(argv=None) -> Path:
     if len(lrs) > 1 and args.dev < 1:
         raise CloError(f"--dev 0: a sweep of {len(lrs)} learning rates needs dev pairs")
     pool_size = len(pairs) - args.dev  # held back even without a sweep, so a later sweep finds the same pool
-    sweep_size = args.sweep_size or int(statistics.median_low(args.sizes))
+    sweep_size = args.sweep_size or max(args.sizes)
     too_big = [n for n in [*args.sizes, sweep_size] if n > pool_size]
     if too_big:
         raise CloError(f"--sizes/--sweep-size {max(too_big)}: {pairs_path} has {len(pairs)} pairs, {pool_size} to train on after the dev split")
@@ -187,10 +192,12 @@ def main(argv=None) -> Path:
             results |= {(m, n): got[m] for m in ordered}
 
         # 4. The comparison.
-        rows = [{"kind": "base", "method": "base", "size": 0, "lr": None, "eval": str(out / "eval" / "base"), "metrics": cell_metrics(base, lang)}]
+        rows = [{"kind": "base", "method": "base", "size": 0, "lr": None, "eval": str(out / "eval" / "base"), "metrics": cell_metrics(base, lang),
+                 "ci95": cell_intervals(base, lang)}]
         for (m, n), result in results.items():
             rows.append({"kind": "cell", "method": m, "size": n, "lr": chosen[m], "cell": str(cells[m, n]),
-                         "eval": str(out / "eval" / f"n{n}"), "train": run_summary(cells[m, n]), "metrics": cell_metrics(result, lang)})
+                         "eval": str(out / "eval" / f"n{n}"), "train": run_summary(cells[m, n]), "metrics": cell_metrics(result, lang),
+                         "ci95": cell_intervals(result, lang)})
         rows += sweep
         write_atomic(out / "study.jsonl", "".join(dumps_line(r) for r in rows))
         write_atomic(out / "study.md", markdown(rows, args, lang, {**settings, "lrs": lrs, "sweep_size": sweep_size, "judge": args.judge}, pairs_path, heldout_path))
@@ -229,15 +236,15 @@ class Study:
             raise stop
         return cell
 
-    def evaluate(self, name: str, models: list[tuple[str, str]], heldout: Path | None = None, generate: bool = True) -> dict[str, dict]:
-        """eval.py on `models` [(name, folder)] into eval/<name>, unless it ran with the same arguments. -> results by name."""
+    def evaluate(self, name: str, models: list[tuple[str, str]], dev: Path | None = None) -> dict[str, dict]:
+        """eval.py on `models` [(name, folder)] into eval/<name>, unless it ran with the same arguments. -> results by name.
+        dev: the dev split instead of the held-out pairs and prompts (its own prompts answered, no judge)."""
         a, folder = self.args, self.out / "eval" / name
         argv = ["--lang", self.lang, "--models", *(f for _, f in models), "--names", *(n for n, _ in models),
-                "--heldout", str(heldout or self.heldout), "--max-new-tokens", str(a.max_new_tokens), "--device", a.device, "--out", str(folder)]  # fmt: skip
-        argv += ["--prompts", *a.prompts] if a.prompts and generate else []
+                "--heldout", str(dev or self.heldout), "--max-new-tokens", str(a.max_new_tokens), "--device", a.device, "--out", str(folder)]  # fmt: skip
+        argv += ["--prompts", *a.prompts] if a.prompts and not dev else []
         argv += ["--limit", str(a.eval_limit)] if a.eval_limit else []
-        argv += ["--judge", a.judge] if a.judge and generate and len(models) > 1 else []
-        argv += [] if generate else ["--no-generate"]
+        argv += ["--judge", a.judge] if a.judge and not dev and len(models) > 1 else []
         done = folder.parent / f"{folder.name}.argv.json"  # beside the folder: eval.py's --out holds only its own files
         if done.is_file() and json.loads(done.read_text()) == argv and (folder / "metrics.jsonl").is_file():
             note(f"eval/{name}: evaluated already")
@@ -249,24 +256,45 @@ class Study:
         return {r["name"]: r for r in results}
 
     def choose_lr(self, method: str, lrs: list[float], size: int, dev: Path) -> tuple[float, list[dict]]:
-        """The learning rate with the lowest dev NLL (mean of target and English) at `size` pairs. -> (lr, sweep rows)."""
+        """Of the learning rates whose dev answers are not `broken`, the one with the lowest dev NLL
+        (mean of target and English) at `size` pairs. -> (lr, sweep rows)."""
         if len(lrs) == 1:
             return lrs[0], []
+        base = dev_numbers(self.evaluate("dev-base", [("base", self.model)], dev=dev)["base"], self.lang)
         rows = []
         for lr in lrs:
             cell = self.train_cell(method, size, lr)
-            result = self.evaluate(f"dev-{cell.name}", [(method, str(cell / "model"))], heldout=dev, generate=False)[method]
-            p = result["preference"]
-            rows.append({"kind": "sweep", "method": method, "size": size, "lr": lr, "cell": str(cell), "dev_nll_t": p["nll_t"], "dev_nll_en": p["nll_en"],
-                         "dev_score": (p["nll_t"] + p["nll_en"]) / 2})
-        finite = [r for r in rows if math.isfinite(r["dev_score"])]
-        if not finite:
-            raise CloError(f"--lrs: every learning rate diverged for {method} (dev NLL not finite); try smaller ones")
-        best = min(finite, key=lambda r: (r["dev_score"], r["lr"]))
+            got = dev_numbers(self.evaluate(f"dev-{cell.name}", [(method, str(cell / "model"))], dev=dev)[method], self.lang)
+            rows.append({"kind": "sweep", "method": method, "size": size, "lr": lr, "cell": str(cell), **got,
+                         "dev_score": (got["dev_nll_t"] + got["dev_nll_en"]) / 2, "broken": broken(got, base)})
+        kept = [r for r in rows if math.isfinite(r["dev_score"]) and not r["broken"]]
+        if not kept:
+            why = "; ".join(f"{r['lr']:g}: {r['broken'] or 'dev NLL not finite'}" for r in rows)
+            raise CloError(f"--lrs: every learning rate diverged or broke {method}'s dev answers ({why}); try smaller ones")
+        best = min(kept, key=lambda r: (r["dev_score"], r["lr"]))
         for r in rows:
             r["chosen"] = r is best
-        note(f"{method}: learning rate {best['lr']:g} (dev NLL {best['dev_score']:.4f}; " + ", ".join(f"{r['lr']:g}: {r['dev_score']:.4f}" for r in rows) + ")")
+        note(f"{method}: learning rate {best['lr']:g} (dev NLL {best['dev_score']:.4f}; "
+             + ", ".join(f"{r['lr']:g}: {r['dev_score']:.4f}{' (' + r['broken'] + ')' if r['broken'] else ''}" for r in rows) + ")")
         return best["lr"], rows
+
+
+def dev_numbers(result: dict, lang: str) -> dict:
+    """What the sweep reads from one eval.py result on the dev split."""
+    m = cell_metrics(result, lang)
+    return {"dev_nll_t": m["nll_t"], "dev_nll_en": m["nll_en"], "dev_in_t": m["in_t"], "dev_en_in_en": m["en_in_en"],
+            "dev_degenerate_t": m["degenerate_t"]}
+
+
+def broken(dev: dict, base: dict) -> str | None:
+    """Why a learning rate's dev answers count as broken, or None: English prompts answered in English,
+    or target prompts in the target language, less than half as often as by the base model. Dev NLL
+    alone misses this: a rate can lower the NLL of reference answers while the model's own answers
+    turn empty (seen on MAFAND pairs, docs/study.md)."""
+    for key, what in (("dev_en_in_en", "en prompts answered in en"), ("dev_in_t", "target prompts answered in the target language")):
+        if dev[key] is not None and base[key] is not None and dev[key] < base[key] / 2:
+            return f"{what} {100 * dev[key]:.0f}% vs the base model's {100 * base[key]:.0f}%"
+    return None
 
 
 def note(message: str) -> None:
@@ -310,6 +338,17 @@ def run_summary(cell: Path) -> dict:
     return {"examples": run.get("examples"), **run.get("summary", {})}
 
 
+def cell_intervals(result: dict, lang: str) -> dict:
+    """The 95% bootstrap interval [lo, hi] of each number of METRICS from one eval.py result (eval.py's
+    `ci95`, over the held-out pairs and the answers; None where there is none, e.g. the win rate)."""
+    ci = result.get("ci95") or {}
+    fid, pref = ci.get("fidelity") or {}, ci.get("preference") or {}
+    t, en = fid.get(lang) or {}, fid.get("en") or {}
+    found = {"in_t": t.get("in_lang_rate"), "in_t_ok": t.get("in_lang_rate_ok"), "degenerate_t": t.get("degenerate_rate"),
+             "en_in_en": en.get("in_lang_rate"), **{k: pref.get(k) for k in ("nll_t", "nll_en", "pref_t", "pref_t_per_token", "margin_t", "pref_en", "margin_en")}}
+    return {key: found.get(key) for key, *_ in METRICS}
+
+
 def cell_metrics(result: dict, lang: str) -> dict:
     """The numbers of METRICS from one eval.py result (None where eval.py did not measure it)."""
     fid, pref, judge = result.get("fidelity") or {}, result.get("preference") or {}, result.get("judge") or {}
@@ -320,6 +359,21 @@ def cell_metrics(result: dict, lang: str) -> dict:
         **{k: pref.get(k) for k in ("nll_t", "nll_en", "pref_t", "pref_t_per_token", "margin_t", "pref_en", "margin_en")},
         "win_rate": judge.get("win_rate"),
     }  # fmt: skip
+
+
+def sweep_cell(r: dict) -> str:
+    """One sweep run in the learning-rate table: dev NLL, answers in the target language / in English, broken or not."""
+    answers = f" ({fmt('in_t', r['dev_in_t'])} / {fmt('en_in_en', r['dev_en_in_en'])})"
+    return f"{r['dev_score']:.4f}" + answers + (" broken" if r["broken"] else "")
+
+
+def with_interval(key: str, row: dict) -> str:
+    """A table cell: the number, then its 95% interval in brackets where eval.py gave one."""
+    ci = (row.get("ci95") or {}).get(key)
+    if row["metrics"][key] is None or ci is None:
+        return fmt(key, row["metrics"][key])
+    lo, hi = (fmt(key, x).removesuffix("%") for x in ci)
+    return f"{fmt(key, row['metrics'][key])} [{lo}, {hi}]"
 
 
 def fmt(key: str, value) -> str:
@@ -338,23 +392,26 @@ def markdown(rows: list[dict], args, lang: str, settings: dict, pairs: Path, hel
              f"Size 0 is the base model. Every number from eval.py (`eval/`), every cell from train.py (`cells/`).", ""]  # fmt: skip
     lines += ["## Learning rates", ""]
     if sweep:
-        lines += [f"Chosen per method at {settings['sweep_size']} pairs by the lowest dev NLL (mean of {lang} and en, "
-                  f"per token) on {settings['dev']} dev pairs held back from the training file, never the held-out set.", "",
+        lines += [f"Chosen per method at {settings['sweep_size']} pairs on {settings['dev']} dev pairs held back from the training file, "
+                  f"never the held-out set: of the rates whose dev answers did not break (en prompts answered in en, and {lang} prompts "
+                  f"in {lang}, at least half as often as by the base model), the lowest dev NLL (mean of {lang} and en, per token). "
+                  f"Each cell: dev NLL, then {lang} prompts answered in {lang} / en prompts in en.", "",
                   "| method | " + " | ".join(f"lr {lr:g}" for lr in settings["lrs"]) + " | chosen |",
                   "|---|" + "---|" * (len(settings["lrs"]) + 1)]  # fmt: skip
         for m in args.methods:
             by_lr = {r["lr"]: r for r in sweep if r["method"] == m}
             chosen = next(r["lr"] for r in by_lr.values() if r["chosen"])
-            lines.append(f"| {m} | " + " | ".join(f"{by_lr[lr]['dev_score']:.4f}" for lr in settings["lrs"]) + f" | {chosen:g} |")
+            lines.append(f"| {m} | " + " | ".join(sweep_cell(by_lr[lr]) for lr in settings["lrs"]) + f" | {chosen:g} |")
     else:
         lines.append(f"One learning rate for every method: {settings['lrs'][0]:g} (no sweep).")
     for key, label, what, better in METRICS:
         if all(r["metrics"][key] is None for r in rows if r["kind"] != "sweep"):
             continue
-        lines += ["", f"## {label.format(t=lang)}", "", f"{what.format(t=lang)}; {better} is better.", "",
+        lines += ["", f"## {label.format(t=lang)}", "", f"{what.format(t=lang)}; {better} is better. In brackets: the 95% bootstrap "
+                  "interval over the held-out sample (clo/eval/bootstrap.py).", "",
                   "| method | 0 | " + " | ".join(map(str, args.sizes)) + " |", "|---|---|" + "---|" * len(args.sizes)]
         for m in args.methods:
-            lines.append(f"| {m} | {fmt(key, base['metrics'][key])} | " + " | ".join(fmt(key, cells[m, n]["metrics"][key]) for n in args.sizes) + " |")
+            lines.append(f"| {m} | {with_interval(key, base)} | " + " | ".join(with_interval(key, cells[m, n]) for n in args.sizes) + " |")
     lines += ["", "## Settings", "", "```json", json.dumps(settings, indent=2), "```", ""]
     return "\n".join(lines)
 
@@ -365,7 +422,8 @@ PLOT_DPI = 100
 
 
 def plot(rows: list[dict], methods: list[str], lang: str, path: Path) -> None:
-    """study.png: one panel per metric, against data size, a line per method, the base model dashed."""
+    """study.png: one panel per metric, against data size, a line per method with its 95% interval as a
+    band, the base model dashed."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display
@@ -379,10 +437,17 @@ def plot(rows: list[dict], methods: list[str], lang: str, path: Path) -> None:
     for ax, (key, label, _, better) in zip(axes.flat, shown):
         scale = 100 if key in RATES else 1
         for m in methods:
-            points = sorted((r["size"], r["metrics"][key]) for r in cells if r["method"] == m and r["metrics"][key] is not None)
-            ax.plot([x for x, _ in points], [scale * y for _, y in points], marker="o", label=m)
+            mine = sorted((r for r in cells if r["method"] == m and r["metrics"][key] is not None), key=lambda r: r["size"])
+            line = ax.plot([r["size"] for r in mine], [scale * r["metrics"][key] for r in mine], marker="o", label=m)[0]
+            ci = [(r["size"], (r.get("ci95") or {}).get(key)) for r in mine]
+            ci = [(x, lo_hi) for x, lo_hi in ci if lo_hi is not None]
+            if ci:  # the 95% interval as a band in the line's colour
+                ax.fill_between([x for x, _ in ci], [scale * lo for _, (lo, _) in ci], [scale * hi for _, (_, hi) in ci],
+                                color=line.get_color(), alpha=0.15, linewidth=0)
         if base["metrics"][key] is not None:
             ax.axhline(scale * base["metrics"][key], color="gray", linestyle="--", label="base")
+            if (base.get("ci95") or {}).get(key):
+                ax.axhspan(*(scale * x for x in base["ci95"][key]), color="gray", alpha=0.1, linewidth=0)
         if key in RATES:
             ax.set_ylim(-5, 105)
         ax.set_xscale("log", base=2)

@@ -21,9 +21,10 @@ import statistics
 import time
 
 import torch
-from common import REPO, bench_device, machine, write_results  # puts clo on sys.path
+from common import bench_device, machine, write_results  # puts clo on sys.path
+from workload import alpaca_examples, describe
 
-from clo.model.chat import detect_format, encode_prompt, encode_response
+from clo.model.chat import detect_format
 from clo.model.hf_folder import load_model
 from clo.model.sources import DEFAULT_MODEL, resolve_model
 from clo.model.tokenizer import load_tokenizer
@@ -34,31 +35,6 @@ from clo.train.precision import training_precision
 from clo.train.scoring import Batching, length_groups
 from clo.train.stages import begin_stage
 from clo.train.step import Objective, optimizer_step
-
-ALPACA = REPO.parent / "shared" / "data" / "alpaca" / "alpaca_5000.json"
-
-
-def alpaca_examples(tok, fmt, max_length: int, seed: int = 0) -> list[EncodedExample]:
-    """Alpaca's English prompts and answers, each with a random-token target side of the same lengths."""
-    g = random.Random(seed)
-    out = []
-    for i, row in enumerate(json.loads(ALPACA.read_text())):
-        prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
-        x_en, y_en = encode_prompt(tok, fmt, prompt), encode_response(tok, fmt, row["output"])
-        x_t, y_t = [g.randrange(3, tok.vocab_size) for _ in x_en], [g.randrange(3, tok.vocab_size) for _ in y_en]
-        ex = EncodedExample(f"alpaca:{i}", [(x_en, y_en), (x_en, y_t), (x_t, y_t), (x_t, y_en)])
-        if ex.longest <= max_length:
-            out.append(ex)
-    return out
-
-
-def describe(examples: list[EncodedExample]) -> dict:
-    """Median, p90 and max tokens of prompts and answers (English and target)."""
-    def stats(values):
-        values = sorted(values)
-        return {"median": statistics.median(values), "p90": values[int(0.9 * (len(values) - 1))], "max": values[-1]}
-    return {name: stats([len(ex.sequences[k][j]) for ex in examples])
-            for name, k, j in (("x_en", 0, 0), ("y_en", 0, 1), ("x_t", 2, 0), ("y_t", 2, 1))}
 
 
 def computed_tokens(batch: list[EncodedExample], batching: Batching) -> int:

@@ -3,23 +3,29 @@
     python bench/bench_train.py                  # CPU table on SmolLM2-135M-Instruct (about 10 min on 2 cores)
     python bench/bench_train.py --device cuda    # Llama-2-7B shape, random bf16 weights, sequence 1024, MFU
     python bench/bench_train.py --lengths 128 --batch-sizes 1 --warmup 1 --rounds 1 --steps 1   # a quick look
+    python bench/bench_train.py --mix alpaca --sides clo clo-padded trl --batch-sizes 8 --warmup 1 --rounds 2 --steps 3
+                                                 # Alpaca's spread of lengths, capped at 512: examples/s of all three
 
 One step on both sides: B examples = 4B sequences (clo/train/batching.py: x_en→y_en, x_en→y_t, x_t→y_t,
 x_t→y_en), forward, backward, gradient clipping, AdamW over the attention projections only.
 
 - clo (here): the step of train.py itself (`clo.train.step.optimizer_step`, its collate and loss),
   wired as train.py wires it: `training_precision` for the dtype and autocast, `--compile auto`,
-  `Batching.resolve` for the bucket and length groups, `begin_stage` over the attention, `lr_at`;
+  `Batching.resolve` for the bucket, length groups and packing, `begin_stage` over the attention, `lr_at`;
   on train.py's defaults, changed only by `--clo-flags` (`CLO_FLAGS`). Timed from collate to `zero_grad`.
+  `clo-padded`: the same with `--packing off` (padded length groups instead of packed, prefix-shared rows).
 - TRL (bench/trl_peer.py): `DPOTrainer` with `loss_type=["sigmoid", "sft"]`, `loss_weights=[1-λ, λ]`,
   reference log-probs precomputed, only q/k/v/o trainable, the same weights, fed the very token ids
   clo uses (each TRL batch of 2B pairs is the same [4B, T] tokens). Timed between consecutive
   `on_step_end` callbacks inside `trainer.train()`: its fetch, collate, step and logging.
 
-Work (bench/workload.py): each demo example's responses are tiled (or cut) by one common factor until
-its longest sequence is exactly the sequence length, so the four lengths keep their natural ratios and
-the batch keeps its natural padding. tokens/s counts the non-padding tokens of all four sequences.
-Reference log-probs are computed before timing, on both sides.
+Work (bench/workload.py, `--mix`): `stretched`: each demo example's responses are tiled (or cut) by
+one common factor until its longest sequence is exactly the sequence length, so the four lengths keep
+their natural ratios and the batch keeps its natural padding; `alpaca`: Alpaca's 5,000 English examples
+with random target sides of the same lengths, those within the length (a cap here), shuffled once.
+Work is counted as examples/s (all timed examples / all timed seconds: computing fewer tokens for the
+same examples counts as faster) and tokens/s (median over steps of the non-padding tokens of the four
+sequences / step time). Reference log-probs are computed before timing, on every side.
 
 Each side runs in its own worker process, so its memory is its own: peak RSS (VmHWM, reset just
 before the first step; the interpreter and imported libraries included) on CPU,
@@ -43,7 +49,7 @@ from pathlib import Path
 import torch
 from common import RANDOM_SHAPES, bench_device, clo_model, machine, model_config, model_name, resolve_models, sync, write_results
 from trl_peer import NOTES, trl_worker
-from workload import bench_batches, final_memory, matmul_rate, precision_policy, start_peak, step_flops
+from workload import MIXES, bench_batches, describe, final_memory, matmul_rate, precision_policy, start_peak, step_flops
 
 from clo.errors import ArgumentParser, CloError, run_cli
 from clo.runtime import bf16_is_fast, on_for_cuda, resolve_device
@@ -55,7 +61,7 @@ from clo.train.scoring import Batching
 from clo.train.stages import begin_stage
 from clo.train.step import Objective, optimizer_step
 
-SIDES = ("clo", "trl")
+SIDES = ("clo", "clo-padded", "trl")
 
 
 # --- the clo side: train.py's step on train.py's defaults --------------------------------------
@@ -70,6 +76,7 @@ def clo_flags_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-activations", action="store_true")
     p.add_argument("--bucket", type=int, default=0)
     p.add_argument("--length-groups", type=int, default=0)
+    p.add_argument("--packing", choices=["auto", "on", "off"], default="auto")
     p.add_argument("--lr", type=float, default=8e-6)
     p.add_argument("--warmup", type=float, default=0.1)
     p.add_argument("--weight-decay", type=float, default=0.0)
@@ -99,7 +106,9 @@ def worker(side: str, conn, spec: dict) -> None:
     try:
         if spec.get("threads"):
             torch.set_num_threads(spec["threads"])
-        (clo_worker if side == "clo" else trl_worker)(conn, spec)  # trl_peer imports TRL only in its own worker
+        if side == "clo-padded":
+            spec = {**spec, "clo": {**spec["clo"], "packing": "off"}}
+        (trl_worker if side == "trl" else clo_worker)(conn, spec)  # trl_peer imports TRL only in its own worker
     except BaseException as e:  # the parent prints it in the table instead of hanging on a dead pipe
         oom = isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
         conn.send({"error": "out of memory" if oom else f"{type(e).__name__}: {e}", "trace": traceback.format_exc()})
@@ -116,14 +125,15 @@ def clo_worker(conn, spec: dict) -> None:
     compiled = on_for_cuda(flags.compile, device)
     objective = Objective("clo", beta=flags.beta, lam=flags.lam)
     batches, pad_id = bench_batches(spec)
-    batching = Batching.resolve(pad_id, flags.bucket, flags.length_groups, device, compiled)
+    batching = Batching.resolve(pad_id, flags.bucket, flags.length_groups, device, compiled, flags.packing)
     model = clo_model(spec, device, precision.frozen)  # --dtype auto: frozen weights in bf16 on CUDA
     B = spec["batch"]
     ref_table = compute_reference_logps(model, [ex for batch in batches for ex in batch], batching, B, precision.autocast)
     source = None if spec["model"].startswith("random:") else Path(spec["model"])
     optimizer, trainable, _ = begin_stage(model, ("attn",), lora=False, lr=flags.lr, weight_decay=flags.weight_decay, compile=compiled,
                                           checkpoint_activations=flags.checkpoint_activations, source=source)
-    conn.send({"ready": True, "setup_s": time.perf_counter() - t0, "amp": precision.autocast is not None, "compile": compiled})
+    conn.send({"ready": True, "setup_s": time.perf_counter() - t0, "amp": precision.autocast is not None, "compile": compiled,
+               "packing": batching.packing})
 
     def step(k: int) -> None:
         j = k % len(batches)
@@ -229,14 +239,15 @@ def run_sides(spec: dict, args, n_batches: int, alternate: bool) -> dict[str, Si
     return sides
 
 
-def side_result(side: Side, tokens: list[int], flops: list[float], matmul_flops: float) -> dict:
-    """One side's cells of a row: medians over its timed steps, its memory, its setup."""
+def side_result(side: Side, batch: int, tokens: list[int], flops: list[float], matmul_flops: float) -> dict:
+    """One side's cells of a row: examples/s over all its timed steps, medians over them, its memory, its setup."""
     r = {"error": side.error} if side.error else {}
     if side.times:
-        r.update(tokens_per_s=statistics.median(tokens[j] / t for j, t in zip(side.batches, side.times)),
+        r.update(examples_per_s=batch * len(side.times) / sum(side.times),
+                 tokens_per_s=statistics.median(tokens[j] / t for j, t in zip(side.batches, side.times)),
                  mfu=statistics.median(flops[j] / t / matmul_flops for j, t in zip(side.batches, side.times)),
                  step_s=statistics.median(side.times), timed_steps=len(side.times), all_step_s=side.times)
-    for key in ("peak_bytes", "peak_kind", "peak_covers", "baseline_bytes", "setup_s", "amp", "compile", "versions"):
+    for key in ("peak_bytes", "peak_kind", "peak_covers", "baseline_bytes", "setup_s", "amp", "compile", "packing", "versions"):
         if key in side.info:
             r[key] = side.info[key]
     return r
@@ -253,12 +264,13 @@ def measure(spec: dict, args) -> dict:
     alternate = args.alternate == "on" or (args.alternate == "auto" and spec["device"] == "cpu")
     sides = run_sides(spec, args, len(batches), alternate)
 
-    row = {"length": spec["length"], "batch": spec["batch"], "alternated": alternate,
+    row = {"mix": spec["mix"], "length": spec["length"], "batch": spec["batch"], "alternated": alternate,
+           "lengths": describe([ex for batch in batches for ex in batch]),
            "tokens_per_step": statistics.median(tokens),
            "padded_length": max(len(p) + len(r) for batch in batches for ex in batch for p, r in ex.sequences),
            "step_gflops": statistics.median(flops) / 1e9}
     for name, side in sides.items():
-        row[name] = side_result(side, tokens, flops, args.matmul_flops)
+        row[name] = side_result(side, spec["batch"], tokens, flops, args.matmul_flops)
     if "trl" in sides and "collated_tokens" in sides["trl"].info:
         # TRL's collator counted the non-padding tokens of each batch it built: they must be clo's counts
         row["same_tokens"] = sides["trl"].info["collated_tokens"] == tokens
@@ -270,24 +282,27 @@ def gib(n: float | None) -> str:
 
 
 def table(rows: list[dict], sides: list[str]) -> str:
-    """The markdown table: one row per (length, batch), both sides, and their ratios."""
-    head = "| seq len | batch | tokens/step | " + " | ".join(f"{s} tok/s | {s} peak GiB | {s} MFU" for s in sides)
-    if len(sides) == 2:
-        head += " | speed-up | memory ratio | same tokens"
+    """The markdown table: one row per (length, batch), every side, and each clo side against TRL."""
+    versus = [s for s in sides if s != "trl"] if "trl" in sides else []
+    head = "| seq len | batch | tokens/step | " + " | ".join(f"{s} ex/s | {s} tok/s | {s} peak GiB | {s} MFU" for s in sides)
+    head += "".join(f" | {s}/trl ex/s | {s}/trl memory" for s in versus) + (" | same tokens" if versus else "")
     lines = [head + " |", "|" + "---|" * head.count("|")]
     for row in rows:
         cells = [str(row["length"]), str(row["batch"]), "-" if row.get("tokens_per_step") is None else f"{row['tokens_per_step']:.0f}"]
         for s in sides:
             r = row.get(s, {})
             if "tokens_per_s" in r:
-                cells += [f"{r['tokens_per_s']:.0f}", gib(r.get("peak_bytes")), f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"]
+                cells += [f"{r['examples_per_s']:.3f}", f"{r['tokens_per_s']:.0f}", gib(r.get("peak_bytes")),
+                          f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"]
             else:
-                cells += [r.get("error", "-"), gib(r.get("peak_bytes")), "-"]
-        if len(sides) == 2:
-            a, b = row.get(sides[0], {}), row.get(sides[1], {})
-            speed = f"{a['tokens_per_s'] / b['tokens_per_s']:.2f}x" if "tokens_per_s" in a and "tokens_per_s" in b else "-"
-            mem = f"{a['peak_bytes'] / b['peak_bytes']:.2f}x" if a.get("peak_bytes") and b.get("peak_bytes") else "-"
-            cells += [speed, mem, {True: "yes", False: "NO"}.get(row.get("same_tokens"), "-")]
+                cells += [r.get("error", "-"), "-", gib(r.get("peak_bytes")), "-"]
+        b = row.get("trl", {})
+        for s in versus:
+            a = row.get(s, {})
+            cells += [f"{a['examples_per_s'] / b['examples_per_s']:.2f}x" if "examples_per_s" in a and "examples_per_s" in b else "-",
+                      f"{a['peak_bytes'] / b['peak_bytes']:.2f}x" if a.get("peak_bytes") and b.get("peak_bytes") else "-"]
+        if versus:
+            cells.append({True: "yes", False: "NO"}.get(row.get("same_tokens"), "-"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -298,14 +313,18 @@ def parse_args(argv=None):
     p.add_argument("--model", help="HF folder, the default model's name, or random:<shape> (shapes: "
                    f"{', '.join(RANDOM_SHAPES)}); default: smollm2-135m-instruct on CPU, random:llama2-7b on CUDA")
     p.add_argument("--tokenizer", help="folder whose tokenizer encodes the demo data (default: the model's, else the default model's)")
+    p.add_argument("--mix", choices=MIXES, default="stretched", help="the work (bench/workload.py): demo examples stretched to "
+                   "each length, or Alpaca's spread of lengths capped at each length")
     p.add_argument("--lang", default="sw", help="demo set whose examples are stretched to each length")
-    p.add_argument("--lengths", type=int, nargs="+", help="sequence lengths at the first batch size (default CPU: 128 256 512; CUDA: 1024)")
+    p.add_argument("--lengths", type=int, nargs="+", help="sequence lengths (with --mix alpaca: length caps) at the first batch size "
+                   "(default CPU: 128 256 512, alpaca 512; CUDA: 1024, alpaca 2048)")
     p.add_argument("--batch-sizes", type=int, nargs="+", help="examples per step (x4 sequences); the first is used for the length "
                    "sweep, the others at the middle length (default CPU: 1 2 4; CUDA: 1)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per side before the rounds")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds per side, alternating on CPU")
     p.add_argument("--steps", type=int, default=2, help="timed steps per round; also the number of distinct batches")
-    p.add_argument("--sides", nargs="+", default=list(SIDES), choices=SIDES, help="which implementations to run")
+    p.add_argument("--sides", nargs="+", default=["clo", "trl"], choices=SIDES, help="which implementations to run "
+                   "(clo-padded: clo with --packing off)")
     p.add_argument("--alternate", choices=["auto", "on", "off"], default="auto", help="alternate the sides round by round, "
                    "both workers alive (auto: on for CPU; off for CUDA, where two 7B setups do not fit one card)")
     p.add_argument("--clo-flags", default="", help="extra train.py flags for the clo side, e.g. '--checkpoint-activations' or '--compile on'")
@@ -323,7 +342,8 @@ def main(argv=None):
     device = bench_device(args.device)
     cuda = device.type == "cuda"
     args.model = args.model or ("random:llama2-7b" if cuda else "smollm2-135m-instruct")
-    args.lengths = args.lengths or ([1024] if cuda else [128, 256, 512])
+    alpaca = args.mix == "alpaca"
+    args.lengths = args.lengths or ([2048 if alpaca else 1024] if cuda else [512] if alpaca else [128, 256, 512])
     args.batch_sizes = args.batch_sizes or ([1] if cuda else [1, 2, 4])
     model, tokenizer = resolve_models(args.model, args.tokenizer)
     info = measure_machine(device, args)
@@ -331,7 +351,7 @@ def main(argv=None):
     rows = []
     vocab = model_config({"model": model})["vocab_size"]  # random shapes: token ids are taken modulo this
     for length, batch in sweep(args.lengths, args.batch_sizes):
-        spec = {"device": args.device, "model": model, "tokenizer": tokenizer, "lang": args.lang, "length": length,
+        spec = {"device": args.device, "model": model, "tokenizer": tokenizer, "mix": args.mix, "lang": args.lang, "length": length,
                 "batch": batch, "n_batches": args.steps, "vocab_size": vocab, "threads": args.threads,
                 "trl_gradient_checkpointing": args.trl_gradient_checkpointing, "clo": clo_flags}
         t = time.perf_counter()
@@ -369,7 +389,7 @@ def report(rows: list[dict], args, model: str, info: dict, device: torch.device)
     """The title, the table and the notes on stdout; everything in the JSON file."""
     sides = [s for s in SIDES if s in args.sides]
     versions = next((r["trl"]["versions"] for r in rows if "versions" in r.get("trl", {})), {})
-    title = (f"{model_name(model)}, {args.device}, "
+    title = (f"{model_name(model)}, {args.device}, {args.mix} work, "
              f"warm-up {args.warmup}, {args.rounds} rounds x {args.steps} steps per side"
              f"{', clo flags ' + repr(args.clo_flags) if args.clo_flags else ''}"
              f"{', alternating' if rows and rows[0]['alternated'] else ''}; torch {torch.__version__}"
@@ -378,6 +398,9 @@ def report(rows: list[dict], args, model: str, info: dict, device: torch.device)
     print(f"\n{title}\nmachine: {info['cpu']} ({info['cores']} cores){', ' + info['gpu'] if 'gpu' in info else ''}; "
           f"MFU against the measured {info['matmul_dtype']} matmul rate {info['matmul_tflops']:.2f} TFLOP/s; peak: {peak}\n")
     print(table(rows, sides))
+    for row in rows:
+        print(f"\nwork of seq {row['length']} batch {row['batch']} (tokens: median / p90 / max): "
+              + ", ".join(f"{k} {v['median']:g}/{v['p90']}/{v['max']}" for k, v in row["lengths"].items()))
     if "trl" in sides:
         print("\nDifferences that remain between the two sides:")
         for note in NOTES:

@@ -6,9 +6,12 @@
 #   4. bench/bench_train.py, clo only, with --checkpoint-activations (what recomputing costs and saves)
 #   5. bench/bench_fsdp_world1.py --device cuda (FSDP2 over one GPU vs the plain step, 7B shape: time, memory, equal losses;
 #      both copies of the model in one process: ~90 GB, so an H200 or a smaller MODEL)
+#   6. bench/bench_train.py --mix alpaca: Alpaca's spread of lengths capped at 2048, clo packed (--packing on), clo
+#      padded and TRL, examples/s and MFU on real tokens (issue 14's GPU goal: >= 2x TRL, >= 55% MFU)
 # Logs and JSON results go to $OUT (default runs/gpu). Optional, for machines without internet:
 #   .whl/  wheels installed first (trl, datasets, ... : see BENCHMARKS.md), .tok/  the tokenizer folder.
-# Limits (seconds) can be changed with TESTS_S, TRAIN_S, GENERATE_S; DEVICE/MODEL/ARGS for a CPU dry run.
+# Limits (seconds) can be changed with TESTS_S, TRAIN_S, GENERATE_S, ...; a part with limit 0 is skipped
+# (e.g. CHECKPOINTING_S=0 FSDP_S=0 to spend the time on part 6); DEVICE/MODEL/ARGS for a CPU dry run.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu}
@@ -33,6 +36,7 @@ fi
 part() {  # part NAME SECONDS COMMAND...: run, tee the log, record the exit status and time
   local name=$1 limit=$2; shift 2
   local t0=$SECONDS
+  if [ "$limit" = 0 ]; then echo "=== $name: skipped (limit 0)"; return; fi
   echo "=== $name (limit ${limit}s): $*"
   timeout -k 15 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
   local rc=${PIPESTATUS[0]}
@@ -48,3 +52,6 @@ part train-checkpointing "${CHECKPOINTING_S:-70}" python3 bench/bench_train.py -
   --tokenizer "$TOKENIZER" --sides clo --clo-flags=--checkpoint-activations --json "$OUT/train-checkpointing.json" ${TRAIN_ARGS:-}
 part fsdp-world1 "${FSDP_S:-150}" python3 bench/bench_fsdp_world1.py --device "$DEVICE" --model "$MODEL" --tokenizer "$TOKENIZER" --steps 4 \
   --json "$OUT/fsdp-world1.json" ${FSDP_ARGS:-}
+part train-alpaca "${ALPACA_S:-240}" python3 bench/bench_train.py --device "$DEVICE" --model "$MODEL" --tokenizer "$TOKENIZER" \
+  --mix alpaca --sides clo clo-padded trl --clo-flags="--packing on" --json "$OUT/train-alpaca.json" \
+  ${ALPACA_ARGS:---batch-sizes 4 --warmup 1 --rounds 1 --steps 3}

@@ -26,9 +26,11 @@ NOTES = [
     "y_t|x_t only (docs/paper.md, section Loss: L_SFT). The same tokens go through the model; only which log-probs enter the loss differs.",
     "DPO: TRL averages the sigmoid loss over the 2B pairs; clo averages each direction over B and takes the mean of the "
     "two: equal for a full batch.",
-    "Padding and attention: clo pads to a multiple of 8 (64 when compiling) and runs SDPA with no mask (causal; right "
-    "padding is never seen by a real token); TRL pads to the batch maximum and passes the attention mask, so SDPA gets "
-    "a mask (on CUDA that rules out the flash kernel).",
+    "Padding and attention: clo packs (train.py's CPU default, --packing auto): each prompt once with both its answers, "
+    "segments side by side in rows, SDPA with a boolean segment mask; with --packing off (clo-padded, and CUDA's default) "
+    "it pads length groups to a multiple of 8 (64 when compiling) and runs SDPA with no mask (causal; right padding is "
+    "never seen by a real token). TRL pads to the batch maximum and passes the attention mask, so SDPA gets a mask (on "
+    "CUDA that rules out the flash kernel).",
     "Log-probs: clo projects only response positions through the head, chunked, fp32 log-softmax. TRL's fused LM head "
     "projects every position (prompt and padding too) when Triton is absent (CPU), only the response positions on CUDA "
     "with Triton, and also computes per-token entropy, mean logit and top-1 for its metrics.",

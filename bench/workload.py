@@ -1,17 +1,25 @@
-"""The training benchmark's work and its measures: what bench_train.py's two sides compute, and how it is counted.
+"""The training benchmark's work and its measures: what bench_train.py's sides compute, and how it is counted.
 
-Work: each demo example's responses are tiled (or cut) by one common factor until its longest
-sequence is exactly the sequence length (`stretch`), so the four lengths keep their natural ratios
-and a batch keeps its natural padding; both sides get these very token ids (`bench_batches`).
+Work (`bench_batches`; every side gets these very token ids), one of two mixes:
+- `stretched`: each demo example's responses are tiled (or cut) by one common factor until its
+  longest sequence is exactly the sequence length (`stretch`), so the four lengths keep their
+  natural ratios and a batch keeps its natural padding;
+- `alpaca`: the 5,000 English Alpaca examples of ../shared/data (prompt = instruction + input), each
+  with a target side of random tokens of the same lengths (speed depends on lengths, not on words),
+  those whose longest sequence fits the length cap, in one shuffled order (`alpaca_examples`): a
+  realistic spread of lengths, described by `describe`.
 Both sides hold and compute in train.py's precision policy (`precision_policy`). Measures: the FLOPs one step needs (`step_flops`), the device's matmul rate the MFU is measured
 against (`matmul_rate`), and the memory of a worker process (`start_peak`, `peak_memory`).
 """
 
+import json
+import random
+import statistics
 import time
 from pathlib import Path
 
 import torch
-from common import sync
+from common import REPO, sync
 
 from clo.errors import CloError
 from clo.train.batching import EncodedExample, encode_all
@@ -39,26 +47,67 @@ def stretch(ex: EncodedExample, length: int) -> EncodedExample:
     return EncodedExample(ex.id, sequences)
 
 
-def bench_batches(spec: dict) -> tuple[list[list[EncodedExample]], int]:
-    """(spec["n_batches"] batches of spec["batch"] stretched demo examples, pad id), ids within the model's vocab."""
+ALPACA = REPO.parent / "shared" / "data" / "alpaca" / "alpaca_5000.json"
+MIXES = ("stretched", "alpaca")
+
+
+def alpaca_examples(tok, fmt, max_length: int, seed: int = 0) -> list[EncodedExample]:
+    """Alpaca's English prompts and answers, each with a random-token target side of the same lengths,
+    in file order; those whose longest sequence is over `max_length` are left out."""
+    from clo.model.chat import encode_prompt, encode_response
+
+    if not ALPACA.is_file():
+        raise CloError(f"{ALPACA}: not found (the Alpaca 5k subset of ../shared/data, see its README)")
+    g = random.Random(seed)
+    out = []
+    for i, row in enumerate(json.loads(ALPACA.read_text())):
+        prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+        x_en, y_en = encode_prompt(tok, fmt, prompt), encode_response(tok, fmt, row["output"])
+        x_t, y_t = [g.randrange(3, tok.vocab_size) for _ in x_en], [g.randrange(3, tok.vocab_size) for _ in y_en]
+        ex = EncodedExample(f"alpaca:{i}", [(x_en, y_en), (x_en, y_t), (x_t, y_t), (x_t, y_en)])
+        if ex.longest <= max_length:
+            out.append(ex)
+    return out
+
+
+def describe(examples: list[EncodedExample]) -> dict:
+    """Median, p90 and max tokens of prompts and answers (English and target)."""
+    def stats(values):
+        values = sorted(values)
+        return {"median": statistics.median(values), "p90": values[int(0.9 * (len(values) - 1))], "max": values[-1]}
+    return {name: stats([len(ex.sequences[k][j]) for ex in examples])
+            for name, k, j in (("x_en", 0, 0), ("y_en", 0, 1), ("x_t", 2, 0), ("y_t", 2, 1))}
+
+
+def mix_examples(spec: dict, need: int) -> tuple[list[EncodedExample], int]:
+    """(the first `need` examples of spec["mix"] at spec["length"] (module docstring), the tokenizer's pad id)."""
     from clo.model.chat import detect_format
     from clo.model.tokenizer import load_tokenizer
     from clo.pairs import demo_path, load_pairs
 
     tok = load_tokenizer(spec["tokenizer"])
     fmt = detect_format(tok)
-    need = spec["batch"] * spec["n_batches"]
+    if spec.get("mix", "stretched") == "alpaca":
+        examples = alpaca_examples(tok, fmt, spec["length"])
+        random.Random(0).shuffle(examples)
+        if need > len(examples):
+            raise CloError(f"--batch-sizes x --steps: {need} examples needed, Alpaca has {len(examples)} within {spec['length']} tokens")
+        return examples[:need], tok.pad_id
     pairs = load_pairs(demo_path(spec["lang"]), spec["lang"]).examples
     if need > len(pairs):
         raise CloError(f"--batch-sizes x --steps: {need} examples needed, the demo set has {len(pairs)}")
     examples, _ = encode_all(tok, fmt, pairs[:need], max_length=10**9)
-    vocab = spec["vocab_size"]  # a random-shape model may have a smaller vocabulary than the tokenizer
-    examples = [
-        EncodedExample(e.id, [([t % vocab for t in p], [t % vocab for t in r]) for p, r in stretch(e, spec["length"]).sequences])
-        for e in examples
-    ]
+    return [stretch(e, spec["length"]) for e in examples], tok.pad_id
+
+
+def bench_batches(spec: dict) -> tuple[list[list[EncodedExample]], int]:
+    """(spec["n_batches"] batches of spec["batch"] examples of spec["mix"], pad id), ids within the model's vocab."""
     B = spec["batch"]
-    return [examples[i : i + B] for i in range(0, need, B)], tok.pad_id % vocab
+    need = B * spec["n_batches"]
+    vocab = spec["vocab_size"]  # a random-shape model may have a smaller vocabulary than the tokenizer
+    examples, pad_id = mix_examples(spec, need)
+    examples = [EncodedExample(e.id, [([t % vocab for t in p], [t % vocab for t in r]) for p, r in e.sequences]) for e in examples]
+    return [examples[i : i + B] for i in range(0, need, B)], pad_id % vocab
 
 
 def precision_policy(device: torch.device, clo_flags: dict) -> Precision:

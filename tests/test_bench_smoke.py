@@ -100,19 +100,40 @@ def test_random_shapes_give_both_sides_the_same_weights():
         assert torch.allclose(ours(tokens), theirs(tokens).logits, atol=1e-5)
 
 
-def test_bench_train_runs_both_sides_on_the_same_tokens(tiny, tmp_path):
+def test_bench_train_runs_every_side_on_the_same_tokens(tiny, tmp_path):
     pytest.importorskip("trl")  # the peer: requirements-dev.txt
     out = tmp_path / "train.json"
     result = run_script("bench_train.py", "--model", str(tiny), "--lengths", "64", "--batch-sizes", "1", "--warmup", "1",
-                        "--rounds", "2", "--steps", "1", "--threads", "1", "--json", str(out), cache=tmp_path / "cache")
-    assert "| 64 | 1 |" in result.stdout and "speed-up" in result.stdout
+                        "--rounds", "2", "--steps", "1", "--threads", "1", "--sides", "clo", "clo-padded", "trl",
+                        "--json", str(out), cache=tmp_path / "cache")
+    assert "| 64 | 1 |" in result.stdout and "clo-padded/trl ex/s" in result.stdout
     (row,) = json.loads(out.read_text())["rows"]
     assert row["same_tokens"] is True  # TRL's collator counted exactly clo's non-padding tokens
     assert row["padded_length"] == 64
-    for side in ("clo", "trl"):
+    for side in ("clo", "clo-padded", "trl"):
         r = row[side]
-        assert r["timed_steps"] == 2 and r["tokens_per_s"] > 0 and r["amp"] == row["clo"]["amp"], r
+        assert r["timed_steps"] == 2 and r["examples_per_s"] > 0 and r["tokens_per_s"] > 0 and r["amp"] == row["clo"]["amp"], r
         assert 0 < r["baseline_bytes"] <= r["peak_bytes"], r  # the peak covers the steps, after the reset
+    assert row["clo"]["packing"] is True and row["clo-padded"]["packing"] is False  # train.py's CPU default, and --packing off
+
+
+def test_alpaca_mix_keeps_lengths_within_the_cap(tiny, shared_data):
+    """The Alpaca work: English prompt and answer from the file, a target side of the same lengths,
+    every example within the cap, the same batches on every call (each worker builds its own)."""
+    spec = {"tokenizer": str(tiny), "mix": "alpaca", "length": 96, "batch": 3, "n_batches": 2, "vocab_size": 512}
+    batches, pad_id = workload.bench_batches(spec)
+    again, _ = workload.bench_batches(spec)
+    assert [[ex.sequences for ex in b] for b in batches] == [[ex.sequences for ex in b] for b in again]
+    examples = [ex for b in batches for ex in b]
+    assert [len(b) for b in batches] == [3, 3] and len({ex.id for ex in examples}) == 6
+    for ex in examples:
+        (x_en, y_en), (x_en2, y_t), (x_t, y_t2), (x_t2, y_en2) = ex.sequences
+        assert x_en == x_en2 and x_t == x_t2 and y_t == y_t2 and y_en == y_en2  # two prompts, two answers each
+        assert len(x_t) == len(x_en) and len(y_t) == len(y_en) and x_t != x_en
+        assert ex.longest <= 96 and max(max(p + r) for p, r in ex.sequences) < 512
+    assert 0 <= pad_id < 512
+    stats = workload.describe(examples)
+    assert stats["x_en"] == stats["x_t"] and stats["y_en"]["max"] <= 96
 
 
 def test_bench_generate_matches_transformers_tokens(tiny, tmp_path):

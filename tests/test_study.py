@@ -74,8 +74,8 @@ def test_every_cell_is_trained_and_evaluated(finished, tiny):
     assert sorted((r["method"], r["size"]) for r in got if r["kind"] == "cell") == sorted((m, n) for m in METHODS for n in SIZES)
     sweep = [r for r in got if r["kind"] == "sweep"]
     assert sorted((r["method"], r["lr"]) for r in sweep) == sorted((m, lr) for m in METHODS for lr in LRS)
-    for m in METHODS:  # one learning rate per method, the lowest dev NLL, used by every cell of that method
-        best = min((r for r in sweep if r["method"] == m), key=lambda r: r["dev_score"])
+    for m in METHODS:  # one learning rate per method, the lowest dev NLL of those not broken, used by every cell of that method
+        best = min((r for r in sweep if r["method"] == m and not r["broken"]), key=lambda r: r["dev_score"])
         assert [r["lr"] for r in sweep if r["method"] == m and r["chosen"]] == [best["lr"]]
         assert {r["lr"] for r in got if r["kind"] == "cell" and r["method"] == m} == {best["lr"]}
     for r in (r for r in got if r["kind"] == "cell"):
@@ -87,10 +87,14 @@ def test_every_cell_is_trained_and_evaluated(finished, tiny):
     dev, pool = ids(finished / "data" / "dev.jsonl"), ids(finished / "data" / "pool.jsonl")
     assert len(dev) == 4 and sorted(dev + pool) == sorted(ids(tiny[1]))
     assert not set(dev + pool) & set(ids(demo_path("sw", heldout=True)))
-    # the sweep scored the dev split without generating anything
-    dev_eval = finished / "eval" / f"dev-{Path(sweep[0]['cell']).name}"
-    assert json.loads((dev_eval / "metrics.json").read_text())["settings"]["heldout"] == str(finished / "data" / "dev.jsonl")
-    assert (dev_eval / "generations.jsonl").read_text() == ""
+    # the sweep ran at the largest size, scored the dev split and answered the dev prompts, nothing of the held-out set
+    assert {r["size"] for r in sweep} == {max(SIZES)}
+    dev_prompts = {(i, lang) for i in dev for lang in ("sw", "en")}
+    for folder in ["dev-base", *(f"dev-{Path(r['cell']).name}" for r in sweep)]:
+        dev_eval = finished / "eval" / folder
+        assert json.loads((dev_eval / "metrics.json").read_text())["settings"]["heldout"] == str(finished / "data" / "dev.jsonl")
+        answered = [json.loads(line) for line in (dev_eval / "generations.jsonl").read_text().splitlines()]
+        assert {(a["id"], a["prompt_lang"]) for a in answered} == dev_prompts, folder
 
 
 def test_tables_show_the_cells_own_eval_numbers(finished):
@@ -115,9 +119,15 @@ def test_tables_show_the_cells_own_eval_numbers(finished):
     }
     for title, value in expected.items():
         for m in METHODS:
-            assert md[title][m] == [value(metrics["base", "base"]), *(value(metrics[f"n{n}", m]) for n in SIZES)], (title, m)
+            numbers = [cell.split(" [")[0] for cell in md[title][m]]
+            assert numbers == [value(metrics["base", "base"]), *(value(metrics[f"n{n}", m]) for n in SIZES)], (title, m)
+    # each number's 95% interval, as eval.py computed it (its ci95), in brackets after it
+    low, high = metrics["n8", "clo"]["ci95"]["preference"]["nll_t"]
+    assert md["NLL of held-out sw answers"]["clo"][2] == f"{num(metrics['n8', 'clo']['preference']['nll_t'])} [{num(low)}, {num(high)}]"
+    low, high = metrics["base", "base"]["ci95"]["fidelity"]["en"]["in_lang_rate"]
+    assert md["en prompts answered in en"]["clo"][0].endswith(f" [{100 * low:.1f}, {100 * high:.1f}]")
     sweep = {r["lr"]: r["dev_score"] for r in rows(finished) if r["kind"] == "sweep" and r["method"] == "clo"}
-    assert md["Learning rates"]["clo"][:-1] == [f"{sweep[lr]:.4f}" for lr in LRS]
+    assert [cell.split(" ")[0] for cell in md["Learning rates"]["clo"][:-1]] == [f"{sweep[lr]:.4f}" for lr in LRS]
 
 
 def test_plot_is_a_png_of_one_panel_per_metric(finished):
@@ -208,3 +218,38 @@ def test_judge_gives_each_method_a_win_rate_against_sft_of_its_size(tiny, tmp_pa
         assert judged[1]["judge"]["win_rate"] == cells["clo", n]
     assert "## win rate against SFT of the same size" in (out / "study.md").read_text()
     assert not [r for r in rows(out) if r["kind"] == "sweep"]  # one learning rate: no sweep
+
+
+def test_a_rate_whose_dev_answers_break_is_not_chosen(tiny, tmp_path, monkeypatch, finished):
+    """The sweep's guard: the rate with the lowest dev NLL is ruled out once its dev answers to English
+    prompts are in English less than half as often as the base model's (here 25% vs 100%, set in the
+    eval files the study reads); with every rate broken the study stops with one line."""
+    import eval as evaluate
+
+    sweep = [r for r in rows(finished) if r["kind"] == "sweep" and r["method"] == "clo"]
+    best, other = sorted(sweep, key=lambda r: r["dev_score"])
+    real_eval = evaluate.main
+    en_rates = {"dev-base": 1.0, f"dev-{Path(best['cell']).name}": 0.25, f"dev-{Path(other['cell']).name}": 1.0}
+
+    def rewritten(args):
+        real_eval(args)
+        folder = Path(args[args.index("--out") + 1])
+        if folder.name in en_rates:
+            path = folder / "metrics.jsonl"
+            results = [json.loads(line) for line in path.read_text().splitlines()]
+            for r in results:
+                r["fidelity"]["en"]["in_lang_rate"] = en_rates[folder.name]
+            path.write_text("".join(json.dumps(r) + "\n" for r in results))
+
+    monkeypatch.setattr(evaluate, "main", rewritten)
+    out = tmp_path / "run"
+    study.main(argv(tiny, out, "--methods", "clo"))
+    got = {r["lr"]: r for r in rows(out) if r["kind"] == "sweep"}
+    assert got[best["lr"]]["broken"] == "en prompts answered in en 25% vs the base model's 100%" and not got[best["lr"]]["chosen"]
+    assert got[other["lr"]]["chosen"] and {r["lr"] for r in rows(out) if r["kind"] == "cell"} == {other["lr"]}
+    assert "broken" in tables((out / "study.md").read_text())["Learning rates"]["clo"][LRS.index(best["lr"])]
+
+    en_rates[f"dev-{Path(other['cell']).name}"] = 0.0
+    with pytest.raises(CloError, match="every learning rate diverged or broke clo's dev answers"):
+        study.main(argv(tiny, tmp_path / "all-broken", "--methods", "clo"))
+    assert not (tmp_path / "all-broken" / "cells" / f"clo-n{min(SIZES)}-lr{best['lr']:g}").exists()

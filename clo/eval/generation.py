@@ -16,9 +16,11 @@ For target-language prompts this is "answers in the target language"; for Englis
 
 from collections import Counter
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
+from clo.eval.bootstrap import intervals
 from clo.eval.degenerate import COPY_THRESHOLD, NGRAM, REPEAT_THRESHOLD, classify_answer
 from clo.eval.langid import LanguageId
 from clo.eval.prompts import EvalPrompt
@@ -105,3 +107,26 @@ def fidelity(records: list[dict]) -> dict[str, dict]:
             "answer_langs": dict(Counter(r["answer_lang"] for r in rows).most_common()),
         }
     return out
+
+
+def fidelity_intervals(records: list[dict]) -> dict[str, dict[str, list[float] | None]]:
+    """Per prompt language, the 95% bootstrap interval of each rate of `fidelity` over the answers,
+    resampled within each prompt language (clo/eval/bootstrap.py)."""
+    in_lang = np.array([r["answer_lang"] == r["prompt_lang"] for r in records], dtype=np.float64)
+    ok = np.array([r["degenerate"] is None for r in records], dtype=np.float64)
+    langs = [r["prompt_lang"] for r in records]
+
+    def statistic(idx):
+        out = {}
+        for lang in dict.fromkeys(langs):
+            mine = idx[:, np.array([langs[i] == lang for i in idx[0]])]  # strata keep each language's columns in place
+            a, o = in_lang[mine], ok[mine]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out[f"{lang}/in_lang_rate"] = a.mean(1)
+                out[f"{lang}/in_lang_rate_ok"] = (a * o).sum(1) / o.sum(1)  # NaN where a resample has no such answer
+                out[f"{lang}/degenerate_rate"] = 1 - o.mean(1)
+        return out
+
+    flat = intervals(len(records), statistic, strata=langs)
+    keys = ("in_lang_rate", "in_lang_rate_ok", "degenerate_rate")
+    return {lang: {k: flat.get(f"{lang}/{k}") for k in keys} for lang in sorted(set(langs))}

@@ -25,6 +25,7 @@ import math
 
 import torch
 
+from clo.eval.bootstrap import intervals
 from clo.model.decoder import Transformer
 from clo.train.batching import SEQUENCE_NAMES, EncodedExample
 from clo.train.scoring import Batching, example_logps
@@ -40,23 +41,43 @@ def four_way_logps(model: Transformer, examples: list[EncodedExample], pad_id: i
     return example_logps(model, examples, batching, batch_size, desc="held-out log-probs", world=world)
 
 
+def response_lengths(examples: list[EncodedExample]) -> torch.Tensor:
+    """[N, 4] float32: response tokens of each example's four sequences (SEQUENCE_NAMES order)."""
+    return torch.tensor([[len(response) for _, response in ex.sequences] for ex in examples], dtype=torch.float32)
+
+
 def preference_metrics(logps: torch.Tensor, examples: list[EncodedExample]) -> dict:
     """The numbers of the module docstring from `four_way_logps` output [N, 4] and the examples' lengths."""
-    lengths = torch.tensor([[len(response) for _, response in ex.sequences] for ex in examples], dtype=torch.float32)
-    col = {name: k for k, name in enumerate(SEQUENCE_NAMES)}
-
-    def direction(chosen: str, rejected: str) -> tuple[float, float, float]:
-        c, r = logps[:, col[chosen]], logps[:, col[rejected]]
-        c_tok, r_tok = c / lengths[:, col[chosen]], r / lengths[:, col[rejected]]
-        return (c > r).float().mean().item(), (c - r).mean().item(), (c_tok > r_tok).float().mean().item()
-
-    pref_t, margin_t, pref_t_tok = direction("t_t", "t_en")
-    pref_en, margin_en, pref_en_tok = direction("en_en", "en_t")
-    nll_t = -logps[:, col["t_t"]].sum().item() / lengths[:, col["t_t"]].sum().item()
-    nll_en = -logps[:, col["en_en"]].sum().item() / lengths[:, col["en_en"]].sum().item()
+    m = {k: v.item() for k, v in preference_numbers(logps, response_lengths(examples)).items()}
     return {
         "n": len(examples),
-        "pref_t": pref_t, "margin_t": margin_t, "pref_t_per_token": pref_t_tok,
-        "pref_en": pref_en, "margin_en": margin_en, "pref_en_per_token": pref_en_tok,
-        "nll_t": nll_t, "ppl_t": math.exp(nll_t), "nll_en": nll_en, "ppl_en": math.exp(nll_en),
+        "pref_t": m["pref_t"], "margin_t": m["margin_t"], "pref_t_per_token": m["pref_t_per_token"],
+        "pref_en": m["pref_en"], "margin_en": m["margin_en"], "pref_en_per_token": m["pref_en_per_token"],
+        "nll_t": m["nll_t"], "ppl_t": math.exp(m["nll_t"]), "nll_en": m["nll_en"], "ppl_en": math.exp(m["nll_en"]),
     }  # fmt: skip
+
+
+def preference_numbers(logps: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The module docstring's numbers over the pair dimension: logps, lengths [..., N, 4] -> each [...]
+    (one set of pairs, or a batch of resamples of them)."""
+    col = {name: k for k, name in enumerate(SEQUENCE_NAMES)}
+    out = {}
+    for d, chosen, rejected in (("t", "t_t", "t_en"), ("en", "en_en", "en_t")):
+        c, r = logps[..., col[chosen]], logps[..., col[rejected]]
+        c_tok, r_tok = c / lengths[..., col[chosen]], r / lengths[..., col[rejected]]
+        out[f"pref_{d}"] = (c > r).float().mean(-1)
+        out[f"margin_{d}"] = (c - r).mean(-1)
+        out[f"pref_{d}_per_token"] = (c_tok > r_tok).float().mean(-1)
+        out[f"nll_{d}"] = -c.sum(-1) / lengths[..., col[chosen]].sum(-1)
+    return out
+
+
+def preference_intervals(logps: torch.Tensor, examples: list[EncodedExample]) -> dict[str, list[float] | None]:
+    """95% bootstrap interval of each `preference_numbers` number over the held-out pairs (clo/eval/bootstrap.py)."""
+    lengths = response_lengths(examples)
+
+    def statistic(idx):
+        picked = torch.from_numpy(idx)
+        return {k: v.numpy() for k, v in preference_numbers(logps[picked], lengths[picked]).items()}
+
+    return intervals(len(examples), statistic)
