@@ -243,7 +243,7 @@ def test_a_rate_whose_dev_answers_break_is_not_chosen(tiny, tmp_path, monkeypatc
 
     monkeypatch.setattr(evaluate, "main", rewritten)
     out = tmp_path / "run"
-    study.main(argv(tiny, out, "--methods", "clo"))
+    study.main(argv(tiny, out, "--methods", "clo", "--sizes", str(max(SIZES))))  # the sweep's size only: its runs are the cells
     got = {r["lr"]: r for r in rows(out) if r["kind"] == "sweep"}
     assert got[best["lr"]]["broken"] == "en prompts answered in en 25% vs the base model's 100%" and not got[best["lr"]]["chosen"]
     assert got[other["lr"]]["chosen"] and {r["lr"] for r in rows(out) if r["kind"] == "cell"} == {other["lr"]}
@@ -251,5 +251,5 @@ def test_a_rate_whose_dev_answers_break_is_not_chosen(tiny, tmp_path, monkeypatc
 
     en_rates[f"dev-{Path(other['cell']).name}"] = 0.0
     with pytest.raises(CloError, match="every learning rate diverged or broke clo's dev answers"):
-        study.main(argv(tiny, tmp_path / "all-broken", "--methods", "clo"))
-    assert not (tmp_path / "all-broken" / "cells" / f"clo-n{min(SIZES)}-lr{best['lr']:g}").exists()
+        study.main(argv(tiny, tmp_path / "all-broken", "--methods", "clo", "--sizes", str(max(SIZES))))
+    assert not (tmp_path / "all-broken" / "eval" / f"n{max(SIZES)}").exists()  # stopped before any held-out evaluation
