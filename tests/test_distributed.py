@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # each torchrun starts 2 Python processes: ~70 s for the file on 2 cores
 TOL = 1e-6  # loss, NLL, weights
 MARGIN_TOL = 1e-5  # β · (difference of sums of log-probs)
+GRAD_NORM_RTOL = 1e-4  # relative, of the global gradient norm (assert_close_runs says why)
 LR = 1e-3
 
 
@@ -75,7 +76,10 @@ def assert_close_runs(a: Path, b: Path, folder: str = "model") -> None:
         for key, tol in (("loss", TOL), ("nll", TOL), ("margin", MARGIN_TOL), ("accuracy", 0)):
             if key in x:
                 assert abs(x[key] - y[key]) <= tol, (x["step"], key, x[key], y[key])
-        assert abs(x["grad_norm"] - y["grad_norm"]) <= 1e-5 * x["grad_norm"], (x["step"], x["grad_norm"], y["grad_norm"])
+        # The norm sums every gradient's square (the embedding's too, under stage "all"), reduced in another
+        # order on 2 ranks and through matmul kernels of other shapes: 1.6e-5 relative at step 4 of "stages"
+        # on an AMD EPYC with AVX-512, no AMX (loss within 2.4e-7 there; the other cases and steps under 1.3e-6).
+        assert abs(x["grad_norm"] - y["grad_norm"]) <= GRAD_NORM_RTOL * x["grad_norm"], (x["step"], x["grad_norm"], y["grad_norm"])
     wa, wb = weights(a / folder), weights(b / folder)
     assert wa.keys() == wb.keys()
     diffs = torch.cat([(wa[k].float() - wb[k].float()).abs().flatten() for k in wa])

@@ -16,6 +16,7 @@ from tiny_chat_model import demo_texts, make_tiny_chat_model, make_tiny_training
 import train
 from clo.errors import CloError
 from clo.pairs import load_pairs
+from clo.train.schedule import DEFAULT_MODEL_LR, PAPER_LR
 from clo.train.stages import group_of
 
 REPO = Path(__file__).resolve().parents[1]
@@ -272,6 +273,7 @@ def test_default_command_runs_two_steps(smollm2_dir, tmp_path):
     assert f"model saved to {out / 'model'}" in proc.stderr
     assert len(metrics(out)) == 2
     assert json.loads((out / "run.json").read_text())["summary"]["steps"] == 2
+    assert json.loads((out / "run.json").read_text())["lr"] == DEFAULT_MODEL_LR  # --lr auto on the default model
     assert re.search(r"answered in Swahili: [0-4]/4 before training \([0-4] not degenerate\), [0-4]/4 after \([0-4] not degenerate\)", proc.stderr)
     assert proc.stderr.count("  before [") == proc.stderr.count("  after  [") == 4
 
@@ -282,6 +284,7 @@ def test_preview_answers_the_same_prompts_before_and_after(tiny, tmp_path, capsy
 
     run(tiny, tmp_path / "shown", "--max-steps", "1", "--show-answers", "2")
     err = capsys.readouterr().err
+    assert json.loads((tmp_path / "shown" / "run.json").read_text())["lr"] == PAPER_LR  # --lr auto on any other model
     prompts = preview_prompts("sw", 2)
     assert [p.text for p in prompts] == [ex.prompt for ex in load_pairs(REPO / "data/demo/sw.heldout.jsonl").examples[:2]]
     for p in prompts:
