@@ -12,7 +12,6 @@ Both sides hold and compute in train.py's precision policy (`precision_policy`).
 against (`matmul_rate`), and the memory of a worker process (`start_peak`, `peak_memory`).
 """
 
-import json
 import random
 import statistics
 import time
@@ -52,19 +51,20 @@ MIXES = ("stretched", "alpaca")
 
 
 def alpaca_examples(tok, fmt, max_length: int, seed: int = 0) -> list[EncodedExample]:
-    """Alpaca's English prompts and answers, each with a random-token target side of the same lengths,
-    in file order; those whose longest sequence is over `max_length` are left out."""
+    """Alpaca's English prompts and answers (read as translate.py reads an Alpaca file: instruction and
+    input joined, records with an empty field skipped), each with a random-token target side of the
+    same lengths, in file order; those whose longest sequence is over `max_length` are left out."""
     from clo.model.chat import encode_prompt, encode_response
+    from clo.translate.sft_sources import read_sft_source
 
     if not ALPACA.is_file():
         raise CloError(f"{ALPACA}: not found (the Alpaca 5k subset of ../shared/data, see its README)")
     g = random.Random(seed)
     out = []
-    for i, row in enumerate(json.loads(ALPACA.read_text())):
-        prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
-        x_en, y_en = encode_prompt(tok, fmt, prompt), encode_response(tok, fmt, row["output"])
+    for sft in read_sft_source(ALPACA, "alpaca").examples:
+        x_en, y_en = encode_prompt(tok, fmt, sft.prompt), encode_response(tok, fmt, sft.response)
         x_t, y_t = [g.randrange(3, tok.vocab_size) for _ in x_en], [g.randrange(3, tok.vocab_size) for _ in y_en]
-        ex = EncodedExample(f"alpaca:{i}", [(x_en, y_en), (x_en, y_t), (x_t, y_t), (x_t, y_en)])
+        ex = EncodedExample(sft.id, [(x_en, y_en), (x_en, y_t), (x_t, y_t), (x_t, y_en)])
         if ex.longest <= max_length:
             out.append(ex)
     return out
