@@ -338,20 +338,22 @@ def run_summary(cell: Path) -> dict:
     return {"examples": run.get("examples"), **run.get("summary", {})}
 
 
+def cell_metrics(result: dict, lang: str) -> dict:
+    """The numbers of METRICS from one eval.py result (None where eval.py did not measure it)."""
+    return metrics_from(result.get("fidelity"), result.get("preference"), result.get("judge"), lang)
+
+
 def cell_intervals(result: dict, lang: str) -> dict:
     """The 95% bootstrap interval [lo, hi] of each number of METRICS from one eval.py result (eval.py's
     `ci95`, over the held-out pairs and the answers; None where there is none, e.g. the win rate)."""
     ci = result.get("ci95") or {}
-    fid, pref = ci.get("fidelity") or {}, ci.get("preference") or {}
-    t, en = fid.get(lang) or {}, fid.get("en") or {}
-    found = {"in_t": t.get("in_lang_rate"), "in_t_ok": t.get("in_lang_rate_ok"), "degenerate_t": t.get("degenerate_rate"),
-             "en_in_en": en.get("in_lang_rate"), **{k: pref.get(k) for k in ("nll_t", "nll_en", "pref_t", "pref_t_per_token", "margin_t", "pref_en", "margin_en")}}
-    return {key: found.get(key) for key, *_ in METRICS}
+    return metrics_from(ci.get("fidelity"), ci.get("preference"), None, lang)
 
 
-def cell_metrics(result: dict, lang: str) -> dict:
-    """The numbers of METRICS from one eval.py result (None where eval.py did not measure it)."""
-    fid, pref, judge = result.get("fidelity") or {}, result.get("preference") or {}, result.get("judge") or {}
+def metrics_from(fid: dict | None, pref: dict | None, judge: dict | None, lang: str) -> dict:
+    """METRICS' keys from eval.py's fidelity (per prompt language), preference and judge sections,
+    which hold the numbers and, in `ci95`, their intervals under the same names."""
+    fid, pref, judge = fid or {}, pref or {}, judge or {}
     t, en = fid.get(lang) or {}, fid.get("en") or {}
     return {
         "in_t": t.get("in_lang_rate"), "in_t_ok": t.get("in_lang_rate_ok"), "degenerate_t": t.get("degenerate_rate"),
