@@ -7,6 +7,7 @@ plain `python script.py` gets `World()`, one process, and every method below is 
 collective runs). Model sharding (FSDP2) is training's business: clo/train/distributed.py.
 """
 
+import atexit
 import datetime
 import os
 from dataclasses import dataclass
@@ -94,4 +95,7 @@ def start(device: torch.device, timeout_s: float = 600) -> World:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        # Torn down before the interpreter exits: a gloo group left alive can abort a finished process at
+        # exit ("terminate called without an active exception", seen once in 2 translate.py processes).
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     return World(rank, size, local, True)
