@@ -16,6 +16,8 @@ and --out before any model runs; then for each model, one at a time in memory:
 then, with --judge, judge every model against the first (clo/eval/judge.py), and write into --out:
 
     generations.jsonl       one line per prompt per model (answer, its language, degenerate or not)
+    heldout.jsonl           one line per held-out pair per model: its four sequence log-probs and lengths
+                            (what study.py's paired differences resample; clo/eval/paired.py)
     metrics.json/.jsonl     every number, per model (the JSON also holds the settings); `ci95`: the 95%
                             bootstrap interval of each rate and held-out number (clo/eval/bootstrap.py)
     judgments.jsonl         with --judge: one line per prompt, presentation order and model pair
@@ -52,7 +54,7 @@ from clo.eval.generation import fidelity, fidelity_intervals, generate_answers, 
 from clo.eval.judge import alpaca_eval_outputs, judge_pairs
 from clo.eval.langid import DEFAULT_LANGS, LanguageId
 from clo.eval.mc import dev_file_for, evaluate_mc, read_mc_csv
-from clo.eval.preference import four_way_logps, preference_intervals, preference_metrics
+from clo.eval.preference import four_way_logps, heldout_rows, preference_intervals, preference_metrics
 from clo.eval.prompts import load_prompts
 from clo.eval.report import markdown_report, plot_main_numbers, write_json, write_jsonl
 from clo.languages import target_language
@@ -120,7 +122,7 @@ COLLECTIVE_TIMEOUT_S = 3600
 DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}  # --dtype (auto: bf16 on CUDA, fp32 on CPU)
 
 # What eval.py writes into --out (a file, or a folder for alpaca_eval); see the docstring.
-OUTPUTS = {"generations.jsonl": False, "metrics.jsonl": False, "metrics.json": False, "judgments.jsonl": False,
+OUTPUTS = {"generations.jsonl": False, "heldout.jsonl": False, "metrics.jsonl": False, "metrics.json": False, "judgments.jsonl": False,
            "report.md": False, "report.png": False, "alpaca_eval": True}
 
 
@@ -223,15 +225,15 @@ def main(argv=None):
     inputs = read_inputs(args, lang.code, world)
     with output_lock(out) if world.main else nullcontext():  # one eval per --out: a second stops at once
         # 1-3. Each model in turn: generate and grade, held-out preference and NLL, multiple choice.
-        results, generations = [], {}
+        results, generations, scored = [], {}, {}
         for name, folder in zip(inputs.names, inputs.folders):
-            result, generations[name] = evaluate_model(name, folder, inputs, langid, args, world)
+            result, generations[name], scored[name] = evaluate_model(name, folder, inputs, langid, args, world)
             results.append(result)
         # 4. Pairwise judging: every model against the first, both presentation orders.
         judgments = judge_all(inputs, results, generations, args, world) if inputs.judge_folder is not None else []
         # 5. Outputs, each file atomically, by process 0 (every process holds the same results).
         if world.main:
-            write_outputs(out, lang.code, inputs, results, generations, judgments, args)
+            write_outputs(out, lang.code, inputs, results, generations, scored, judgments, args)
     return results
 
 
@@ -272,8 +274,9 @@ def read_inputs(args, lang: str, world: World = World()) -> Inputs:
     return Inputs(heldout_path, heldout, prompt_files, prompts, mmlu, mmlu_dev, folders, names, judge_folder)
 
 
-def evaluate_model(name: str, folder: Path, inputs: Inputs, langid: LanguageId, args, world: World = World()) -> tuple[dict, list[dict]]:
-    """One model: answers generated and graded, held-out preference and NLL, multiple choice. -> (result, graded answers).
+def evaluate_model(name: str, folder: Path, inputs: Inputs, langid: LanguageId, args, world: World = World()) -> tuple[dict, list[dict], list[dict]]:
+    """One model: answers generated and graded, held-out preference and NLL, multiple choice.
+    -> (result, graded answers, held-out pair rows)
     N processes share each step's batches; every process returns the whole result."""
     note(world, f"{name} ({folder})")
     device = world.device(args.device)
@@ -285,12 +288,13 @@ def evaluate_model(name: str, folder: Path, inputs: Inputs, langid: LanguageId, 
     records = grade_answers(name, inputs.prompts, answers, langid, args.max_new_tokens, args.copy_threshold, args.repeat_threshold, args.ngram)
 
     encoded, too_long = encode_all(tok, fmt, inputs.heldout, args.max_length)
-    preference, ci95 = None, {"fidelity": fidelity_intervals(records), "preference": None}
+    preference, ci95, scored = None, {"fidelity": fidelity_intervals(records), "preference": None}, []
     if encoded:
         logps = four_way_logps(model, encoded, tok.pad_id, args.batch_size, world=world)
         preference = preference_metrics(logps, encoded)
         preference["skipped_too_long"] = too_long
         ci95["preference"] = preference_intervals(logps, encoded)
+        scored = heldout_rows(name, logps, encoded)
     mc = evaluate_mc(model, tok, inputs.mmlu, inputs.mmlu_dev, args.mmlu_shots, args.batch_size, args.limit, world) if inputs.mmlu else None
 
     sets = sorted({r["set"] for r in records})
@@ -303,7 +307,7 @@ def evaluate_model(name: str, folder: Path, inputs: Inputs, langid: LanguageId, 
     }  # fmt: skip
     del model
     gc.collect()
-    return result, records
+    return result, records, scored
 
 
 def judge_all(inputs: Inputs, results: list[dict], generations: dict, args, world: World = World()) -> list[dict]:
@@ -325,9 +329,10 @@ def judge_all(inputs: Inputs, results: list[dict], generations: dict, args, worl
     return judgments
 
 
-def write_outputs(out: Path, lang: str, inputs: Inputs, results: list[dict], generations: dict, judgments: list[dict], args) -> None:
+def write_outputs(out: Path, lang: str, inputs: Inputs, results: list[dict], generations: dict, scored: dict, judgments: list[dict], args) -> None:
     settings = vars(args) | {"heldout": str(inputs.heldout_path), "prompts": [str(p) for p in inputs.prompt_files], "device": str(args.device)}
     write_jsonl(out / "generations.jsonl", [r for name in inputs.names for r in generations[name]])
+    write_jsonl(out / "heldout.jsonl", [r for name in inputs.names for r in scored[name]])
     write_jsonl(out / "metrics.jsonl", results)
     write_json(out / "metrics.json", {"lang": lang, "settings": settings, "models": results})
     if judgments:

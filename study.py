@@ -21,8 +21,11 @@ Reads top to bottom (each step's files are kept in --out, so a rerun of the same
   4. the comparison, written into --out:
 
     study.md        one table per metric (rows methods, columns sizes; size 0 is the base model),
-                    each number with its 95% bootstrap interval over the held-out sample
-    study.jsonl     every number of every cell, the base model and the sweep, one JSON line each
+                    each number with its 95% bootstrap interval over the held-out sample; then each
+                    method minus SFT at the same size, paired on the same pairs and prompts, with the
+                    95% interval of the difference (clo/eval/paired.py): the test two overlapping
+                    intervals are not
+    study.jsonl     every number of every cell, the base model, the sweep and the differences, one JSON line each
     study.png       each metric against data size, one line per method (its 95% bootstrap interval as a
                     band), the base model as a dashed line
     cells/<method>-n<size>-lr<lr>/   train.py's run (model/, metrics.jsonl, run.json)
@@ -51,6 +54,7 @@ import eval as evaluate
 import train
 from clo.atomic import atomic_file, write_atomic
 from clo.errors import ArgumentParser, CloError, run_cli
+from clo.eval.paired import answer_differences, heldout_differences
 from clo.eval.prompts import load_prompts
 from clo.jsonl import dumps_line
 from clo.languages import target_language
@@ -198,6 +202,9 @@ def main(argv=None) -> Path:
             rows.append({"kind": "cell", "method": m, "size": n, "lr": chosen[m], "cell": str(cells[m, n]),
                          "eval": str(out / "eval" / f"n{n}"), "train": run_summary(cells[m, n]), "metrics": cell_metrics(result, lang),
                          "ci95": cell_intervals(result, lang)})
+        if "sft" in args.methods:  # every other method against SFT on the same pairs and prompts
+            rows += [{"kind": "difference", "method": m, "against": "sft", "size": n, "lr": chosen[m], "eval": str(out / "eval" / f"n{n}"),
+                      **differences(out / "eval" / f"n{n}", m, "sft", lang)} for n in args.sizes for m in args.methods if m != "sft"]
         rows += sweep
         write_atomic(out / "study.jsonl", "".join(dumps_line(r) for r in rows))
         write_atomic(out / "study.md", markdown(rows, args, lang, {**settings, "lrs": lrs, "sweep_size": sweep_size, "judge": args.judge}, pairs_path, heldout_path))
@@ -246,7 +253,8 @@ class Study:
         argv += ["--limit", str(a.eval_limit)] if a.eval_limit else []
         argv += ["--judge", a.judge] if a.judge and not dev and len(models) > 1 else []
         done = folder.parent / f"{folder.name}.argv.json"  # beside the folder: eval.py's --out holds only its own files
-        if done.is_file() and json.loads(done.read_text()) == argv and (folder / "metrics.jsonl").is_file():
+        needed = ["metrics.jsonl"] + ([] if dev else ["heldout.jsonl", "generations.jsonl"])  # what the paired differences read
+        if done.is_file() and json.loads(done.read_text()) == argv and all((folder / f).is_file() for f in needed):
             note(f"eval/{name}: evaluated already")
         else:
             note(f"eval/{name}: evaluating {', '.join(n for n, _ in models)}")
@@ -363,6 +371,37 @@ def metrics_from(fid: dict | None, pref: dict | None, judge: dict | None, lang: 
     }  # fmt: skip
 
 
+def differences(folder: Path, a: str, b: str, lang: str) -> dict:
+    """Method a minus method b on one size's evaluation (eval.py's heldout.jsonl and generations.jsonl
+    in `folder`), paired: {"metrics": {key: A − B}, "ci95": {key: [lo, hi]}} over METRICS' keys (None
+    where a difference is not paired: the rate over non-degenerate answers, whose items differ by
+    model, and the win rate, which is already a comparison)."""
+    def lines(name):
+        return [json.loads(line) for line in (folder / name).read_text(encoding="utf-8").splitlines()]
+
+    scored, answers = lines("heldout.jsonl"), lines("generations.jsonl")
+    pairs = heldout_differences([r for r in scored if r["model"] == a], [r for r in scored if r["model"] == b])
+    rates = answer_differences([r for r in answers if r["model"] == a], [r for r in answers if r["model"] == b])
+    t, en = rates.get(lang, {}), rates.get("en", {})
+    got = {"in_t": t.get("in_lang_rate"), "degenerate_t": t.get("degenerate_rate"), "en_in_en": en.get("in_lang_rate"),
+           **{k: pairs.get(k) for k in ("nll_t", "nll_en", "pref_t", "pref_t_per_token", "margin_t", "pref_en", "margin_en")}}
+    got = {key: got.get(key) for key, *_ in METRICS}
+    return {"metrics": {k: v and v["value"] for k, v in got.items()}, "ci95": {k: v and v["ci95"] for k, v in got.items()}}
+
+
+def difference_cell(key: str, row: dict) -> str:
+    """A paired difference with its interval; bold where the interval excludes 0 (rates in points)."""
+    value, ci = row["metrics"][key], row["ci95"][key]
+    if value is None:
+        return "–"
+    scale, unit = (100, " pt") if key in RATES else (1, "")
+    text = f"{scale * value:+.1f}{unit}" if key in RATES else f"{value:+.3f}"
+    if ci is None:
+        return text
+    lo, hi = (f"{scale * x:+.1f}" if key in RATES else f"{x:+.3f}" for x in ci)
+    return f"**{text}** [{lo}, {hi}]" if ci[0] > 0 or ci[1] < 0 else f"{text} [{lo}, {hi}]"
+
+
 def sweep_cell(r: dict) -> str:
     """One sweep run in the learning-rate table: dev NLL, answers in the target language / in English, broken or not."""
     answers = f" ({fmt('in_t', r['dev_in_t'])} / {fmt('en_in_en', r['dev_en_in_en'])})"
@@ -407,13 +446,23 @@ def markdown(rows: list[dict], args, lang: str, settings: dict, pairs: Path, hel
     else:
         lines.append(f"One learning rate for every method: {settings['lrs'][0]:g} (no sweep).")
     for key, label, what, better in METRICS:
-        if all(r["metrics"][key] is None for r in rows if r["kind"] != "sweep"):
+        if all(r["metrics"][key] is None for r in rows if r["kind"] in ("base", "cell")):
             continue
         lines += ["", f"## {label.format(t=lang)}", "", f"{what.format(t=lang)}; {better} is better. In brackets: the 95% bootstrap "
                   "interval over the held-out sample (clo/eval/bootstrap.py).", "",
                   "| method | 0 | " + " | ".join(map(str, args.sizes)) + " |", "|---|---|" + "---|" * len(args.sizes)]
         for m in args.methods:
             lines.append(f"| {m} | {with_interval(key, base)} | " + " | ".join(with_interval(key, cells[m, n]) for n in args.sizes) + " |")
+    diffs = {(r["method"], r["size"]): r for r in rows if r["kind"] == "difference"}
+    for m in dict.fromkeys(m for m, _ in diffs):
+        lines += ["", f"## {m} − sft, paired", "", f"Each number: {m}'s minus SFT's at the same size, on the same held-out pairs and "
+                  "prompts; in brackets the 95% paired-bootstrap interval of the difference (clo/eval/paired.py), **bold** where it "
+                  "excludes 0. Rates in percentage points; the sign is not \"better\": see each metric's direction above.", "",
+                  "| metric | " + " | ".join(map(str, args.sizes)) + " |", "|---|" + "---|" * len(args.sizes)]
+        for key, label, _, better in METRICS:
+            if all(diffs[m, n]["metrics"][key] is None for n in args.sizes):
+                continue
+            lines.append(f"| {label.format(t=lang)} ({better} is better) | " + " | ".join(difference_cell(key, diffs[m, n]) for n in args.sizes) + " |")
     lines += ["", "## Settings", "", "```json", json.dumps(settings, indent=2), "```", ""]
     return "\n".join(lines)
 

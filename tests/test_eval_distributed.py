@@ -71,7 +71,7 @@ def test_two_processes_write_what_one_writes(tiny, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     two = files(out)
     assert sorted(two) == sorted(one)
-    assert {"generations.jsonl", "metrics.jsonl", "metrics.json", "judgments.jsonl", "report.md", "alpaca_eval/base.json"} <= set(one)
+    assert {"generations.jsonl", "heldout.jsonl", "metrics.jsonl", "metrics.json", "judgments.jsonl", "report.md", "alpaca_eval/base.json"} <= set(one)
     assert [name for name in one if one[name] != two[name]] == []
     answers = [json.loads(line)["answer"] for line in one["generations.jsonl"].decode().splitlines()]
     assert len(set(answers)) > len(answers) // 2  # prompts get different answers: the order of the merge shows

@@ -130,6 +130,25 @@ def test_tables_show_the_cells_own_eval_numbers(finished):
     assert [cell.split(" ")[0] for cell in md["Learning rates"]["clo"][:-1]] == [f"{sweep[lr]:.4f}" for lr in LRS]
 
 
+def test_differences_against_sft_are_paired_on_the_cells_eval_files(finished):
+    """Each size's clo − sft row: its values are the cells' numbers subtracted (a paired difference's
+    point is the difference of the points), its interval holds the value, and study.md shows it."""
+    got = rows(finished)
+    cells = {(r["method"], r["size"]): r["metrics"] for r in got if r["kind"] == "cell"}
+    diffs = {r["size"]: r for r in got if r["kind"] == "difference"}
+    assert sorted(diffs) == list(SIZES) and {(r["method"], r["against"]) for r in diffs.values()} == {("clo", "sft")}
+    paired = ("in_t", "degenerate_t", "en_in_en", "nll_t", "nll_en", "pref_t", "pref_t_per_token", "margin_t", "pref_en", "margin_en")
+    for n, r in diffs.items():
+        assert {k for k, v in r["metrics"].items() if v is not None} == set(paired)
+        for key in paired:
+            assert r["metrics"][key] == pytest.approx(cells["clo", n][key] - cells["sft", n][key], abs=1e-6), (n, key)
+            lo, hi = r["ci95"][key]
+            assert lo - 1e-9 <= r["metrics"][key] <= hi + 1e-9, (n, key)
+    md = tables((finished / "study.md").read_text(encoding="utf-8"))["clo − sft, paired"]
+    nll = diffs[max(SIZES)]["metrics"]["nll_t"]
+    assert md["NLL of held-out sw answers (lower is better)"][-1].strip("*").startswith(f"{nll:+.3f}")
+
+
 def test_plot_is_a_png_of_one_panel_per_metric(finished):
     # 11 metrics without a judge: 3 rows of 4 panels, 4.0 x 3.0 inches each at 100 dpi
     assert png_size(finished / "study.png") == (1600, 900)
@@ -165,7 +184,7 @@ def test_interrupted_study_resumes_without_training_a_finished_cell_twice(tiny, 
     assert len(first) - 1 + len(again) == len(LRS) * len(METHODS) + len(METHODS)  # sweep + the other size, each once
 
     def numbers(path):
-        return [(r["kind"], r["method"], r["size"], r["lr"], r.get("metrics"), r.get("dev_score")) for r in rows(path)]
+        return [(r["kind"], r["method"], r["size"], r["lr"], r.get("metrics"), r.get("ci95"), r.get("dev_score")) for r in rows(path)]
 
     assert numbers(out) == numbers(finished)
     calls.clear()
