@@ -92,6 +92,9 @@ def parse_args(argv=None):
     p.add_argument("--packing", choices=["auto", "on", "off"], default="auto",
                    help="packed, prefix-shared rows: each prompt computed once, no padding but each row's tail (clo/train/packing.py); "
                         "off: padded batches in length groups (auto: on for CPUs, 1.13x faster over the default job's steps on an AMD EPYC; off on CUDA, not measured yet)")
+    p.add_argument("--attention", choices=["auto", "sdpa", "flex"], default="auto",
+                   help="the attention kernel of packed rows: sdpa (a dense boolean mask) or flex (FlexAttention's block-sparse fused kernel, "
+                        "compiled; bucket auto 128); auto: flex on CUDA, sdpa on CPU (clo/train/packing.py)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0: run all stages); the schedule still follows the stages, so a later --resume may raise it")
     p.add_argument("--seed", type=int, default=0, help="seed for data order and initialisation")
     p.add_argument("--out", help="output folder (default: runs/<method>-<lang>)")
@@ -126,6 +129,8 @@ def train(args, world: World = World()) -> Path:
     stages = parse_stages(args.stages)
     device = world.device(resolve_device(args.device))
     precision = training_precision(device, args.dtype, args.amp, sharded=world.size > 1)
+    if args.attention == "flex" and device.type != "cuda" and args.packing != "off":
+        raise CloError(f"--attention flex: FlexAttention has no backward pass on CPU (torch {torch.__version__}); use --attention sdpa or auto")
     compiled = on_for_cuda(args.compile, device)
     check_processes(args, world)
     objective = Objective(args.method, beta=args.beta, lam=args.lam, directions=args.directions, sft_on=args.sft_on)
@@ -142,7 +147,7 @@ def train(args, world: World = World()) -> Path:
         examples, too_long = encode_all(tok, fmt, pairs.examples[: args.max_examples or None], args.max_length)
         if not examples:
             raise CloError(f"{data_path}: every example is longer than --max-length {args.max_length}")
-        batching = Batching.resolve(tok.pad_id, args.bucket, args.length_groups, device, compiled, args.packing)
+        batching = Batching.resolve(tok.pad_id, args.bucket, args.length_groups, device, compiled, args.packing, args.attention)
 
         # 2. Model: frozen weights in the precision policy's dtype, trainable ones in fp32 per stage
         # (clo/train/precision.py). A resume must match everything that decides what this run computes.
@@ -255,7 +260,7 @@ def gathered_model(model, folder: Path, stages, args, world: World):
 
 def reference_table(model, examples, batching: Batching, precision, model_id: str, args, world: World) -> torch.Tensor:
     """log π_ref [N, 4] of the starting model (adapters off), from the cache or computed and cached."""
-    key = cache_key(model_id, str(precision), examples, batching=f"batch {args.batch_size}, bucket {batching.bucket}, groups {batching.groups}" + (", packed" if batching.packing else ""))
+    key = cache_key(model_id, str(precision), examples, batching=f"batch {args.batch_size}, bucket {batching.bucket}, groups {batching.groups}" + (", packed" if batching.packing else "") + (", flex" if batching.attention == "flex" else ""))
     adapters_off = nullcontext()
     if args.lora:
         from clo.model.lora import disable_adapters
@@ -370,7 +375,7 @@ def run_settings(args, batching: Batching, fmt, precision, model_id: str, data_i
 
     Free to change on a resume: --max-steps (it only says where to stop; the schedule follows the
     stages), --save-every, --save-merged, and how a step runs rather than what it computes:
-    --compile, --checkpoint-activations, --device (a device that changes the precision is refused
+    --compile, --attention, --checkpoint-activations, --device (a device that changes the precision is refused
     through `precision`). --bucket, --length-groups and --packing count as resolved (0 and auto are resolved first).
     """
     settings = {k: getattr(args, k) for k in COMPUTE_FLAGS + (LORA_FLAGS if args.lora else ())}

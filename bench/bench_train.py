@@ -77,6 +77,7 @@ def clo_flags_parser() -> argparse.ArgumentParser:
     p.add_argument("--bucket", type=int, default=0)
     p.add_argument("--length-groups", type=int, default=0)
     p.add_argument("--packing", choices=["auto", "on", "off"], default="auto")
+    p.add_argument("--attention", choices=["auto", "sdpa", "flex"], default="auto")
     p.add_argument("--lr", type=float, default=8e-6)
     p.add_argument("--warmup", type=float, default=0.1)
     p.add_argument("--weight-decay", type=float, default=0.0)
@@ -125,7 +126,7 @@ def clo_worker(conn, spec: dict) -> None:
     compiled = on_for_cuda(flags.compile, device)
     objective = Objective("clo", beta=flags.beta, lam=flags.lam)
     batches, pad_id = bench_batches(spec)
-    batching = Batching.resolve(pad_id, flags.bucket, flags.length_groups, device, compiled, flags.packing)
+    batching = Batching.resolve(pad_id, flags.bucket, flags.length_groups, device, compiled, flags.packing, flags.attention)
     model = clo_model(spec, device, precision.frozen)  # --dtype auto: frozen weights in bf16 on CUDA
     B = spec["batch"]
     ref_table = compute_reference_logps(model, [ex for batch in batches for ex in batch], batching, B, precision.autocast)
@@ -133,7 +134,7 @@ def clo_worker(conn, spec: dict) -> None:
     optimizer, trainable, _ = begin_stage(model, ("attn",), lora=False, lr=flags.lr, weight_decay=flags.weight_decay, compile=compiled,
                                           checkpoint_activations=flags.checkpoint_activations, source=source)
     conn.send({"ready": True, "setup_s": time.perf_counter() - t0, "amp": precision.autocast is not None, "compile": compiled,
-               "packing": batching.packing})
+               "packing": batching.packing, "attention": batching.attention if batching.packing else None})
 
     def step(k: int) -> None:
         j = k % len(batches)
@@ -247,7 +248,7 @@ def side_result(side: Side, batch: int, tokens: list[int], flops: list[float], m
                  tokens_per_s=statistics.median(tokens[j] / t for j, t in zip(side.batches, side.times)),
                  mfu=statistics.median(flops[j] / t / matmul_flops for j, t in zip(side.batches, side.times)),
                  step_s=statistics.median(side.times), timed_steps=len(side.times), all_step_s=side.times)
-    for key in ("peak_bytes", "peak_kind", "peak_covers", "baseline_bytes", "setup_s", "amp", "compile", "packing", "versions"):
+    for key in ("peak_bytes", "peak_kind", "peak_covers", "baseline_bytes", "setup_s", "amp", "compile", "packing", "attention", "versions"):
         if key in side.info:
             r[key] = side.info[key]
     return r

@@ -6,8 +6,9 @@
 #   4. bench/bench_train.py, clo only, with --checkpoint-activations (what recomputing costs and saves)
 #   5. bench/bench_fsdp_world1.py --device cuda (FSDP2 over one GPU vs the plain step, 7B shape: time, memory, equal losses;
 #      both copies of the model in one process: ~90 GB, so an H200 or a smaller MODEL)
-#   6. bench/bench_train.py --mix alpaca: Alpaca's spread of lengths capped at 2048, clo packed (--packing on), clo
-#      padded and TRL, examples/s and MFU on real tokens (issue 14's GPU goal: >= 2x TRL, >= 55% MFU)
+#   6. bench/bench_train.py --mix alpaca: Alpaca's spread of lengths capped at 2048, clo packed (--packing on: on
+#      CUDA through FlexAttention's block mask, --attention auto), clo padded and TRL, examples/s and MFU on real
+#      tokens (issue 14's GPU goal: >= 2x TRL, >= 55% MFU); ALPACA_SDPA_S > 0 adds clo packed with the dense mask
 # Logs and JSON results go to $OUT (default runs/gpu). Optional, for machines without internet:
 #   .whl/  wheels installed first (trl, datasets, ... : see BENCHMARKS.md), .tok/  the tokenizer folder.
 # Limits (seconds) can be changed with TESTS_S, TRAIN_S, GENERATE_S, ...; a part with limit 0 is skipped
@@ -54,4 +55,7 @@ part fsdp-world1 "${FSDP_S:-150}" python3 bench/bench_fsdp_world1.py --device "$
   --json "$OUT/fsdp-world1.json" ${FSDP_ARGS:-}
 part train-alpaca "${ALPACA_S:-240}" python3 bench/bench_train.py --device "$DEVICE" --model "$MODEL" --tokenizer "$TOKENIZER" \
   --mix alpaca --sides clo clo-padded trl --clo-flags="--packing on" --json "$OUT/train-alpaca.json" \
+  ${ALPACA_ARGS:---batch-sizes 4 --warmup 1 --rounds 1 --steps 3}
+part train-alpaca-sdpa "${ALPACA_SDPA_S:-0}" python3 bench/bench_train.py --device "$DEVICE" --model "$MODEL" --tokenizer "$TOKENIZER" \
+  --mix alpaca --sides clo --clo-flags="--packing on --attention sdpa" --json "$OUT/train-alpaca-sdpa.json" \
   ${ALPACA_ARGS:---batch-sizes 4 --warmup 1 --rounds 1 --steps 3}

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from tiny_chat_model import make_tiny_training_setup
 
 import train
+from clo.errors import CloError
 from clo.model.chat import detect_format
 from clo.model.hf_folder import load_model
 from clo.model.tokenizer import load_tokenizer
@@ -85,6 +86,29 @@ def test_packed_logps_and_gradients_equal_the_padded_batch(tiny):
     assert p.tokens.numel() < sum(len(a) + len(b) for a, b in seqs)  # fewer tokens than the sequences hold: prompts shared
 
 
+def test_flexattention_gives_the_dense_masks_logps(tiny):
+    """The packed rows through FlexAttention's block mask (CUDA's kernel, compiled here for the CPU) vs
+    SDPA with the dense boolean mask: the same rule, so the same log-probs up to rounding. (FlexAttention
+    has no backward on CPU: its gradients are checked in tests/test_cuda.py.)"""
+    folder, tok, examples, _ = tiny
+    model = load_model(folder)
+    seqs = flat_sequences(examples[:6])
+    with torch.no_grad():
+        dense, n_dense = packed_sequence_logps(model, seqs, tok.pad_id, 8, "sdpa")
+        flex, n_flex = packed_sequence_logps(model, seqs, tok.pad_id, 8, "flex")
+    assert torch.equal(n_flex, n_dense) and model.cfg.n_kv_heads < model.cfg.n_heads  # grouped-query heads too
+    tol = 1e-4 + 2 * torch.finfo(torch.float32).eps * dense.abs()
+    assert ((flex - dense).abs() <= tol).all(), ((flex - dense).abs().max(), dense.abs().max())
+
+
+def test_training_with_flexattention_on_cpu_stops_with_one_line(tiny, tmp_path):
+    folder, _, _, data = tiny
+    with pytest.raises(CloError, match="--attention flex: FlexAttention has no backward pass on CPU"):
+        train.main(["--lang", "sw", "--model", str(folder), "--data", str(data), "--out", str(tmp_path / "run"), "--attention", "flex",
+                    "--device", "cpu"])
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_segment_never_sees_another(tiny):
     """Changing one example's tokens (same lengths) leaves every other sequence's log-prob bit for bit."""
     folder, tok, examples, _ = tiny
@@ -101,8 +125,8 @@ def test_a_segment_never_sees_another(tiny):
     assert not torch.equal(before[1::4], after[1::4])
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral"])  # mistral: a sliding window of 8, applied by position
-def test_a_second_answer_gets_the_logits_of_its_own_sequence(tmp_path, family):
+@pytest.mark.parametrize(("family", "attention"), [("llama", "sdpa"), ("mistral", "sdpa"), ("mistral", "flex")])  # mistral: a sliding window of 8
+def test_a_second_answer_gets_the_logits_of_its_own_sequence(tmp_path, family, attention):
     write_hf_model(tmp_path, family)
     model = load_model(tmp_path)
     g = torch.Generator().manual_seed(0)
@@ -110,7 +134,7 @@ def test_a_second_answer_gets_the_logits_of_its_own_sequence(tmp_path, family):
     prompt, first, second = ids(7), ids(9), ids(6)
     p = pack([(prompt, first), (prompt, second)], pad_id=0, bucket=8, window=model.cfg.sliding_window)
     with torch.no_grad():
-        packed = model(p.tokens, positions=p.positions, mask=p.mask)[0]
+        packed = model(p.tokens, positions=p.positions, mask=p.attention(attention))[0]
         alone = model(torch.tensor([prompt + second]))[0]
     start = len(prompt) + len(first)
     assert torch.allclose(packed[start : start + len(second)], alone[len(prompt) :], atol=1e-5)

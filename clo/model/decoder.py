@@ -13,7 +13,9 @@ rotate-half layout so HF weights load without permuting q/k.
 
 Training calls `hidden(tokens)` with no mask: right-padded sequences under a causal mask never let a
 real token see padding, and SDPA takes its flash kernel. Generation passes positions, a KV cache
-and a boolean mask (see clo/model/generate.py), which is how left-padded batches work.
+and a boolean mask (see clo/model/generate.py), which is how left-padded batches work. Packed rows
+(clo/train/packing.py) pass positions and either a boolean mask (SDPA) or a FlexAttention BlockMask
+(`attend`).
 """
 
 import math
@@ -22,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from clo.model.config import ModelConfig
 
@@ -123,10 +126,31 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(cache_pos, k, v)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
-        )
+        y = attend(q, k, v, mask, gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+_compiled_flex = None
+
+
+def attend(q, k, v, mask, gqa: bool) -> torch.Tensor:
+    """softmax(q kᵀ / √hd) v over the keys `mask` allows: q [B, H, T, hd], k, v [B, KV, S, hd] -> [B, H, T, hd].
+    mask: None (causal), a bool tensor [B, 1, T, S] (SDPA), or a FlexAttention BlockMask: its fused
+    kernel needs torch.compile (uncompiled, flex_attention computes every score as a dense mask
+    would), so it is compiled here once, unless the block around it is being compiled already."""
+    if not isinstance(mask, BlockMask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+    dtype = v.dtype  # under autocast q and k leave RoPE in fp32 while v is bf16; SDPA's autocast casts all three alike
+    q, k = q.to(dtype), k.to(dtype)
+    if torch.compiler.is_compiling():
+        return flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
+    global _compiled_flex
+    if _compiled_flex is None:
+        # CUDA: dynamic shapes after the first recompile (rows and lengths vary by batch). CPU: one graph
+        # per shape, as inductor's CPU template for dynamic flex attention does not compile (torch 2.13)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        _compiled_flex = torch.compile(flex_attention, dynamic=None if q.is_cuda else False)
+    return _compiled_flex(q, k, v, block_mask=mask, enable_gqa=gqa)
 
 
 class MLP(nn.Module):
@@ -174,7 +198,8 @@ class Transformer(nn.Module):
         """Final-norm hidden states [B, T, D] for tokens [B, T].
 
         positions [B, T]: RoPE positions (default 0..T-1). mask [B, 1, T, S] bool: needed with a KV cache
-        or padding on the left; None means plain causal attention over these T tokens.
+        or padding on the left; None means plain causal attention over these T tokens; a BlockMask
+        (packed rows, `attend`) runs FlexAttention.
         cache_pos [T]: the cache slots these tokens are written to (only with `setup_cache`).
         """
         T = tokens.shape[1]

@@ -17,6 +17,12 @@ token that is the prompt's last position, which every answer of the segment read
 row (up to its length) is one segment of padding that attends to itself (a query with no visible
 key would make SDPA return NaN) and is never read.
 
+The rule reaches attention in one of two forms (`attention`): a dense boolean mask [R, 1, L, L] for
+SDPA, which computes every query-key pair and masks it (CPU: exact, and what is measured there), or
+a FlexAttention BlockMask built from the same rule, whose fused kernel skips every 128 x 128 block
+that no query of it may see (CUDA: a dense mask would keep SDPA off its flash kernel; rows of many
+short segments are mostly such blocks).
+
 Sequences are grouped by the prompt's exact token ids, so any two sequences with the same prompt
 share it (in CLO, an example's two), and SFT's one sequence per example is a segment of one answer:
 no prompt sharing, but no padding either.
@@ -42,23 +48,48 @@ class Segment:
 class Packed:
     """Rows of packed segments and where to read each response token's log-prob.
 
-    tokens, positions [R, L] long; mask [R, 1, L, L] bool (True: may attend);
+    tokens, positions [R, L] long; seg_id, part [R, L] long: each token's segment (-1: the row's tail)
+    and part (0: the prompt, k: answer k), from which `mask` and `block_mask` state the rule;
     read_rows, read_cols, targets, owners [M] long: response token m (of sequence owners[m]) is
     targets[m], predicted from the hidden state at (read_rows[m], read_cols[m]).
     """
 
     tokens: torch.Tensor
     positions: torch.Tensor
-    mask: torch.Tensor
+    seg_id: torch.Tensor
+    part: torch.Tensor
     read_rows: torch.Tensor
     read_cols: torch.Tensor
     targets: torch.Tensor
     owners: torch.Tensor
     n_sequences: int
+    window: int | None = None
 
     def to(self, device) -> "Packed":
-        return Packed(*(t.to(device) for t in (self.tokens, self.positions, self.mask, self.read_rows, self.read_cols, self.targets, self.owners)),
-                      self.n_sequences)
+        moved = (t.to(device) for t in (self.tokens, self.positions, self.seg_id, self.part, self.read_rows, self.read_cols, self.targets, self.owners))
+        return Packed(*moved, self.n_sequences, self.window)
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """[R, 1, L, L] bool, True where query i may see key j: SDPA's form of the rule."""
+        return segment_mask(self.seg_id, self.part, self.positions, self.window)
+
+    def block_mask(self):
+        """The same rule as a FlexAttention BlockMask (one per batch, shared by every layer)."""
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        seg, part, pos, window = self.seg_id, self.part, self.positions, self.window
+
+        def visible(b, h, q, k):
+            ok = (seg[b, q] == seg[b, k]) & (k <= q) & ((part[b, k] == 0) | (part[b, k] == part[b, q]))
+            return ok & (pos[b, q] - pos[b, k] < window) if window is not None else ok
+
+        R, L = seg.shape
+        return create_block_mask(visible, R, None, L, L, device=seg.device)
+
+    def attention(self, kind: str):
+        """The mask in the form the attention kernel `kind` takes: "sdpa" (dense) or "flex" (BlockMask)."""
+        return self.block_mask() if kind == "flex" else self.mask
 
 
 def segments(sequences: list[tuple[list[int], list[int]]]) -> list[Segment]:
@@ -114,9 +145,8 @@ def pack(sequences: list[tuple[list[int], list[int]]], pad_id: int, bucket: int 
                 start += n
             col = start
         positions[r, col:] = torch.arange(L - col)
-    mask = segment_mask(seg_id, part, positions, window)
     read_rows, read_cols, targets, owners = (torch.tensor(x, dtype=torch.long) for x in zip(*reads))
-    return Packed(tokens, positions, mask, read_rows, read_cols, targets, owners, len(sequences))
+    return Packed(tokens, positions, seg_id, part, read_rows, read_cols, targets, owners, len(sequences), window)
 
 
 def segment_mask(seg_id: torch.Tensor, part: torch.Tensor, positions: torch.Tensor, window: int | None = None) -> torch.Tensor:

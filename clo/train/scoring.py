@@ -52,16 +52,17 @@ def sequence_logps(model, sequences, pad_id: int, bucket: int, groups: int = 1):
     return torch.cat(parts)[back], torch.cat(counts)[back]
 
 
-def packed_sequence_logps(model, sequences, pad_id: int, bucket: int):
+def packed_sequence_logps(model, sequences, pad_id: int, bucket: int, attention: str = "sdpa"):
     """`sequence_logps` from packed, prefix-shared rows (clo/train/packing.py): the same numbers up to
-    float rounding, from each prompt computed once and no padding but each row's tail."""
+    float rounding, from each prompt computed once and no padding but each row's tail.
+    attention: "sdpa" (a dense boolean mask) or "flex" (FlexAttention's block-sparse kernel)."""
     device = model.embed_tokens.weight.device
     packed = pack(sequences, pad_id, bucket, model.cfg.sliding_window).to(device)
 
     def head(hidden, weight):
         return token_logps_at(hidden.to(weight.dtype), weight, packed.read_rows, packed.read_cols, packed.targets)
 
-    token_logps = model(packed.tokens, positions=packed.positions, mask=packed.mask, head=head)
+    token_logps = model(packed.tokens, positions=packed.positions, mask=packed.attention(attention), head=head)
     logp_sum = token_logps.new_zeros(packed.n_sequences).index_add(0, packed.owners, token_logps)
     return logp_sum, torch.bincount(packed.owners, minlength=packed.n_sequences)
 
@@ -70,28 +71,36 @@ def packed_sequence_logps(model, sequences, pad_id: int, bucket: int):
 class Batching:
     """How sequences become tensors: the pad id, lengths rounded up to a multiple of `bucket`, and
     `groups` length groups per batch (`sequence_logps`); or, with `packing`, packed prefix-shared
-    rows (`packed_sequence_logps`), where groups play no part."""
+    rows (`packed_sequence_logps`), where groups play no part, attended by `attention`'s kernel."""
 
     pad_id: int
     bucket: int
     groups: int
     packing: bool = False
+    attention: str = "sdpa"
 
     @classmethod
-    def resolve(cls, pad_id: int, bucket: int, groups: int, device: torch.device, compiled: bool, packing: str = "auto") -> "Batching":
+    def resolve(cls, pad_id: int, bucket: int, groups: int, device: torch.device, compiled: bool, packing: str = "auto",
+                attention: str = "auto") -> "Batching":
         """0 and "auto" mean auto. bucket: 64 when compiling (one graph per padded shape: keep the shapes
         few), else 8. groups: 4 on CPU, where a third of the demo's padded tokens were padding and 4
         groups cut a default-job step from 26.8 to 18.3 s (AMD EPYC, BENCHMARKS.md); 1 on CUDA, not
         yet measured there. packing: auto is on for CPUs, where the default job's steps took a median
         22.5 s packed vs 25.8 s padded in 4 groups (AMD EPYC, fp32, BENCHMARKS.md), and off on CUDA,
-        where nothing is measured yet and a fused kernel for the mask (FlexAttention) is not built."""
+        where nothing is measured yet. attention (packed rows only): auto is FlexAttention on CUDA, where a
+        dense mask keeps SDPA off its flash kernel, and SDPA with the dense mask on CPUs, where it is what
+        packing was measured with; bucket auto is 128 with FlexAttention (its block size: few shapes to compile)."""
         packed = packing == "on" or (packing == "auto" and device.type == "cpu")
-        return cls(pad_id, bucket or (64 if compiled else 8), groups or (1 if device.type == "cuda" else 4), packed)
+        kernel = attention if attention != "auto" else "flex" if device.type == "cuda" else "sdpa"
+        if not packed:
+            kernel = "sdpa"  # padded rows are causal: SDPA's own kernels
+        default_bucket = 128 if kernel == "flex" else 64 if compiled else 8
+        return cls(pad_id, bucket or default_bucket, groups or (1 if device.type == "cuda" else 4), packed, kernel)
 
     def logps(self, model, sequences):
         """log π(response | prompt) of (prompt ids, response ids) pairs. -> (logp_sum [N], n_tokens [N])."""
         if self.packing:
-            return packed_sequence_logps(model, sequences, self.pad_id, self.bucket)
+            return packed_sequence_logps(model, sequences, self.pad_id, self.bucket, self.attention)
         return sequence_logps(model, sequences, self.pad_id, self.bucket, self.groups)
 
 
