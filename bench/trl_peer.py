@@ -36,7 +36,7 @@ NOTES = [
     "with Triton, and also computes per-token entropy, mean logit and top-1 for its metrics.",
     "Host syncs: TRL reads about ten metrics with .item() every step; clo converts its metrics to float once per step, "
     "as train.py does for its log line.",
-    "Precision: bf16 autocast on both sides whenever clo's --amp auto turns it on (CUDA, AMX CPUs); frozen weights "
+    "Precision: bf16 autocast on both sides whenever clo's --amp auto turns it on (CUDA, CPUs with AMX or AVX512_BF16); frozen weights "
     "held in bf16 then (train.py's --dtype auto), fp32 otherwise, on both; the trainable q/k/v/o are fp32 master "
     "weights on both.",
     "Optimizer: torch AdamW over q/k/v/o only on both (fused on CUDA), clip 1.0; TRL's Trainer adds its linear LR "

@@ -2,7 +2,7 @@
 
 One resolver for train.py, eval.py, translate.py and clo.model.generate, so "auto" means the same in
 each: `--device auto` is CUDA if available; `--compile auto` and bf16 compute are on for CUDA (and
-bf16 for CPUs with AMX). The training precision policy built on this is clo/train/precision.py.
+bf16 for CPUs with AMX or AVX512_BF16). The training precision policy built on this is clo/train/precision.py.
 """
 
 import torch
@@ -36,12 +36,17 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
 
 
 def bf16_is_fast(device: torch.device | str) -> bool:
-    """True on CUDA, and on CPUs with AMX tiles, where bf16 matmuls run ~8x faster than fp32 (BENCHMARKS.md)."""
+    """True on CUDA and on CPUs with bf16 matmul instructions (BENCHMARKS.md, bench/bench_matmul.py):
+    AMX tiles (Intel Xeon, 4th generation on: bf16 matmuls ~8x fp32) or AVX512_BF16 (AMD EPYC Zen 4
+    on, Intel Cooper Lake: 2.3x fp32, a whole CLO step 1.5x). Without either (AVX2 only) bf16 matmuls
+    are emulated and 3-10x slower than fp32."""
     device = torch.device(device)
     if device.type == "cuda":
         return True
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private, so guarded
-    return device.type == "cpu" and amx is not None and bool(amx())
+    if device.type != "cpu":
+        return False
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]  # private, so guarded
+    return any(check is not None and bool(check()) for check in checks)
 
 
 def on_for_cuda(flag: str, device: torch.device | str) -> bool:

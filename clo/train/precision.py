@@ -3,7 +3,7 @@
 Three rules, from load to save:
 
 1. Frozen weights are held in `Precision.frozen`: fp32 on CPU, bf16 on CUDA (`--dtype auto`).
-   Compute runs under bf16 autocast where bf16 is fast (`Precision.autocast`: CUDA, CPUs with AMX,
+   Compute runs under bf16 autocast where bf16 is fast (`Precision.autocast`: CUDA, CPUs with AMX or AVX512_BF16,
    `--amp on`), in fp32 otherwise. fp32 frozen weights keep the residual stream and the head in
    fp32 while the matmuls inside the blocks still run in bf16: in the default job the step-1
    rewards (policy vs cached reference, equal weights) stay within ±0.0031, against ±0.047 with
