@@ -65,7 +65,10 @@ def read_checkpoint(path: Path) -> dict:
     if not path.is_file():
         raise CloError(f"--resume: no checkpoint at {path}")
     try:
-        ckpt = torch.load(path, weights_only=True, map_location="cpu")
+        # mmap: tensors are read from the page cache as they are used, one copy shared by every process
+        # of the machine (N processes resuming a 13B run would otherwise each hold ~50 GB at once);
+        # pages are private, so nothing written to a tensor ever reaches the file
+        ckpt = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CloError(f"{path}: cannot read checkpoint (not written by this version of train.py, or unsafe): {first[:200]}") from None
