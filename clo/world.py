@@ -78,6 +78,14 @@ class World:
         if self.distributed:
             dist.barrier()
 
+    def finish(self) -> None:
+        """Leave together: wait for every process, then tear the group down while the interpreter is whole.
+        A process that finished first and was torn down alone at exit aborted now and then ("terminate
+        called without an active exception": translate.py's process 1, 1 run in 8 on a loaded 2-core CPU)."""
+        if self.distributed and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
     def _comm_device(self) -> torch.device:
         return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
