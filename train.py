@@ -21,8 +21,8 @@ Ctrl-C / SIGTERM save between steps, one run per --out (a lock), the SFT+DPO bas
 Under torchrun: N processes (NCCL on CUDA, gloo on CPU) with FSDP2, the same global batches and
 the same numbers as one process; a resume needs the same number of processes.
 Limitations: single-turn examples only; examples longer than --max-length are dropped, not cut;
-the NLL is a token mean per micro-batch; checkpoints hold whole (gathered) tensors, written by
-process 0, so every process must see the same --out (one machine, or a shared file system).
+the NLL is a token mean per micro-batch; under torchrun each process writes its own part of a
+checkpoint, so every process must see the same --out (one machine, or a shared file system).
 """
 
 import argparse
@@ -46,7 +46,7 @@ from clo.model.tokenizer import load_tokenizer
 from clo.pairs import demo_path, load_pairs
 from clo.runtime import on_for_cuda, resolve_device
 from clo.train.batching import encode_all
-from clo.train.distributed import check_batch, full_weights, load_optimizer_state, load_weights, shard
+from clo.train.distributed import check_batch, gather_into, load_optimizer_state, load_sharded, load_weights
 from clo.train.precision import check_precision_flags, checkpoint_dtype, restore_originals, training_precision
 from clo.train.reference import cache_key, cached_reference_logps, compute_reference_logps, data_digest, model_fingerprint
 from clo.train.run import Run
@@ -152,17 +152,19 @@ def train(args, world: World = World()) -> Path:
         # 2. Model: frozen weights in the precision policy's dtype, trainable ones in fp32 per stage
         # (clo/train/precision.py). A resume must match everything that decides what this run computes.
         saved = run.saved_checkpoint()
-        model = load_model(folder, device, precision.frozen)
+        if world.size > 1:  # FSDP2 over the blocks and the root, sharded as it loads (clo/train/distributed.py)
+            adapters = (lambda m: add_lora(m, stages, args)) if args.lora else None
+            model = load_sharded(folder, world, device, precision.autocast if device.type == "cuda" else None, adapters)
+        else:  # one process has nothing to shard
+            model = load_model(folder, device, precision.frozen)
         model_id = model_fingerprint(folder, memo=cache_dir() / "fingerprints.json")
         settings = run_settings(args, batching, fmt, precision, model_id, data_digest(examples), world.size)
         ckpt = run.check_resume(saved, settings, SETTING_FLAGS)
         if world.main:
             print(f"data: {data_path}: {pairs.summary()}, {too_long} longer than {args.max_length} tokens dropped; chat format {fmt.name}", file=sys.stderr)
         preview = Preview(model, tok, fmt, lang.code, args.show_answers if world.size == 1 else 0)  # the starting model's answers
-        if args.lora:
+        if args.lora and world.size == 1:
             add_lora(model, stages, args)
-        if world.size > 1:  # FSDP2 over the blocks and the root (clo/train/distributed.py); one process has nothing to shard
-            shard(model, world, precision.autocast if device.type == "cuda" else None)
 
         # 3. Reference log-probs of the starting model: once, cached on disk, never a second model in memory.
         ref_table = reference_table(model, examples, batching, precision, model_id, args, world) if objective.needs_reference else None
@@ -248,13 +250,12 @@ def check_processes(args, world: World) -> None:
 
 def gathered_model(model, folder: Path, stages, args, world: World):
     """A whole, unsharded copy of a sharded model on process 0's CPU (None on the others), to save."""
-    weights = full_weights(model, {n for n, _ in model.named_parameters()})  # every process takes part
-    if not world.main:
-        return None
-    whole = load_model(folder, "cpu", torch.float32)
-    if args.lora:
-        add_lora(whole, stages, args)
-    load_weights(whole, weights)
+    whole = None
+    if world.main:
+        whole = load_model(folder, "cpu", torch.float32)
+        if args.lora:
+            add_lora(whole, stages, args)
+    gather_into(model, whole)  # every process takes part, one tensor at a time
     return whole
 
 

@@ -167,12 +167,26 @@ def test_sigterm_on_one_process_saves_once_and_resumes_exactly(tiny, two, tmp_pa
     """SIGTERM reaching rank 1 right after its 2nd update: every process stops after that step, the
     checkpoint holds step 2, and the resumed 2-process run equals an uninterrupted one bit for bit."""
     extra, full = EXTRAS["stages"], two("stages")
-    stopped = torchrun(argv(tiny, tmp_path / "part", *extra), worker(tmp_path, "os.kill(os.getpid(), signal.SIGTERM)"))
+    part = tmp_path / "part"
+    stopped = torchrun(argv(tiny, part, *extra), worker(tmp_path, "os.kill(os.getpid(), signal.SIGTERM)"))
     assert stopped.returncode != 0
-    saved = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)
-    assert saved["position"]["step"] == 2 and len(saved["rng"]) == 2
-    resumed = torchrun(argv(tiny, tmp_path / "part", *extra, "--resume"))
+    saved = torch.load(part / "checkpoint.pt", weights_only=True)
+    assert saved["position"]["step"] == 2 and len(saved["rng"]) == 2 and saved["weights"] is None
+    # sharded: each process wrote its own part, and the two parts hold each trained tensor's entries once
+    shards = part / saved["shards"]["folder"]
+    assert sorted(f.name for f in shards.iterdir()) == ["rank-00000-of-00002.pt", "rank-00001-of-00002.pt"]
+    a, b = (torch.load(f, weights_only=True)["weights"] for f in sorted(shards.iterdir()))
+    whole = {k.removeprefix("model."): v for k, v in weights(tiny[0]).items()}  # the starting model: HF names
+    assert a.keys() == b.keys() and a
+    for name in a:
+        assert a[name].numel() + b[name].numel() == whole[name].numel() and 0 < a[name].numel() < whole[name].numel(), name
+    # a later save killed half-way left a folder that checkpoint.pt does not name: ignored, then removed
+    (part / "checkpoint-shards" / "step-00000099").mkdir()
+    (part / "checkpoint-shards" / "step-00000099" / "rank-00000-of-00002.pt").write_bytes(b"torn")
+    resumed = torchrun(argv(tiny, part, *extra, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    final = torch.load(part / "checkpoint.pt", weights_only=True)
+    assert [f.name for f in (part / "checkpoint-shards").iterdir()] == [Path(final["shards"]["folder"]).name]
     def timeless(out):
         return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in metrics(out)]
 
@@ -190,6 +204,22 @@ def test_a_failing_process_ends_the_job(tiny, tmp_path):
     assert "rank 1 fails on purpose" in done.stderr
     assert time.monotonic() - start < 120
     assert not (tmp_path / "run" / "model").exists()
+
+
+def test_a_checkpoint_naming_other_parts_is_refused(tmp_path):
+    """checkpoint.pt comes from a folder people share: its "shards" field must name this run's own parts."""
+    from clo.train.resume import read_shard
+
+    for shards in ({"folder": "../../elsewhere", "processes": 2}, {"folder": "checkpoint-shards/step-00000002", "processes": 3}, None):
+        with pytest.raises(CloError, match="field 'shards'"):
+            read_shard(tmp_path, shards, 0, 2)
+    with pytest.raises(CloError, match="rank-00001-of-00002.pt: missing"):
+        read_shard(tmp_path, {"folder": "checkpoint-shards/step-00000002", "processes": 2}, 1, 2)
+    torn = tmp_path / "checkpoint-shards" / "step-00000002" / "rank-00000-of-00002.pt"
+    torn.parent.mkdir(parents=True)
+    torn.write_bytes(b"torn")
+    with pytest.raises(CloError, match="cannot read checkpoint part"):
+        read_shard(tmp_path, {"folder": "checkpoint-shards/step-00000002", "processes": 2}, 0, 2)
 
 
 def test_batch_smaller_than_the_processes_is_refused():

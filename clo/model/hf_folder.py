@@ -54,16 +54,38 @@ def weight_files(folder: Path) -> list[Path]:
 
 def load_model(folder: Path | str, device="cpu", dtype: torch.dtype | None = None) -> Transformer:
     """An HF-format folder -> our Transformer on `device`, in `dtype` (default: bf16 on CUDA, fp32 on CPU)."""
-    folder = Path(folder)
-    cfg = ModelConfig.from_folder(folder)
+    model = empty_model(folder)
     dtype = dtype or default_dtype(device)
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    expected = {hf_key(n): p for n, p in model.state_dict().items()}
-    if cfg.tie_word_embeddings:
-        expected.pop("lm_head.weight")
+    state = {name: tensor.to(device=device, dtype=dtype) for name, tensor in read_weights(folder, model)}
+    if model.cfg.tie_word_embeddings:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    model.load_state_dict(state, assign=True, strict=True)
+    if model.cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight  # assign=True breaks the tie; restore it
+    model.inv_freq = rope_inv_freq(model.cfg).to(device)
+    return model.eval()
 
-    state = {}
+
+def empty_model(folder: Path | str) -> Transformer:
+    """The folder's architecture on the meta device: shapes, no storage (tied embeddings tied)."""
+    cfg = ModelConfig.from_folder(Path(folder))
+    with torch.device("meta"):
+        return Transformer(cfg)
+
+
+def read_weights(folder: Path | str, model: Transformer):
+    """An iterator of (our name, CPU tensor in the file's dtype) over every weight of `model` (from
+    `empty_model`; the names are taken now, so adapters added later are not expected), read one at a
+    time, each checked against the config's shapes; a tensor the model lacks, or one missing from the
+    files, is a one-line CloError naming it."""
+    expected = {hf_key(n): p.shape for n, p in model.state_dict().items()}
+    if model.cfg.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+    return _tensors(Path(folder), model.cfg, expected)
+
+
+def _tensors(folder: Path, cfg: ModelConfig, expected: dict):
+    seen = set()
     for path in weight_files(folder):
         with _open_weights(path) as f:
             for key in f.keys():
@@ -74,23 +96,16 @@ def load_model(folder: Path | str, device="cpu", dtype: torch.dtype | None = Non
                         continue  # old checkpoints saved this buffer; we recompute it
                     raise CloError(f"{path.name}: unexpected tensor {key!r} for {cfg.architecture}")
                 tensor = f.get_tensor(key)
-                if tensor.shape != expected[key].shape:
+                if tensor.shape != expected[key]:
                     raise CloError(
                         f"{path.name}: tensor {key!r} has shape {list(tensor.shape)}, "
-                        f"expected {list(expected[key].shape)} from config.json"
+                        f"expected {list(expected[key])} from config.json"
                     )
-                state[our_key(key)] = tensor.to(device=device, dtype=dtype)
-    missing = sorted(set(expected) - {hf_key(k) for k in state})
+                seen.add(key)
+                yield our_key(key), tensor
+    missing = sorted(set(expected) - seen)
     if missing:
         raise CloError(f"{folder}: weight {missing[0]!r} missing from the checkpoint ({len(missing)} missing)")
-
-    if cfg.tie_word_embeddings:
-        state["lm_head.weight"] = state["embed_tokens.weight"]
-    model.load_state_dict(state, assign=True, strict=True)
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight  # assign=True breaks the tie; restore it
-    model.inv_freq = rope_inv_freq(cfg).to(device)
-    return model.eval()
 
 
 def _open_weights(path: Path):

@@ -57,6 +57,13 @@ PLAIN_LORA = {
 }
 
 
+def init_adapters(a: torch.Tensor, b: torch.Tensor) -> None:
+    """PEFT's default start, in place: A [r, in] Kaiming-uniform, B [out, r] zero, so B A = 0."""
+    with torch.no_grad():
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        nn.init.zeros_(b)
+
+
 class LoRALinear(nn.Linear):
     """A frozen nn.Linear (same `weight`/`bias` names, so checkpoint keys do not change) plus B A.
 
@@ -71,11 +78,13 @@ class LoRALinear(nn.Linear):
         self.weight = base.weight
         self.register_parameter("bias", base.bias)
         self.r, self.alpha, self.dropout_p, self.scaling = r, alpha, dropout, alpha / r
-        like = dict(bias=False, device=base.weight.device, dtype=base.weight.dtype)
-        self.lora_A = nn.Linear(base.in_features, r, **like)
-        self.lora_B = nn.Linear(r, base.out_features, **like)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
+        device, dtype = base.weight.device, base.weight.dtype
+        with torch.device("meta"):  # no default init: init_adapters is the one draw from the RNG
+            self.lora_A = nn.Linear(base.in_features, r, bias=False, dtype=dtype)
+            self.lora_B = nn.Linear(r, base.out_features, bias=False, dtype=dtype)
+        self.lora_A.to_empty(device=device)
+        self.lora_B.to_empty(device=device)
+        init_adapters(self.lora_A.weight, self.lora_B.weight)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.adapters_enabled = True

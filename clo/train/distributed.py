@@ -9,7 +9,8 @@ its buffers (bench/bench_fsdp_world1.py on a 2-core AMD EPYC: 0.98x-1.01x
 the step time, +4.7% CPU time by its --profile; BENCHMARKS.md). Under torchrun with N >= 2:
 
 - Sharding (FSDP2, `shard`): each decoder block is one `fully_shard` unit and the root (embedding,
-  final norm, head) another; frozen and trainable weights are both sharded. Every weight is held
+  final norm, head) another; frozen and trainable weights are both sharded, from the start: the
+  model is sharded on the meta device and each process reads only its rows (`load_sharded`). Every weight is held
   in fp32 (a shard of fp32 is no larger than a whole bf16 copy from 2 processes on), so the
   checkpoint's values stay exact and nothing needs a master copy; on CUDA a mixed-precision policy
   computes in bf16 and reduces gradients in fp32.
@@ -21,7 +22,13 @@ the step time, +4.7% CPU time by its --profile; BENCHMARKS.md). Under torchrun w
   weight 0, because every process must run the same collectives.
 - Metrics are computed from the gathered per-sequence log-probs of the whole batch: the same numbers
   a single process logs.
-- Files are written by process 0 only (checkpoint, metrics, model); the others compute.
+- Checkpoints are sharded: each process saves and loads only its own part of the trained weights
+  and of the optimizer state (`local_weights`, `optimizer_state`; clo/train/run.py writes one file
+  per process and a small checkpoint.pt that names them). Nothing is gathered, so a 13B run's ~67 GB
+  of trained state is written by N processes at once and no process ever holds all of it.
+- The final model is gathered one tensor at a time into a whole copy on process 0 (`gather_into`),
+  which alone writes it, with metrics.jsonl; every process must see the same --out (one machine,
+  or a shared file system).
 """
 
 import torch
@@ -30,7 +37,7 @@ from clo.errors import CloError
 from clo.world import World
 
 
-def shard(model, world: World, compute_dtype: torch.dtype | None) -> None:
+def shard(model, world: World, compute_dtype: torch.dtype | None, device: torch.device | None = None) -> None:
     """FSDP2 over `model` in place: one unit per decoder block, then the root. Every weight in fp32;
     compute_dtype (bf16 on CUDA) casts the gathered weights for compute, gradients reduce in fp32."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -39,7 +46,7 @@ def shard(model, world: World, compute_dtype: torch.dtype | None) -> None:
     for p in model.parameters():
         if p.dtype != torch.float32:
             p.data = p.data.float()
-    device = model.embed_tokens.weight.device
+    device = device or model.embed_tokens.weight.device  # the model may still be on the meta device
     mesh = init_device_mesh(device.type, (world.size,))
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for layer in model.layers:
@@ -48,6 +55,42 @@ def shard(model, world: World, compute_dtype: torch.dtype | None) -> None:
     for module in [*model.layers, model]:
         module.set_gradient_divide_factor(1.0)  # sum the shares' gradients: each loss is already a share of the whole
         module.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no pre-multiplied sum)
+
+
+def load_sharded(folder, world: World, device: torch.device, compute_dtype: torch.dtype | None, adapters=None):
+    """The starting model of N processes, sharded as it loads, so that no process ever holds all of it
+    (13B in fp32: 52 GB), only its shards and one whole tensor at a time: the model is built on the
+    meta device (with LoRA adapters where `adapters(model)` adds them), sharded (`shard`), given
+    storage for its shards only, and each process then reads the checkpoint one tensor at a time and
+    keeps its own rows. The values are those of `load_model` + `add_lora` in one process, in fp32:
+    each adapter is initialised whole, in the same order and from the same RNG, and then cut."""
+    from torch.distributed.tensor import distribute_tensor
+
+    from clo.model.decoder import rope_inv_freq
+    from clo.model.hf_folder import empty_model, read_weights
+    from clo.model.lora import init_adapters, lora_layers
+
+    model = empty_model(folder)
+    tensors = read_weights(folder, model)  # the base model's weights: before adapters are added
+    if adapters is not None:
+        adapters(model)
+    shard(model, world, compute_dtype, device)  # on the meta device: the layout only
+    model.to_empty(device=device)
+    params = dict(model.named_parameters())
+
+    def keep_rows(p, whole: torch.Tensor) -> None:  # src_data_rank=None: each process cuts its own rows, no communication
+        p.to_local().copy_(distribute_tensor(whole.to(device, torch.float32), p.device_mesh, p.placements, src_data_rank=None).to_local())
+
+    with torch.no_grad():
+        for name, tensor in tensors:
+            keep_rows(params[name], tensor)
+        for layer in lora_layers(model).values():
+            a, b = (torch.empty(w.shape, device=device) for w in (layer.lora_A.weight, layer.lora_B.weight))
+            init_adapters(a, b)
+            keep_rows(layer.lora_A.weight, a)
+            keep_rows(layer.lora_B.weight, b)
+    model.inv_freq = rope_inv_freq(model.cfg).to(device)
+    return model.eval()
 
 
 def is_sharded(model) -> bool:
@@ -63,39 +106,67 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def full_weights(model, names) -> dict:
-    """{name: whole tensor on the CPU} for the parameters `names` (every process must call it)."""
-    return {n: full_tensor(p.detach()).cpu() for n, p in model.named_parameters() if n in names}
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of `t` on the CPU: its shard if `t` is sharded (a DTensor), else all of it."""
+    from torch.distributed.tensor import DTensor
+
+    return (t.to_local() if isinstance(t, DTensor) else t).detach().cpu()
+
+
+def local_weights(model, names) -> dict:
+    """{name: this process's part on the CPU} of the parameters `names` (no communication)."""
+    return {n: local_part(p) for n, p in model.named_parameters() if n in names}
 
 
 def load_weights(model, weights: dict) -> None:
-    """Put whole tensors {name: tensor} into the model, sharding them where the model is sharded."""
-    if not is_sharded(model):
-        params = dict(model.named_parameters())
-        for name, value in weights.items():
-            params[name].data = value.to(params[name].device)  # keeps the saved dtype: fp32 master weights stay fp32
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    """Put the saved parts {name: tensor} (from `local_weights`) back: whole tensors into an unsharded
+    model, each process's shard into its own part of a sharded one."""
+    from torch.distributed.tensor import DTensor
 
-    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+    params = dict(model.named_parameters())
+    for name, value in weights.items():
+        p = params[name]
+        if isinstance(p, DTensor):
+            with torch.no_grad():
+                p.to_local().copy_(value)  # the shard in place: FSDP2 gathers from this storage
+        else:
+            p.data = value.to(p.device)  # keeps the saved dtype: fp32 master weights stay fp32
+
+
+def gather_into(model, whole) -> None:
+    """Copy a sharded model's weights into `whole`, an unsharded copy on process 0 (None on the others),
+    one parameter at a time, so no process holds more than the whole model plus one gathered tensor
+    (every process must call it)."""
+    into = dict(whole.named_parameters()) if whole is not None else None
+    for name, p in model.named_parameters():
+        t = full_tensor(p.detach())
+        if into is not None:
+            into[name].data = t.cpu()
 
 
 def optimizer_state(model, optimizer) -> dict:
-    """The optimizer's state to save: as is in one process, gathered by parameter name when sharded."""
-    if not is_sharded(model):
-        return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    """The optimizer's state to save: this process's part of it (each moment of a sharded parameter is a
+    shard of the same layout, kept as a plain tensor; weights_only-loadable)."""
+    state = optimizer.state_dict()
+    if is_sharded(model):
+        state["state"] = {i: {k: local_part(v) if torch.is_tensor(v) else v for k, v in s.items()} for i, s in state["state"].items()}
+    return state
 
 
 def load_optimizer_state(model, optimizer, state: dict) -> None:
-    if not is_sharded(model):
-        optimizer.load_state_dict(state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    """The inverse of `optimizer_state`: each saved shard becomes a DTensor laid out like its parameter."""
+    if is_sharded(model):
+        from torch.distributed.tensor import DTensor
 
-    set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
+        params = [p for group in optimizer.param_groups for p in group["params"]]  # the order state_dict numbers them in
+
+        def like(p, v):
+            if not isinstance(p, DTensor) or not torch.is_tensor(v) or v.dim() == 0:  # AdamW's "step" is a plain scalar
+                return v
+            return DTensor.from_local(v.to(p.device), p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+
+        state = {**state, "state": {i: {k: like(params[i], v) for k, v in s.items()} for i, s in state["state"].items()}}
+    optimizer.load_state_dict(state)
 
 
 def check_batch(batch_size: int, world: World) -> None:

@@ -3,6 +3,7 @@
     <out>/run.json        the flags and what they resolved to, plus a summary at the end
     <out>/metrics.jsonl   one JSON line per optimizer step
     <out>/checkpoint.pt   resumable state (clo/train/resume.py), atomically replaced
+    <out>/checkpoint-shards/step-S/rank-R-of-N.pt   its tensors, one file per process, under torchrun
     <out>/model/          the HF folder (and <out>/adapter/ with --lora), written by train.py
 
 `Run` is a context manager: entering takes the folder's lock (one run per --out, taken first so
@@ -24,13 +25,14 @@ from tqdm import tqdm
 from clo.atomic import leftovers, write_atomic
 from clo.errors import CloError
 from clo.lock import output_lock
-from clo.train.distributed import full_weights, optimizer_state
+from clo.train.distributed import local_weights, optimizer_state
 from clo.train.interrupt import stop_requests
-from clo.train.resume import read_checkpoint, resume_from, rng_state, save_checkpoint, set_rng_state
+from clo.train.resume import read_checkpoint, read_shard, resume_from, rng_state, save_checkpoint, save_shard, set_rng_state, shard_folder, shard_name
 from clo.train.schedule import Position
 from clo.world import World
 
-RUN_FILES = ("run.json", "metrics.jsonl", "checkpoint.pt", "model", "adapter")
+SHARDS = "checkpoint-shards"
+RUN_FILES = ("run.json", "metrics.jsonl", "checkpoint.pt", SHARDS, "model", "adapter")
 
 
 class Run:
@@ -60,8 +62,14 @@ class Run:
         return read_checkpoint(self.checkpoint_path) if self.resume else None
 
     def check_resume(self, saved: dict | None, settings: dict, flag_names: dict) -> dict | None:
-        """`saved`, if it was made with exactly `settings` (else a one-line error naming the flag)."""
-        return resume_from(self.checkpoint_path, saved, settings, flag_names) if saved else None
+        """`saved`, if it was made with exactly `settings` (else a one-line error naming the flag), with
+        this process's part of a sharded checkpoint read into its "weights" and "optimizer"."""
+        if not saved:
+            return None
+        ckpt = resume_from(self.checkpoint_path, saved, settings, flag_names)  # the number of processes is a setting
+        if ckpt["shards"] is not None:
+            ckpt.update(read_shard(self.out, ckpt["shards"], self.world.rank, self.world.size))
+        return ckpt
 
     def begin(self, ckpt: dict | None, info: dict) -> Position:
         """Start writing: on resume, restore the RNG and cut metrics back to the checkpoint's step;
@@ -107,11 +115,24 @@ class Run:
                               "tok/s": f"{row['tokens_per_s']:.0f}"})
 
     def save(self, model, trained: set[str], optimizer, position: Position, settings: dict) -> None:
-        """checkpoint.pt with the weights that trained so far (every process takes part; process 0 writes)."""
-        weights, state = full_weights(model, trained), optimizer_state(model, optimizer)
-        rng = self.world.gather_objects(rng_state()) if self.world.size > 1 else rng_state()
+        """The weights that trained so far and the optimizer state, resumable (every process takes part).
+        One process: all in checkpoint.pt. N: each process writes its own shards to a file of
+        checkpoint-shards/step-S/, then process 0 replaces checkpoint.pt, naming that folder, and
+        removes the older folders (and any a killed save left half-written)."""
+        weights, state = local_weights(model, trained), optimizer_state(model, optimizer)
+        if self.world.size == 1:
+            save_checkpoint(self.checkpoint_path, weights=weights, optimizer=state, position=position, settings=settings)
+            return
+        folder = shard_folder(position.step)
+        save_shard(self.out / folder / shard_name(self.world.rank, self.world.size), weights=weights, optimizer=state)
+        rng = self.world.gather_objects(rng_state())
+        self.world.barrier()  # every part is on disk before checkpoint.pt names them
         if self.world.main:
-            save_checkpoint(self.checkpoint_path, weights=weights, optimizer=state, position=position, settings=settings, rng=rng)
+            save_checkpoint(self.checkpoint_path, weights=None, optimizer=None, position=position, settings=settings, rng=rng,
+                            shards={"folder": folder, "processes": self.world.size})
+            for old in (self.out / SHARDS).iterdir():
+                if old.name != Path(folder).name:
+                    shutil.rmtree(old) if old.is_dir() else old.unlink()
         self.world.barrier()
 
     def exit_if_stopped(self, step: int) -> None:
