@@ -56,6 +56,9 @@ def atomic_folder(out_dir: Path | str):
     tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; an output folder gets a normal folder's mode
     try:
         yield tmp
+        for f in tmp.rglob("*"):  # safetensors' save_file makes its files private (0600): give each a new file's mode
+            if f.is_file():
+                f.chmod(0o666 & ~_umask())
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

@@ -1,6 +1,8 @@
 """The decoder against `transformers` on the same weights, and the checkpoint loader's errors."""
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -66,6 +68,10 @@ def test_save_then_transformers_load(tmp_path):
     again = load_model(tmp_path / "out")
     with torch.no_grad():
         assert torch.equal(again(x), ours(x))
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in (tmp_path / "out").iterdir()}
+    assert set(modes.values()) == {0o666 & ~umask}, modes  # readable as any new file is (safetensors writes 0600)
 
 
 def test_bf16_load_is_close(tmp_path):
