@@ -197,10 +197,13 @@ def train_stages(model, examples, ref_table, schedule: Schedule, pos: Position, 
         load_weights(model, ckpt["weights"])
         trained = set(ckpt["weights"])
     total = schedule.total_steps
-    optimizer, stage_idx = None, None
+    optimizer, stage_idx, saved_at = None, None, None
 
     def save():
-        run.save(model, trained, optimizer, pos, settings)
+        nonlocal saved_at
+        if saved_at != pos.step:  # the last step may just have been saved by --save-every: not twice (13B: ~67 GB)
+            run.save(model, trained, optimizer, pos, settings)
+            saved_at = pos.step
 
     with run.steps(min(total, args.max_steps) if args.max_steps else total, pos.step, f"{args.method} {args.lang}"):
         for s, epoch, micro in schedule.steps_from(Position(**vars(pos))):

@@ -54,12 +54,13 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-SHARD_FOLDER = re.compile(r"checkpoint-shards/step-\d{8}")
+SHARDS = "checkpoint-shards"  # the run folder's subfolder of sharded checkpoints, one step-S/ each
+SHARD_FOLDER = re.compile(re.escape(SHARDS) + r"/step-\d{8}")
 
 
 def shard_folder(step: int) -> str:
     """Where the N processes' parts of the checkpoint at `step` go, relative to the run folder."""
-    return f"checkpoint-shards/step-{step:08d}"
+    return f"{SHARDS}/step-{step:08d}"
 
 
 def shard_name(rank: int, processes: int) -> str:

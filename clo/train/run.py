@@ -27,11 +27,10 @@ from clo.errors import CloError
 from clo.lock import output_lock
 from clo.train.distributed import local_weights, optimizer_state
 from clo.train.interrupt import stop_requests
-from clo.train.resume import read_checkpoint, read_shard, resume_from, rng_state, save_checkpoint, save_shard, set_rng_state, shard_folder, shard_name
+from clo.train.resume import SHARDS, read_checkpoint, read_shard, resume_from, rng_state, save_checkpoint, save_shard, set_rng_state, shard_folder, shard_name
 from clo.train.schedule import Position
 from clo.world import World
 
-SHARDS = "checkpoint-shards"
 RUN_FILES = ("run.json", "metrics.jsonl", "checkpoint.pt", SHARDS, "model", "adapter")
 
 
