@@ -92,9 +92,10 @@ def parse_args(argv=None):
     p.add_argument("--packing", choices=["auto", "on", "off"], default="auto",
                    help="packed, prefix-shared rows: each prompt computed once, no padding but each row's tail (clo/train/packing.py); "
                         "off: padded batches in length groups (auto: on for CPUs, 1.13x faster over the default job's steps on an AMD EPYC; off on CUDA, not measured yet)")
-    p.add_argument("--attention", choices=["auto", "sdpa", "flex"], default="auto",
-                   help="the attention kernel of packed rows: sdpa (a dense boolean mask) or flex (FlexAttention's block-sparse fused kernel, "
-                        "compiled; bucket auto 128); auto: flex on CUDA, sdpa on CPU (clo/train/packing.py)")
+    p.add_argument("--attention", choices=["auto", "sdpa", "gathered", "flex"], default="auto",
+                   help="the attention kernel of packed rows: sdpa (one call per row, a dense boolean mask), gathered (SDPA per sequence, "
+                        "q/k/v gathered out of the rows) or flex (FlexAttention's block-sparse fused kernel, compiled; bucket auto 128); "
+                        "auto: flex on CUDA, gathered on CPU (clo/train/packing.py)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0: run all stages); the schedule still follows the stages, so a later --resume may raise it")
     p.add_argument("--seed", type=int, default=0, help="seed for data order and initialisation")
     p.add_argument("--out", help="output folder (default: runs/<method>-<lang>)")
@@ -130,7 +131,7 @@ def train(args, world: World = World()) -> Path:
     device = world.device(resolve_device(args.device))
     precision = training_precision(device, args.dtype, args.amp, sharded=world.size > 1)
     if args.attention == "flex" and device.type != "cuda" and args.packing != "off":
-        raise CloError(f"--attention flex: FlexAttention has no backward pass on CPU (torch {torch.__version__}); use --attention sdpa or auto")
+        raise CloError(f"--attention flex: FlexAttention has no backward pass on CPU (torch {torch.__version__}); use --attention gathered, sdpa or auto")
     compiled = on_for_cuda(args.compile, device)
     check_processes(args, world)
     objective = Objective(args.method, beta=args.beta, lam=args.lam, directions=args.directions, sft_on=args.sft_on)
@@ -264,7 +265,7 @@ def gathered_model(model, folder: Path, stages, args, world: World):
 
 def reference_table(model, examples, batching: Batching, precision, model_id: str, args, world: World) -> torch.Tensor:
     """log π_ref [N, 4] of the starting model (adapters off), from the cache or computed and cached."""
-    key = cache_key(model_id, str(precision), examples, batching=f"batch {args.batch_size}, bucket {batching.bucket}, groups {batching.groups}" + (", packed" if batching.packing else "") + (", flex" if batching.attention == "flex" else ""))
+    key = cache_key(model_id, str(precision), examples, batching=f"batch {args.batch_size}, bucket {batching.bucket}, groups {batching.groups}" + (", packed" if batching.packing else "") + (f", {batching.attention}" if batching.packing and batching.attention != "sdpa" else ""))
     adapters_off = nullcontext()
     if args.lora:
         from clo.model.lora import disable_adapters

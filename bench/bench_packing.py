@@ -1,9 +1,13 @@
 """Packed, prefix-shared rows vs padded length groups: the same CLO steps, examples per second.
 
-    python bench/bench_packing.py                          # the default model, the sw demo pairs, CPU fp32
+    python bench/bench_packing.py                          # the default model, the sw demo pairs, CPU, --amp auto
     python bench/bench_packing.py --mix alpaca --steps 6   # Alpaca's English lengths (../shared/data)
 
-One process, one model, the same micro-batches through both layouts, alternating which goes first
+Layouts: `padded` (train.py's --packing off: length groups), `packed` (train.py's CPU default:
+packed rows, attention per sequence, `--attention gathered`) and `packed-dense` (packed rows, one
+SDPA call per row with a dense mask, `--attention sdpa`).
+
+One process, one model, the same micro-batches through every layout, each going first in turn
 (a slow moment of the machine hits both), at learning rate 0 so both see the same weights and
 must give the same losses. Work is counted as examples per second (computing fewer tokens for the
 same examples counts as faster); also the tokens each layout computes (padding and repeated prompts
@@ -55,6 +59,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4, help="steps per layout, each on a new batch")
     p.add_argument("--groups", type=int, default=4, help="length groups of the padded side (train.py's CPU default)")
     p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--amp", choices=["auto", "on", "off"], default="auto", help="bf16 autocast, as train.py's --amp (auto: where bf16 is fast)")
     p.add_argument("--json", help="where the results go (default runs/bench/packing-<mix>-<device>.json)")
     args = p.parse_args()
     device = bench_device(args.device)
@@ -69,18 +74,20 @@ def main() -> None:
     if len(examples) < args.steps * args.batch_size:
         raise SystemExit(f"error: {len(examples)} examples: too few for --steps {args.steps} x --batch-size {args.batch_size}")
 
-    precision = training_precision(device, "auto", "auto")
+    precision = training_precision(device, "auto", args.amp)
     model = load_model(folder, device, precision.frozen)
     optimizer, trainable, _ = begin_stage(model, ["attn"], lora=False, lr=0.0, weight_decay=0.0, compile=False,
                                           checkpoint_activations=False, source=folder, trained=set())
-    layouts = {"padded": Batching(tok.pad_id, 8, args.groups), "packed": Batching(tok.pad_id, 8, args.groups, packing=True)}
+    layouts = {"padded": Batching(tok.pad_id, 8, args.groups), "packed": Batching(tok.pad_id, 8, args.groups, packing=True, attention="gathered"),
+               "packed-dense": Batching(tok.pad_id, 8, args.groups, packing=True, attention="sdpa")}
+    names = list(layouts)
     times, losses, computed = ({name: [] for name in layouts} for _ in range(3))
     real = 0
     for i in range(args.steps + 1):  # step 0 warms up, untimed
         batch = examples[i * args.batch_size : (i + 1) * args.batch_size]
         if i:
             real += sum(len(x) + len(y) for ex in batch for x, y in ex.sequences)
-        for name in ("padded", "packed") if i % 2 == 0 else ("packed", "padded"):
+        for name in names[i % 3 :] + names[: i % 3]:  # each layout first in turn
             t = time.perf_counter()
             row, _ = optimizer_step(model, optimizer, trainable, [(batch, torch.zeros(len(batch), 4))], 0.0, Objective(), layouts[name], precision, 1.0)
             if device.type == "cuda":
@@ -94,14 +101,15 @@ def main() -> None:
         total = sum(times[name])
         results[name] = {"step_s": times[name], "median_step_s": statistics.median(times[name]), "examples_per_s": args.steps * args.batch_size / total,
                          "real_tokens_per_s": real / total, "computed_tokens": sum(computed[name]), "losses": losses[name]}
-    speedup = results["packed"]["examples_per_s"] / results["padded"]["examples_per_s"]
-    gap = max(abs(a - b) for a, b in zip(losses["padded"], losses["packed"]))
+    speedup = {name: results[name]["examples_per_s"] / results["padded"]["examples_per_s"] for name in names[1:]}
+    gap = max(abs(a - b) for name in names[1:] for a, b in zip(losses["padded"], losses[name]))
     print(f"work: {args.mix}, {len(examples)} examples, lengths {json.dumps(describe(examples))}")
     for name, r in results.items():
-        print(f"{name:<7} steps {[round(t, 2) for t in r['step_s']]} s: {r['examples_per_s']:.3f} examples/s, "
+        print(f"{name:<12} steps {[round(t, 2) for t in r['step_s']]} s: {r['examples_per_s']:.3f} examples/s, "
               f"{r['real_tokens_per_s']:.0f} real tokens/s, {r['computed_tokens']} tokens computed")
-    print(f"packed / padded: {speedup:.3f}x examples/s, {results['packed']['computed_tokens'] / results['padded']['computed_tokens']:.3f}x the tokens; "
-          f"largest loss difference {gap:.3g}")
+    for name in names[1:]:
+        print(f"{name} / padded: {speedup[name]:.3f}x examples/s, {results[name]['computed_tokens'] / results['padded']['computed_tokens']:.3f}x the tokens")
+    print(f"largest loss difference from padded: {gap:.3g}")
     write_results(args.json, f"packing-{args.mix}-{device.type}", {"machine": machine(), "settings": vars(args), "lengths": describe(examples),
                                                                     "results": results, "speedup": speedup, "loss_gap": gap})
 

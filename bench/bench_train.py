@@ -77,7 +77,7 @@ def clo_flags_parser() -> argparse.ArgumentParser:
     p.add_argument("--bucket", type=int, default=0)
     p.add_argument("--length-groups", type=int, default=0)
     p.add_argument("--packing", choices=["auto", "on", "off"], default="auto")
-    p.add_argument("--attention", choices=["auto", "sdpa", "flex"], default="auto")
+    p.add_argument("--attention", choices=["auto", "sdpa", "gathered", "flex"], default="auto")
     p.add_argument("--lr", type=float, default=8e-6)
     p.add_argument("--warmup", type=float, default=0.1)
     p.add_argument("--weight-decay", type=float, default=0.0)

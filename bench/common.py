@@ -21,6 +21,7 @@ if str(REPO) not in sys.path:
 
 from clo.atomic import write_atomic  # noqa: E402
 from clo.errors import CloError  # noqa: E402
+from clo.runtime import amx_tiles, cpu_supports  # noqa: E402
 
 # Shapes for `--model random:<name>`: random weights built in memory, no files, no download.
 RANDOM_SHAPES = {
@@ -43,13 +44,13 @@ RANDOM_SHAPES = {
 
 
 def machine() -> dict:
-    """CPU model, cores, torch threads, torch and Python versions, and the GPU's name if there is one."""
+    """CPU model and bf16 instructions, cores, torch threads, torch and Python versions, the GPU's name if any."""
     cpu = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
         cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")), cpu)
     info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version()}
+            "python": platform.python_version(), "amx": amx_tiles(), "avx512_bf16": cpu_supports("_is_avx512_bf16_supported")}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info

@@ -45,8 +45,18 @@ def bf16_is_fast(device: torch.device | str) -> bool:
         return True
     if device.type != "cpu":
         return False
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]  # private, so guarded
-    return any(check is not None and bool(check()) for check in checks)
+    return amx_tiles() or cpu_supports("_is_avx512_bf16_supported")
+
+
+def amx_tiles() -> bool:
+    """True on CPUs with AMX tiles, whose bf16 matmul kernels (oneDNN's, and the CPU flash attention's
+    blocks) use them; False elsewhere, where the CPU flash attention is faster in fp32 (clo/model/gathered_attention.py)."""
+    return cpu_supports("_is_amx_tile_supported")
+
+
+def cpu_supports(check: str) -> bool:
+    found = getattr(torch.cpu, check, None)  # private, so guarded
+    return found is not None and bool(found())
 
 
 def on_for_cuda(flag: str, device: torch.device | str) -> bool:

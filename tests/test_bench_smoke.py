@@ -162,9 +162,17 @@ def test_bench_fsdp_world1_steps_equal_the_plain_steps(tiny, tmp_path):
 
 def test_bench_packing_same_losses_fewer_tokens(tiny, tmp_path):
     out = tmp_path / "packing.json"
-    run_script("bench_packing.py", "--model", str(tiny), "--batch-size", "3", "--steps", "2", "--json", str(out), cache=tmp_path / "cache")
+    run_script("bench_packing.py", "--model", str(tiny), "--batch-size", "3", "--steps", "2", "--amp", "off", "--json", str(out), cache=tmp_path / "cache")
     result = json.loads(out.read_text())
-    padded, packed = result["results"]["padded"], result["results"]["packed"]
-    assert result["loss_gap"] <= 1e-5 and len(packed["losses"]) == 2
-    assert packed["computed_tokens"] < padded["computed_tokens"]  # prompts computed once
+    padded, packed, dense = (result["results"][k] for k in ("padded", "packed", "packed-dense"))
+    assert result["loss_gap"] <= 1e-5 and len(packed["losses"]) == len(dense["losses"]) == 2  # fp32: every layout, the padded losses
+    assert packed["computed_tokens"] == dense["computed_tokens"] < padded["computed_tokens"]  # prompts computed once
     assert set(result["lengths"]) == {"x_en", "y_en", "x_t", "y_t"}
+
+
+def test_bench_attention_times_each_kernel_in_both_dtypes(tmp_path):
+    out = tmp_path / "attention.json"
+    run_script("bench_attention.py", "--part", "kernel", "--lengths", "16", "32", "--repeats", "1", "--json", str(out), cache=tmp_path / "cache")
+    rows = json.loads(out.read_text())["kernel"]
+    assert [(r["dtype"], r["T"]) for r in rows] == [("float32", 16), ("float32", 32), ("bfloat16", 16), ("bfloat16", 32)]
+    assert all(r["mask_us_per_token"] > 0 and r["causal_us_per_token"] > 0 for r in rows)

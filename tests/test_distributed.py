@@ -31,7 +31,7 @@ from clo.world import World
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # each torchrun starts 2 Python processes: ~70 s for the file on 2 cores
-TOL = 1e-6  # loss, NLL, weights
+TOL = 1e-6  # weights, absolute; loss and NLL, relative: 1e-6 of a loss of 3.2 is ~5 fp32 steps (assert_close_runs)
 MARGIN_TOL = 1e-5  # β · (difference of sums of log-probs)
 GRAD_NORM_RTOL = 1e-4  # relative, of the global gradient norm (assert_close_runs says why)
 LR = 1e-3
@@ -73,7 +73,9 @@ def assert_close_runs(a: Path, b: Path, folder: str = "model") -> None:
     ra, rb = metrics(a), metrics(b)
     assert [r["step"] for r in ra] == [r["step"] for r in rb]
     for x, y in zip(ra, rb):
-        for key, tol in (("loss", TOL), ("nll", TOL), ("margin", MARGIN_TOL), ("accuracy", 0)):
+        # Each rank packs its own half of the batch, so attention runs in other calls of other lengths
+        # (clo/model/gathered_attention.py): at step 4 of "stages" the loss of 3.23 differs by 1.2e-6
+        for key, tol in (("loss", TOL * abs(x.get("loss", 0))), ("nll", TOL * abs(x.get("nll", 0))), ("margin", MARGIN_TOL), ("accuracy", 0)):
             if key in x:
                 assert abs(x[key] - y[key]) <= tol, (x["step"], key, x[key], y[key])
         # The norm sums every gradient's square (the embedding's too, under stage "all"), reduced in another

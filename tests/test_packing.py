@@ -62,20 +62,22 @@ def test_the_mask_by_hand():
     assert p.positions[0].tolist() == [0, 1, 2, 2, 3, 0, 1, 0]
 
 
-def logps_and_grads(folder, seqs, pad_id, packing: bool):
+def logps_and_grads(folder, seqs, pad_id, attention: str | None):
+    """attention None: the padded batch; else packed rows through that kernel."""
     model = load_model(folder)
     for name, p in model.named_parameters():
         p.requires_grad_(".self_attn." in name)
-    logps, n = packed_sequence_logps(model, seqs, pad_id, 8) if packing else sequence_logps(model, seqs, pad_id, 8, 1)
+    logps, n = packed_sequence_logps(model, seqs, pad_id, 8, attention) if attention else sequence_logps(model, seqs, pad_id, 8, 1)
     (logps.sum() / n.sum()).backward()
     return logps.detach(), n, {k: p.grad for k, p in model.named_parameters() if p.requires_grad}
 
 
-def test_packed_logps_and_gradients_equal_the_padded_batch(tiny):
+@pytest.mark.parametrize("attention", ["sdpa", "gathered"])
+def test_packed_logps_and_gradients_equal_the_padded_batch(tiny, attention):
     folder, tok, examples, _ = tiny
     seqs = flat_sequences(examples[:6])
-    padded, n_padded, g_padded = logps_and_grads(folder, seqs, tok.pad_id, packing=False)
-    packed, n_packed, g_packed = logps_and_grads(folder, seqs, tok.pad_id, packing=True)
+    padded, n_padded, g_padded = logps_and_grads(folder, seqs, tok.pad_id, None)
+    packed, n_packed, g_packed = logps_and_grads(folder, seqs, tok.pad_id, attention)
     assert torch.equal(n_packed, n_padded)
     # 1e-4 for sums of hundreds of nats; these reach ~1000, where one fp32 step is 1.2e-4: allow two steps more
     tol = 1e-4 + 2 * torch.finfo(torch.float32).eps * padded.abs()
@@ -109,7 +111,63 @@ def test_training_with_flexattention_on_cpu_stops_with_one_line(tiny, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_a_segment_never_sees_another(tiny):
+def visible_pairs(plan, R: int, L: int) -> set[tuple[int, int]]:
+    """(query, key) flat positions that a `Gathered` plan lets attend, padding left out."""
+    zero, pairs, q_at, k_at = R * L, set(), 0, 0
+    for c in plan.calls:
+        queries, keys = plan.queries[q_at : q_at + c.n * c.Tq].view(c.n, c.Tq), plan.keys[k_at : k_at + c.n * c.S].view(c.n, c.S)
+        mask = (torch.ones(c.Tq, c.S, dtype=torch.bool).tril() if c.mask is None else c.mask).expand(c.n, 1, c.Tq, c.S)
+        for e, t, j in mask[:, 0].nonzero().tolist():
+            if queries[e, t] != zero:
+                assert keys[e, j] != zero  # a real query never sees padding
+                pairs.add((queries[e, t].item(), keys[e, j].item()))
+        q_at, k_at = q_at + c.n * c.Tq, k_at + c.n * c.S
+    return pairs
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_the_gathered_calls_let_through_exactly_the_dense_masks_pairs(tiny, window):
+    """Every (query, key) pair the calls compute is one the dense mask allows, and every allowed pair is
+    computed; every token but the tail gets its output from exactly one call."""
+    _, tok, examples, _ = tiny
+    p = pack(flat_sequences(examples[:6]), tok.pad_id, 8, window)
+    R, L = p.tokens.shape
+    dense = {(r * L + i, r * L + j) for r, _, i, j in p.mask.nonzero().tolist() if p.seg_id[r, i] >= 0}
+    for groups in (1, 3):
+        plan = p.gathered(groups)
+        assert visible_pairs(plan, R, L) == dense
+        real = (p.seg_id >= 0).flatten()
+        n_out = len(plan.queries)
+        assert (plan.back[~real] == n_out).all() and len(set(plan.back[real].tolist())) == int(real.sum())  # the tail reads the zero row
+        assert torch.equal(plan.queries[plan.back[real]], torch.arange(R * L)[real])  # each output goes back where its query came from
+    assert len(p.gathered(3).calls) > len(p.gathered(1).calls) == 2  # one causal call, one call of second answers
+
+
+def test_second_answers_of_other_lengths_share_a_windowed_call(tmp_path):
+    """Two second answers in one call (a sliding window of 8): the long prompt's short answer padded to the
+    other's length, whose padding queries have no key in their window but the one they are given (CPU SDPA
+    would give them zeros anyway, torch 2.13; the given key keeps other kernels off NaN): the dense mask's
+    logits and finite gradients."""
+    write_hf_model(tmp_path, "mistral")
+    model = load_model(tmp_path)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    g = torch.Generator().manual_seed(0)
+    ids = lambda n: torch.randint(3, 128, (n,), generator=g).tolist()  # noqa: E731
+    a, b = ids(2), ids(30)
+    seqs = [(a, ids(3)), (a, ids(20)), (b, ids(2)), (b, ids(1))]
+    p = pack(seqs, pad_id=0, bucket=8, window=model.cfg.sliding_window)
+    plan = p.gathered(groups=1)
+    dense = model(p.tokens, positions=p.positions, mask=p.mask)
+    out = model(p.tokens, positions=p.positions, mask=plan)
+    real = p.seg_id >= 0
+    assert torch.allclose(out[real], dense[real], atol=1e-5)
+    out[real].sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "gathered"])
+def test_a_segment_never_sees_another(tiny, attention):
     """Changing one example's tokens (same lengths) leaves every other sequence's log-prob bit for bit."""
     folder, tok, examples, _ = tiny
     model = load_model(folder)
@@ -118,14 +176,15 @@ def test_a_segment_never_sees_another(tiny):
                for i, (p, r) in enumerate(seqs)]  # example 1's four sequences (rows 1, 5, 9, 13)
     assert pack(seqs, tok.pad_id).tokens.shape == pack(changed, tok.pad_id).tokens.shape
     with torch.no_grad():
-        before, _ = packed_sequence_logps(model, seqs, tok.pad_id, 8)
-        after, _ = packed_sequence_logps(model, changed, tok.pad_id, 8)
+        before, _ = packed_sequence_logps(model, seqs, tok.pad_id, 8, attention)
+        after, _ = packed_sequence_logps(model, changed, tok.pad_id, 8, attention)
     others = [i for i in range(len(seqs)) if i % 4 != 1]
     assert torch.equal(before[others], after[others])
     assert not torch.equal(before[1::4], after[1::4])
 
 
-@pytest.mark.parametrize(("family", "attention"), [("llama", "sdpa"), ("mistral", "sdpa"), ("mistral", "flex")])  # mistral: a sliding window of 8
+@pytest.mark.parametrize(("family", "attention"), [("llama", "sdpa"), ("llama", "gathered"), ("mistral", "sdpa"), ("mistral", "gathered"),
+                                                   ("mistral", "flex")])  # mistral: a sliding window of 8
 def test_a_second_answer_gets_the_logits_of_its_own_sequence(tmp_path, family, attention):
     write_hf_model(tmp_path, family)
     model = load_model(tmp_path)
@@ -148,11 +207,12 @@ def test_packed_equals_padded_on_the_real_default_model(smollm2_dir):
     model = load_model(smollm2_dir)
     with torch.no_grad():
         padded, _ = sequence_logps(model, seqs, tok.pad_id, 8, 1)
-        packed, _ = packed_sequence_logps(model, seqs, tok.pad_id, 8)
+        packed = {kind: packed_sequence_logps(model, seqs, tok.pad_id, 8, kind)[0] for kind in ("sdpa", "gathered")}
     assert padded.abs().min() > 10  # sums of many nats
     # 1e-4 for sums of hundreds of nats; these reach ~1000, where one fp32 step is 1.2e-4: allow two steps more
     tol = 1e-4 + 2 * torch.finfo(torch.float32).eps * padded.abs()
-    assert ((packed - padded).abs() <= tol).all(), ((packed - padded).abs().max(), padded.abs().max())
+    for kind, logps in packed.items():
+        assert ((logps - padded).abs() <= tol).all(), (kind, (logps - padded).abs().max(), padded.abs().max())
 
 
 def test_training_packed_equals_padded(tiny, tmp_path, monkeypatch):

@@ -14,8 +14,8 @@ rotate-half layout so HF weights load without permuting q/k.
 Training calls `hidden(tokens)` with no mask: right-padded sequences under a causal mask never let a
 real token see padding, and SDPA takes its flash kernel. Generation passes positions, a KV cache
 and a boolean mask (see clo/model/generate.py), which is how left-padded batches work. Packed rows
-(clo/train/packing.py) pass positions and either a boolean mask (SDPA) or a FlexAttention BlockMask
-(`attend`).
+(clo/train/packing.py) pass positions and one of three forms of their rule (`attend`): a boolean
+mask (SDPA over each row), a `Gathered` plan (SDPA per sequence) or a FlexAttention BlockMask.
 """
 
 import math
@@ -27,6 +27,7 @@ import torch.utils.checkpoint
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from clo.model.config import ModelConfig
+from clo.model.gathered_attention import Gathered, attend_gathered
 
 # The linear layers of a block by group (HF names): what `--stages` groups and LoRA targets refer to.
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -135,9 +136,12 @@ _compiled_flex = None
 
 def attend(q, k, v, mask, gqa: bool) -> torch.Tensor:
     """softmax(q kᵀ / √hd) v over the keys `mask` allows: q [B, H, T, hd], k, v [B, KV, S, hd] -> [B, H, T, hd].
-    mask: None (causal), a bool tensor [B, 1, T, S] (SDPA), or a FlexAttention BlockMask: its fused
-    kernel needs torch.compile (uncompiled, flex_attention computes every score as a dense mask
-    would), so it is compiled here once, unless the block around it is being compiled already."""
+    mask: None (causal), a bool tensor [B, 1, T, S] (SDPA), a `Gathered` plan of packed rows (SDPA per
+    sequence), or a FlexAttention BlockMask: its fused kernel needs torch.compile (uncompiled,
+    flex_attention computes every score as a dense mask would), so it is compiled here once, unless
+    the block around it is being compiled already."""
+    if isinstance(mask, Gathered):
+        return attend_gathered(q, k, v, mask, gqa)
     if not isinstance(mask, BlockMask):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
     dtype = v.dtype  # under autocast q and k leave RoPE in fp32 while v is bf16; SDPA's autocast casts all three alike

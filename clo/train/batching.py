@@ -53,6 +53,14 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def length_groups(lengths: list[int], groups: int) -> list[list[int]]:
+    """Indices sorted by length, cut into `groups` runs of near-equal size (fewer when there are few)."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    groups = max(1, min(groups, len(order)))
+    bounds = [round(g * len(order) / groups) for g in range(groups + 1)]
+    return [order[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
 def flat_sequences(batch: list[EncodedExample], which=range(4)) -> list[tuple[list[int], list[int]]]:
     """The (prompt, response) pairs `which` of every example, ordered [all k0 | all k1 | ...]."""
     return [ex.sequences[k] for k in which for ex in batch]

@@ -17,11 +17,14 @@ token that is the prompt's last position, which every answer of the segment read
 row (up to its length) is one segment of padding that attends to itself (a query with no visible
 key would make SDPA return NaN) and is never read.
 
-The rule reaches attention in one of two forms (`attention`): a dense boolean mask [R, 1, L, L] for
-SDPA, which computes every query-key pair and masks it (CPU: exact, and what is measured there), or
-a FlexAttention BlockMask built from the same rule, whose fused kernel skips every 128 x 128 block
-that no query of it may see (CUDA: a dense mask would keep SDPA off its flash kernel; rows of many
-short segments are mostly such blocks).
+The rule reaches attention in one of three forms (`attention`):
+- "sdpa": a dense boolean mask [R, 1, L, L]; SDPA computes every query-key pair of a row and masks
+  most of them. The plainest statement of the rule: the oracle the other two are tested against.
+- "gathered": SDPA per sequence, q, k, v gathered out of the rows (clo/model/gathered_attention.py):
+  one causal call per segment's [prompt | first answer], one masked call per later answer, a few
+  length groups of each. No pair outside a segment is computed (CPU's default: measured faster).
+- "flex": a FlexAttention BlockMask of the same rule, whose fused kernel skips every 128 x 128 block
+  that no query of it may see (CUDA: a dense mask would keep SDPA off its flash kernel).
 
 Sequences are grouped by the prompt's exact token ids, so any two sequences with the same prompt
 share it (in CLO, an example's two), and SFT's one sequence per example is a segment of one answer:
@@ -32,7 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
-from clo.train.batching import round_up
+from clo.model.gathered_attention import Call, Gathered
+from clo.train.batching import length_groups, round_up
 
 
 @dataclass
@@ -51,7 +55,8 @@ class Packed:
     tokens, positions [R, L] long; seg_id, part [R, L] long: each token's segment (-1: the row's tail)
     and part (0: the prompt, k: answer k), from which `mask` and `block_mask` state the rule;
     read_rows, read_cols, targets, owners [M] long: response token m (of sequence owners[m]) is
-    targets[m], predicted from the hidden state at (read_rows[m], read_cols[m]).
+    targets[m], predicted from the hidden state at (read_rows[m], read_cols[m]); spans: per segment
+    (row, first column, prompt length, answer lengths), from which `gathered` builds its calls.
     """
 
     tokens: torch.Tensor
@@ -63,11 +68,12 @@ class Packed:
     targets: torch.Tensor
     owners: torch.Tensor
     n_sequences: int
+    spans: list[tuple[int, int, int, tuple[int, ...]]]
     window: int | None = None
 
     def to(self, device) -> "Packed":
         moved = (t.to(device) for t in (self.tokens, self.positions, self.seg_id, self.part, self.read_rows, self.read_cols, self.targets, self.owners))
-        return Packed(*moved, self.n_sequences, self.window)
+        return Packed(*moved, self.n_sequences, self.spans, self.window)
 
     @property
     def mask(self) -> torch.Tensor:
@@ -87,9 +93,61 @@ class Packed:
         R, L = seg.shape
         return create_block_mask(visible, R, None, L, L, device=seg.device)
 
+    def gathered(self, groups: int = 4) -> Gathered:
+        """The same rule as `attend_gathered`'s calls: per segment, [prompt | first answer] as one causal
+        sequence and (later answer | prompt + that answer) as queries | keys, each kind cut into `groups`
+        length groups (more: less padding, more calls; 4 and 8 timed alike), lengths rounded up to 8."""
+        R, L = self.tokens.shape
+        zero = R * L  # the index of the zero token that padding gathers
+        firsts, laters = [], []  # flat indices: [x | y_1]; (y_k, [x | y_k], len(x))
+        for row, col, p, lengths in self.spans:
+            prompt = list(range(row * L + col, row * L + col + p))
+            start = prompt[-1] + 1
+            for k, n in enumerate(lengths):
+                answer = list(range(start, start + n))
+                if k == 0:
+                    firsts.append(prompt + answer)
+                else:
+                    laters.append((answer, prompt + answer, p))
+                start += n
+
+        def padded(lists, width):
+            return torch.tensor([x + [zero] * (width - len(x)) for x in lists], dtype=torch.long)
+
+        calls, queries, keys = [], [], []
+        for idx in length_groups([len(f) for f in firsts], groups):
+            T = round_up(max(len(firsts[i]) for i in idx), 8)
+            index = padded([firsts[i] for i in idx], T)
+            mask = None
+            if self.window is not None:  # positions in [x | y_1] are the RoPE positions
+                t = torch.arange(T)
+                mask = ((t[None] <= t[:, None]) & (t[:, None] - t[None] < self.window))[None, None]
+            calls.append(Call(len(idx), T, T, mask))
+            queries.append(index.flatten()), keys.append(index.flatten())
+        for idx in length_groups([len(laters[i][1]) for i in range(len(laters))], groups):
+            Tq, S = (round_up(max(len(laters[i][j]) for i in idx), 8) for j in (0, 1))
+            q, k = padded([laters[i][0] for i in idx], Tq), padded([laters[i][1] for i in idx], S)
+            at = torch.tensor([laters[i][2] for i in idx])[:, None, None] + torch.arange(Tq)[:, None]  # [n, Tq, 1]: each query's key index
+            key = torch.arange(S)
+            mask = key <= at
+            if self.window is not None:
+                mask &= at - key < self.window
+            real = (q != zero)[:, :, None]
+            mask = torch.where(real, mask, key == 0)  # a padding query sees one key: no NaN in the backward pass
+            calls.append(Call(len(idx), Tq, S, mask[:, None]))
+            queries.append(q.flatten()), keys.append(k.flatten())
+        queries, keys = torch.cat(queries), torch.cat(keys)
+        back = torch.full((zero,), len(queries), dtype=torch.long)  # the tail: the zero row after every output
+        real = queries != zero
+        back[queries[real]] = torch.arange(len(queries))[real]
+        return Gathered(calls, queries, keys, back)
+
     def attention(self, kind: str):
-        """The mask in the form the attention kernel `kind` takes: "sdpa" (dense) or "flex" (BlockMask)."""
-        return self.block_mask() if kind == "flex" else self.mask
+        """The rule in the form the attention kernel `kind` takes: "sdpa" (a dense mask), "gathered"
+        (`attend_gathered`'s calls) or "flex" (a BlockMask)."""
+        if kind == "flex":
+            return self.block_mask()
+        return self.gathered().to(self.tokens.device) if kind == "gathered" else self.mask
 
 
 def segments(sequences: list[tuple[list[int], list[int]]]) -> list[Segment]:
@@ -126,11 +184,12 @@ def pack(sequences: list[tuple[list[int], list[int]]], pad_id: int, bucket: int 
     positions = torch.zeros((len(rows), L), dtype=torch.long)
     seg_id = torch.full((len(rows), L), -1, dtype=torch.long)  # the tail: segment -1
     part = torch.zeros((len(rows), L), dtype=torch.long)
-    reads = []  # (row, col, target, owner)
+    reads, spans = [], []  # (row, col, target, owner); (row, col, prompt length, answer lengths)
     for r, members in enumerate(rows):
         col = 0
         for s in members:
             seg, p = segs[s], len(segs[s].prompt)
+            spans.append((r, col, p, tuple(len(a) for _, a in seg.answers)))
             tokens[r, col : col + p] = torch.tensor(seg.prompt)
             positions[r, col : col + p] = torch.arange(p)
             seg_id[r, col : col + p] = s
@@ -146,7 +205,7 @@ def pack(sequences: list[tuple[list[int], list[int]]], pad_id: int, bucket: int 
             col = start
         positions[r, col:] = torch.arange(L - col)
     read_rows, read_cols, targets, owners = (torch.tensor(x, dtype=torch.long) for x in zip(*reads))
-    return Packed(tokens, positions, seg_id, part, read_rows, read_cols, targets, owners, len(sequences), window)
+    return Packed(tokens, positions, seg_id, part, read_rows, read_cols, targets, owners, len(sequences), spans, window)
 
 
 def segment_mask(seg_id: torch.Tensor, part: torch.Tensor, positions: torch.Tensor, window: int | None = None) -> torch.Tensor:

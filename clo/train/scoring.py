@@ -19,18 +19,10 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from clo.train.batching import EncodedExample, collate_sequences, flat_sequences
+from clo.train.batching import EncodedExample, collate_sequences, flat_sequences, length_groups
 from clo.train.loss import response_logps, token_logps_at
 from clo.train.packing import pack
 from clo.world import World
-
-
-def length_groups(lengths: list[int], groups: int) -> list[list[int]]:
-    """Row indices sorted by length, cut into `groups` runs of near-equal size (fewer when rows are few)."""
-    order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    groups = max(1, min(groups, len(order)))
-    bounds = [round(g * len(order) / groups) for g in range(groups + 1)]
-    return [order[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
 def sequence_logps(model, sequences, pad_id: int, bucket: int, groups: int = 1):
@@ -55,7 +47,8 @@ def sequence_logps(model, sequences, pad_id: int, bucket: int, groups: int = 1):
 def packed_sequence_logps(model, sequences, pad_id: int, bucket: int, attention: str = "sdpa"):
     """`sequence_logps` from packed, prefix-shared rows (clo/train/packing.py): the same numbers up to
     float rounding, from each prompt computed once and no padding but each row's tail.
-    attention: "sdpa" (a dense boolean mask) or "flex" (FlexAttention's block-sparse kernel)."""
+    attention: "sdpa" (a dense boolean mask), "gathered" (SDPA per sequence) or "flex" (FlexAttention's
+    block-sparse kernel)."""
     device = model.embed_tokens.weight.device
     packed = pack(sequences, pad_id, bucket, model.cfg.sliding_window).to(device)
 
@@ -88,10 +81,11 @@ class Batching:
         yet measured there. packing: auto is on for CPUs, where the default job's steps took a median
         22.5 s packed vs 25.8 s padded in 4 groups (AMD EPYC, fp32, BENCHMARKS.md), and off on CUDA,
         where nothing is measured yet. attention (packed rows only): auto is FlexAttention on CUDA, where a
-        dense mask keeps SDPA off its flash kernel, and SDPA with the dense mask on CPUs, where it is what
-        packing was measured with; bucket auto is 128 with FlexAttention (its block size: few shapes to compile)."""
+        dense mask keeps SDPA off its flash kernel, and "gathered" (SDPA per sequence) on CPUs, where it
+        beat the dense mask's steps on the Alpaca mix 1.07x in fp32 and 1.19x in bf16 (AMD EPYC with
+        AVX-512, BENCHMARKS.md); bucket auto is 128 with FlexAttention (its block size: few shapes to compile)."""
         packed = packing == "on" or (packing == "auto" and device.type == "cpu")
-        kernel = attention if attention != "auto" else "flex" if device.type == "cuda" else "sdpa"
+        kernel = attention if attention != "auto" else "flex" if device.type == "cuda" else "gathered"
         if not packed:
             kernel = "sdpa"  # padded rows are causal: SDPA's own kernels
         default_bucket = 128 if kernel == "flex" else 64 if compiled else 8
