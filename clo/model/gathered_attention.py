@@ -16,12 +16,12 @@ tail gets zeros (it is never read). Same rule, same keys, in the same order as t
 same numbers up to float rounding, and entries of one call never mix, so one sequence's tokens
 cannot change another's result.
 
-Precision: under bf16 autocast on a CPU without AMX (bf16 from AVX512_BF16), the calls run in fp32.
-There the CPU flash kernel's bf16 backward costs ~14-17 us per query token at any length up to 256
-keys, fp32's 6.6 us at 64 and 12.5 at 208 (2-core AMD EPYC with AVX-512, [n, 9, T, 64] fwd+bwd), and
-short calls are what this file makes: a CLO step on the sw demo pairs 1.18x faster in fp32 calls vs
-1.05x in bf16, each against the dense mask in bf16 (BENCHMARKS.md). With AMX (not measured) and on
-CUDA the calls stay in autocast's bf16.
+Precision: under bf16 autocast on a CPU without AMX (bf16 from AVX512_BF16) the calls run in fp32,
+more precise and there faster: the CPU flash kernel's fwd+bwd costs 10.2-14.2 us per query token in
+bf16 at 64-256 keys against 5.4-12.7 in fp32 (2-core AMD EPYC with AVX-512, bench/bench_attention.py),
+and short calls are what this file makes. With bf16 calls a CLO step on the sw demo pairs was 1.05x
+the dense mask's, with fp32 calls 1.14-1.18x (BENCHMARKS.md). With AMX (not measured) and on CUDA
+the calls stay in autocast's bf16.
 """
 
 import contextlib
