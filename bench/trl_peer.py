@@ -27,7 +27,8 @@ NOTES = [
     "DPO: TRL averages the sigmoid loss over the 2B pairs; clo averages each direction over B and takes the mean of the "
     "two: equal for a full batch.",
     "Padding and attention: clo packs (train.py's CPU default, --packing auto): each prompt once with both its answers, "
-    "segments side by side in rows, SDPA with a boolean segment mask; with --packing off (clo-padded, and CUDA's default) "
+    "segments side by side in rows, attention per sequence gathered out of the rows on CPU (--attention gathered; "
+    "FlexAttention on CUDA); with --packing off (clo-padded, and CUDA's default) "
     "it pads length groups to a multiple of 8 (64 when compiling) and runs SDPA with no mask (causal; right padding is "
     "never seen by a real token). TRL pads to the batch maximum and passes the attention mask, so SDPA gets a mask (on "
     "CUDA that rules out the flash kernel).",

@@ -130,12 +130,15 @@ def test_cuda_graph_decode_equals_eager(tmp_path, dtype):
 
 
 @pytest.mark.parametrize("compile", ["off", "on"])  # on: flex_attention traced inside each compiled block
-def test_flexattention_trains_as_the_dense_mask_does(tiny, tmp_path, compile):
-    """Packed rows on CUDA: FlexAttention (the auto kernel there) vs SDPA with the dense mask, fp32:
-    the same losses, gradient norms and weights up to rounding."""
+def test_packed_kernels_train_as_the_dense_mask_does(tiny, tmp_path, compile):
+    """Packed rows on CUDA: FlexAttention (the auto kernel there) and, uncompiled, the gathered calls (the
+    CPU's kernel) vs SDPA with the dense mask, fp32: the same losses, gradient norms and weights up to rounding."""
     args = ("--max-steps", "3", "--lr", "1e-3", "--amp", "off", "--dtype", "float32", "--packing", "on", "--compile", compile, "--save-every", "0")
-    runs = {kind: run(tiny, tmp_path / kind, *args, "--attention", kind) for kind in ("flex", "sdpa")}
-    for a, b in zip(metrics(runs["flex"]), metrics(runs["sdpa"]), strict=True):
-        assert abs(a["loss"] - b["loss"]) <= 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * b["grad_norm"], (a, b)
-    wa, wb = (load_file(out / "model" / "model.safetensors") for out in runs.values())
-    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-3
+    kinds = ("sdpa", "flex", "gathered") if compile == "off" else ("sdpa", "flex")
+    runs = {kind: run(tiny, tmp_path / kind, *args, "--attention", kind) for kind in kinds}
+    wb = load_file(runs["sdpa"] / "model" / "model.safetensors")
+    for kind in kinds[1:]:
+        for a, b in zip(metrics(runs[kind]), metrics(runs["sdpa"]), strict=True):
+            assert abs(a["loss"] - b["loss"]) <= 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * b["grad_norm"], (kind, a, b)
+        wa = load_file(runs[kind] / "model" / "model.safetensors")
+        assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-3, kind

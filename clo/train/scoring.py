@@ -82,7 +82,7 @@ class Batching:
         22.5 s packed vs 25.8 s padded in 4 groups (AMD EPYC, fp32, BENCHMARKS.md), and off on CUDA,
         where nothing is measured yet. attention (packed rows only): auto is FlexAttention on CUDA, where a
         dense mask keeps SDPA off its flash kernel, and "gathered" (SDPA per sequence) on CPUs, where it
-        beat the dense mask's steps on the Alpaca mix 1.07x in fp32 and 1.19x in bf16 (AMD EPYC with
+        beat the dense mask's steps on the Alpaca mix 1.09x in fp32 and 1.13x in bf16 (AMD EPYC with
         AVX-512, BENCHMARKS.md); bucket auto is 128 with FlexAttention (its block size: few shapes to compile)."""
         packed = packing == "on" or (packing == "auto" and device.type == "cpu")
         kernel = attention if attention != "auto" else "flex" if device.type == "cuda" else "gathered"
