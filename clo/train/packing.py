@@ -14,8 +14,9 @@ first). Attention never crosses segments. Per row, query i may see key j when
 
 A response token's log-prob is read from the hidden state just before it; for an answer's first
 token that is the prompt's last position, which every answer of the segment reads. The tail of a
-row (up to its length) is one segment of padding that attends to itself (a query with no visible
-key would make SDPA return NaN) and is never read.
+row (up to its length) is one segment of padding that attends to itself (some attention kernels
+return NaN for a query with no visible key; torch 2.13's CPU SDPA returns zeros) and is never read;
+the "gathered" form gives it zeros.
 
 The rule reaches attention in one of three forms (`attention`):
 - "sdpa": a dense boolean mask [R, 1, L, L]; SDPA computes every query-key pair of a row and masks
