@@ -4,7 +4,7 @@ attention through the dense mask vs gathered per sequence (clo/model/gathered_at
     python bench/bench_attention.py                  # CPU: both parts, the Alpaca mix of bench/workload.py
 
 Part 1 (`kernel`): fwd+bwd of `F.scaled_dot_product_attention` on [n, 9, T, 64] queries and [n, 3, T, 64]
-keys/values (SmolLM2's heads), n chosen so every shape holds ~2k-16k query tokens, with a causal
+keys/values (SmolLM2's heads), n = 4096 // T so every shape holds ~4k query tokens, with a causal
 boolean mask and with `is_causal`, in fp32 and bf16: microseconds per query token. On CPU the
 flash kernel's cost per token is what decides whether cutting rows into short calls pays.
 Part 2 (`packed`): the attention of real packed batches (the first --batches batches of 8 Alpaca

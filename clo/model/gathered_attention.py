@@ -35,8 +35,8 @@ from clo.runtime import amx_tiles
 
 @dataclass
 class Call:
-    """One SDPA call of n sequences, Tq queries and S keys each; mask [n, 1, Tq, S] bool, or None for a
-    causal call (its queries are its keys, Tq == S)."""
+    """One SDPA call of n sequences, Tq queries and S keys each; mask [n, 1, Tq, S] bool (or [1, 1, Tq, S],
+    one window for all), or None for a causal call (its queries are its keys, Tq == S)."""
 
     n: int
     Tq: int

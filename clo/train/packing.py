@@ -124,8 +124,9 @@ class Packed:
                 t = torch.arange(T)
                 mask = ((t[None] <= t[:, None]) & (t[:, None] - t[None] < self.window))[None, None]
             calls.append(Call(len(idx), T, T, mask))
-            queries.append(index.flatten()), keys.append(index.flatten())
-        for idx in length_groups([len(laters[i][1]) for i in range(len(laters))], groups):
+            queries.append(index.flatten())
+            keys.append(index.flatten())
+        for idx in length_groups([len(keys_of) for _, keys_of, _ in laters], groups):
             Tq, S = (round_up(max(len(laters[i][j]) for i in idx), 8) for j in (0, 1))
             q, k = padded([laters[i][0] for i in idx], Tq), padded([laters[i][1] for i in idx], S)
             at = torch.tensor([laters[i][2] for i in idx])[:, None, None] + torch.arange(Tq)[:, None]  # [n, Tq, 1]: each query's key index
@@ -136,7 +137,8 @@ class Packed:
             real = (q != zero)[:, :, None]
             mask = torch.where(real, mask, key == 0)  # a padding query sees one key: no NaN in the backward pass
             calls.append(Call(len(idx), Tq, S, mask[:, None]))
-            queries.append(q.flatten()), keys.append(k.flatten())
+            queries.append(q.flatten())
+            keys.append(k.flatten())
         queries, keys = torch.cat(queries), torch.cat(keys)
         back = torch.full((zero,), len(queries), dtype=torch.long)  # the tail: the zero row after every output
         real = queries != zero
