@@ -234,6 +234,7 @@ def main(argv=None):
         # 5. Outputs, each file atomically, by process 0 (every process holds the same results).
         if world.main:
             write_outputs(out, lang.code, inputs, results, generations, scored, judgments, args)
+    world.leave()  # under torchrun every process but 0 exits here
     return results
 
 

@@ -180,14 +180,7 @@ def run_mt(args) -> None:
     # search on a CPU), and a process that dies is noticed at once (torchrun stops the rest)
     world = start(torch.device(args.device), timeout_s=3600)
     translate_all(args, language, world)
-    world.finish()
-    if not world.main:
-        # process 0 reports; the others leave at once, without the interpreter's and C++'s teardown: a
-        # finished process 1 aborted there now and then ("terminate called without an active exception",
-        # 1 run in 8-14 on a loaded 2-core CPU, after its work was done and the group destroyed)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    world.leave()  # process 0 goes on to report; the others exit here
 
 
 def translate_all(args, language, world) -> None:
