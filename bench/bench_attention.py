@@ -10,20 +10,24 @@ flash kernel's cost per token is what decides whether cutting rows into short ca
 Part 2 (`packed`): the attention of real packed batches (the first --batches batches of 8 Alpaca
 examples after the bench's shuffle), q/k/v random of the rows' shapes, fwd+bwd under the same autocast
 as a training step (`--amp`): the dense mask (`--attention sdpa`) vs the gathered calls
-(`--attention gathered`, which run in fp32 under CPU autocast without AMX). Medians of --repeats calls
+(`--attention gathered`, whose calls run in fp32 under CPU autocast; under autocast both call
+precisions are timed as well, `gathered_bf16_calls` and `gathered_fp32_calls`). Medians of --repeats calls
 after one. Attention only: the step's matmuls are `bench_packing.py`'s business.
 """
 
 import argparse
+import contextlib
 import random
 import statistics
 import time
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
 from common import machine, write_results  # puts clo on sys.path
 from workload import alpaca_examples
 
+from clo.model import gathered_attention
 from clo.model.chat import detect_format
 from clo.model.decoder import attend
 from clo.model.sources import DEFAULT_MODEL, resolve_model
@@ -69,16 +73,22 @@ def packed_costs(batches: int, amp: bool, repeats: int) -> list[dict]:
         p = pack(flat_sequences(examples[8 * b : 8 * b + 8]), tok.pad_id, 8)
         R, L = p.tokens.shape
         q, k, v = (torch.randn(R, h, L, 64, requires_grad=True) for h in (9, 3, 3))
-        forms = {"dense": p.mask, "gathered": p.gathered()}
+        plan = p.gathered()
+        # under autocast, time the gathered calls in both precisions beside gathered_attention.calls_dtype's choice
+        forms = {"dense": (p.mask, None), "gathered": (plan, None)}
+        if amp:
+            forms |= {"gathered_bf16_calls": (plan, torch.bfloat16), "gathered_fp32_calls": (plan, torch.float32)}
 
-        def step(form):
-            with torch.autocast("cpu", torch.bfloat16, enabled=amp):
-                y = attend(q, k, v, form, gqa=True)
-            y.float().sum().backward()
+        def step(form, calls_dtype):
+            with mock.patch.object(gathered_attention, "calls_dtype", lambda q, v: calls_dtype) if calls_dtype else contextlib.nullcontext():
+                with torch.autocast("cpu", torch.bfloat16, enabled=amp):
+                    y = attend(q, k, v, form, gqa=True)
+                y.float().sum().backward()
 
-        row = {"rows": R, "L": L, **{name: median_ms(lambda f=f: step(f), repeats) for name, f in forms.items()}}
+        row = {"rows": R, "L": L, **{name: median_ms(lambda f=f: step(*f), repeats) for name, f in forms.items()}}
         rows.append(row)
-        print(f"batch {b}: rows {R} x {L}: dense {row['dense']:.1f} ms, gathered {row['gathered']:.1f} ms ({row['dense'] / row['gathered']:.2f}x)", flush=True)
+        calls = f", calls bf16 {row['gathered_bf16_calls']:.1f} / fp32 {row['gathered_fp32_calls']:.1f} ms" if amp else ""
+        print(f"batch {b}: rows {R} x {L}: dense {row['dense']:.1f} ms, gathered {row['gathered']:.1f} ms ({row['dense'] / row['gathered']:.2f}x){calls}", flush=True)
     return rows
 
 
@@ -97,9 +107,9 @@ def main() -> None:
         out["kernel"] = kernel_costs(args.lengths, args.repeats)
     if args.part in ("both", "packed"):
         out["packed"] = packed_costs(args.batches, amp, args.repeats)
-        total = {name: sum(r[name] for r in out["packed"]) for name in ("dense", "gathered")}
-        print(f"all batches ({'bf16' if amp else 'fp32'} autocast): dense {total['dense']:.0f} ms, gathered {total['gathered']:.0f} ms: "
-              f"{total['dense'] / total['gathered']:.2f}x")
+        total = {name: sum(r[name] for r in out["packed"]) for name in out["packed"][0] if name not in ("rows", "L")}
+        print(f"all batches ({'bf16' if amp else 'fp32'} autocast): " + ", ".join(f"{name} {ms:.0f} ms" for name, ms in total.items())
+              + f": dense / gathered {total['dense'] / total['gathered']:.2f}x")
         out["packed_total_ms"] = total
     write_results(args.json, "attention-cpu", out)
 

@@ -13,6 +13,7 @@ from tiny_chat_model import make_tiny_training_setup
 import train
 from clo.errors import CloError
 from clo.model.chat import detect_format
+from clo.model.gathered_attention import attend_gathered
 from clo.model.hf_folder import load_model
 from clo.model.tokenizer import load_tokenizer
 from clo.pairs import demo_path, load_pairs
@@ -141,6 +142,25 @@ def test_the_gathered_calls_let_through_exactly_the_dense_masks_pairs(tiny, wind
         assert (plan.back[~real] == n_out).all() and len(set(plan.back[real].tolist())) == int(real.sum())  # the tail reads the zero row
         assert torch.equal(plan.queries[plan.back[real]], torch.arange(R * L)[real])  # each output goes back where its query came from
     assert len(p.gathered(3).calls) > len(p.gathered(1).calls) == 2  # one causal call, one call of second answers
+
+
+def test_under_cpu_autocast_the_gathered_calls_compute_in_fp32(tiny):
+    """Under bf16 autocast (q, k fp32 from RoPE, v bf16 from its projection) the calls compute in fp32 on
+    every CPU kind, AMX or not (short bf16 calls cost more there, BENCHMARKS.md): bit for bit the fp32
+    calls on the same bf16 values of v, and not the bf16 calls."""
+    _, tok, examples, _ = tiny
+    p = pack(flat_sequences(examples[:6]), tok.pad_id, 8)
+    plan = p.gathered()
+    R, L = p.tokens.shape
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(R, h, L, 16, generator=g) for h in (4, 2, 2))
+    v = v.bfloat16()
+    with torch.autocast("cpu", torch.bfloat16):
+        out = attend_gathered(q, k, v, plan, gqa=True)
+    fp32 = attend_gathered(q, k, v.float(), plan, gqa=True)
+    bf16 = attend_gathered(q.bfloat16(), k.bfloat16(), v, plan, gqa=True)
+    assert out.dtype == torch.float32 and torch.equal(out, fp32)
+    assert not torch.equal(out, bf16.float())  # the check tells the two precisions apart
 
 
 def test_second_answers_of_other_lengths_share_a_windowed_call(tmp_path):

@@ -16,12 +16,13 @@ tail gets zeros (it is never read). Same rule, same keys, in the same order as t
 same numbers up to float rounding, and entries of one call never mix, so one sequence's tokens
 cannot change another's result.
 
-Precision: under bf16 autocast on a CPU without AMX (bf16 from AVX512_BF16) the calls run in fp32,
-more precise and there faster: the CPU flash kernel's fwd+bwd costs 10.2-14.2 us per query token in
-bf16 at 64-256 keys against 5.4-12.7 in fp32 (2-core AMD EPYC with AVX-512, bench/bench_attention.py),
-and short calls are what this file makes. With bf16 calls a CLO step on the sw demo pairs was 1.05x
-the dense mask's, with fp32 calls 1.14-1.18x (BENCHMARKS.md). With AMX (not measured) and on CUDA
-the calls stay in autocast's bf16.
+Precision: under CPU bf16 autocast the calls run in fp32, more precise and there faster, with AMX
+or without: the CPU flash kernel's fwd+bwd per query token at 64-256 keys costs 10.2-14.2 us in bf16
+against 5.4-12.7 in fp32 on a 2-core AMD EPYC with AVX512_BF16, and 27-46 us against 13-22 on a
+2-core Intel Xeon with AMX (bench/bench_attention.py), and short calls are what this file makes. On
+real packed batches (the Alpaca mix) the gathered calls beat the dense mask with fp32 calls (AMX:
+1.55x) and lost to it with bf16 calls (AMX: 0.86x); BENCHMARKS.md. On CUDA the calls stay in
+autocast's bf16.
 """
 
 import contextlib
@@ -29,8 +30,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-from clo.runtime import amx_tiles
 
 
 @dataclass
@@ -60,11 +59,17 @@ class Gathered:
         return Gathered(calls, self.queries.to(device), self.keys.to(device), self.back.to(device))
 
 
+def calls_dtype(q: torch.Tensor, v: torch.Tensor) -> torch.dtype:
+    """fp32 under CPU autocast (see the module's docstring), else v's dtype (autocast's bf16 on CUDA: q and k
+    leave RoPE in fp32 while v is bf16, and SDPA would cast them anyway)."""
+    return torch.float32 if q.device.type == "cpu" and torch.is_autocast_enabled("cpu") else v.dtype
+
+
 def attend_gathered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Gathered, gqa: bool) -> torch.Tensor:
     """softmax(q kᵀ / √hd) v per sequence: q [R, H, L, hd], k, v [R, KV, L, hd] -> [R, H, L, hd]."""
     R, H, L, hd = q.shape
-    fp32 = q.device.type == "cpu" and torch.is_autocast_enabled("cpu") and not amx_tiles()
-    dtype = torch.float32 if fp32 else v.dtype  # under autocast q and k leave RoPE in fp32 while v is bf16: SDPA would cast them anyway
+    dtype = calls_dtype(q, v)
+    fp32 = dtype == torch.float32  # and outside autocast, which would cast them back to bf16
 
     def gather(t, index, sizes):  # [R, h, L, hd] -> one [n * T, h, hd] per call: one gather (and one scatter back) per tensor
         t = t.to(dtype).transpose(1, 2).reshape(R * L, t.shape[1], hd)
@@ -75,7 +80,7 @@ def attend_gathered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Gat
     outs = []
     for c, qc, kc, vc in zip(plan.calls, qs, ks, vs):
         qc, kc, vc = qc.view(c.n, c.Tq, H, hd).transpose(1, 2), kc.view(c.n, c.S, -1, hd).transpose(1, 2), vc.view(c.n, c.S, -1, hd).transpose(1, 2)
-        with torch.autocast("cpu", enabled=False) if fp32 else contextlib.nullcontext():
+        with torch.autocast(q.device.type, enabled=False) if fp32 else contextlib.nullcontext():
             y = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=c.mask, is_causal=c.mask is None, enable_gqa=gqa)
         outs.append(y.transpose(1, 2).flatten(0, 1))  # [n * Tq, H, hd]
     outs.append(outs[0].new_zeros(1, H, hd))
