@@ -83,7 +83,7 @@ class Batching:
         where nothing is measured yet. attention (packed rows only): auto is FlexAttention on CUDA, where a
         dense mask keeps SDPA off its flash kernel, and "gathered" (SDPA per sequence) on CPUs, where it
         beat the dense mask's steps on the Alpaca mix 1.09x in fp32 and 1.13x in bf16 (AMD EPYC with
-        AVX-512, BENCHMARKS.md); bucket auto is 128 with FlexAttention (its block size: few shapes to compile)."""
+        AVX-512) and on the demo set 1.13x in bf16 (Intel Xeon with AMX; BENCHMARKS.md); bucket auto is 128 with FlexAttention (its block size: few shapes to compile)."""
         packed = packing == "on" or (packing == "auto" and device.type == "cpu")
         kernel = attention if attention != "auto" else "flex" if device.type == "cuda" else "gathered"
         if not packed:
