@@ -112,18 +112,20 @@ def test_training_with_flexattention_on_cpu_stops_with_one_line(tiny, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def visible_pairs(plan, R: int, L: int) -> set[tuple[int, int]]:
-    """(query, key) flat positions that a `Gathered` plan lets attend, padding left out."""
-    zero, pairs, q_at, k_at = R * L, set(), 0, 0
+def visible_pairs(plan, R: int, L: int) -> torch.Tensor:
+    """(query, key) flat positions that a `Gathered` plan lets attend, padding left out, as sorted unique
+    codes query * (R*L + 1) + key."""
+    zero, pairs, q_at, k_at = R * L, [], 0, 0
     for c in plan.calls:
         queries, keys = plan.queries[q_at : q_at + c.n * c.Tq].view(c.n, c.Tq), plan.keys[k_at : k_at + c.n * c.S].view(c.n, c.S)
         mask = (torch.ones(c.Tq, c.S, dtype=torch.bool).tril() if c.mask is None else c.mask).expand(c.n, 1, c.Tq, c.S)
-        for e, t, j in mask[:, 0].nonzero().tolist():
-            if queries[e, t] != zero:
-                assert keys[e, j] != zero  # a real query never sees padding
-                pairs.add((queries[e, t].item(), keys[e, j].item()))
+        e, t, j = mask[:, 0].nonzero().unbind(1)
+        query, key = queries[e, t], keys[e, j]
+        real = query != zero
+        assert (key[real] != zero).all()  # a real query never sees padding
+        pairs.append(query[real] * (zero + 1) + key[real])
         q_at, k_at = q_at + c.n * c.Tq, k_at + c.n * c.S
-    return pairs
+    return torch.cat(pairs).unique()
 
 
 @pytest.mark.parametrize("window", [None, 4])
@@ -133,10 +135,12 @@ def test_the_gathered_calls_let_through_exactly_the_dense_masks_pairs(tiny, wind
     _, tok, examples, _ = tiny
     p = pack(flat_sequences(examples[:6]), tok.pad_id, 8, window)
     R, L = p.tokens.shape
-    dense = {(r * L + i, r * L + j) for r, _, i, j in p.mask.nonzero().tolist() if p.seg_id[r, i] >= 0}
+    r, _, i, j = p.mask.nonzero().unbind(1)
+    real = p.seg_id[r, i] >= 0
+    dense = ((r * L + i) * (R * L + 1) + r * L + j)[real].unique()
     for groups in (1, 3):
         plan = p.gathered(groups)
-        assert visible_pairs(plan, R, L) == dense
+        assert torch.equal(visible_pairs(plan, R, L), dense)
         real = (p.seg_id >= 0).flatten()
         n_out = len(plan.queries)
         assert (plan.back[~real] == n_out).all() and len(set(plan.back[real].tolist())) == int(real.sum())  # the tail reads the zero row
