@@ -69,7 +69,7 @@ def attend_gathered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Gat
     """softmax(q kᵀ / √hd) v per sequence: q [R, H, L, hd], k, v [R, KV, L, hd] -> [R, H, L, hd]."""
     R, H, L, hd = q.shape
     dtype = calls_dtype(q, v)
-    fp32 = dtype == torch.float32  # and outside autocast, which would cast them back to bf16
+    leave_autocast = dtype == torch.float32 and torch.is_autocast_enabled(q.device.type)  # else it casts them back to bf16
 
     def gather(t, index, sizes):  # [R, h, L, hd] -> one [n * T, h, hd] per call: one gather (and one scatter back) per tensor
         t = t.to(dtype).transpose(1, 2).reshape(R * L, t.shape[1], hd)
@@ -80,7 +80,7 @@ def attend_gathered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Gat
     outs = []
     for c, qc, kc, vc in zip(plan.calls, qs, ks, vs):
         qc, kc, vc = qc.view(c.n, c.Tq, H, hd).transpose(1, 2), kc.view(c.n, c.S, -1, hd).transpose(1, 2), vc.view(c.n, c.S, -1, hd).transpose(1, 2)
-        with torch.autocast(q.device.type, enabled=False) if fp32 else contextlib.nullcontext():
+        with torch.autocast(q.device.type, enabled=False) if leave_autocast else contextlib.nullcontext():
             y = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=c.mask, is_causal=c.mask is None, enable_gqa=gqa)
         outs.append(y.transpose(1, 2).flatten(0, 1))  # [n * Tq, H, hd]
     outs.append(outs[0].new_zeros(1, H, hd))
