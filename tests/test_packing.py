@@ -13,6 +13,7 @@ from tiny_chat_model import make_tiny_training_setup
 import train
 from clo.errors import CloError
 from clo.model.chat import detect_format
+from clo.model.decoder import attend
 from clo.model.gathered_attention import attend_gathered
 from clo.model.hf_folder import load_model
 from clo.model.tokenizer import load_tokenizer
@@ -102,6 +103,23 @@ def test_flexattention_gives_the_dense_masks_logps(tiny):
     assert torch.equal(n_flex, n_dense) and model.cfg.n_kv_heads < model.cfg.n_heads  # grouped-query heads too
     tol = 1e-4 + 2 * torch.finfo(torch.float32).eps * dense.abs()
     assert ((flex - dense).abs() <= tol).all(), ((flex - dense).abs().max(), dense.abs().max())
+
+
+@pytest.mark.parametrize(("head_dim", "lengths"), [(16, range(1, 17)), (64, (3, 15, 17))])
+def test_flexattention_on_cpu_equals_the_dense_mask_at_every_row_length(head_dim, lengths):
+    """Packed rows of 8 x n tokens (two answers to one prompt, a sliding window of 8) through `attend`'s
+    BlockMask vs SDPA with the dense mask. Head dim 64: the compiled CPU kernel, block indices and all.
+    Head dim 16 (the test models'): that kernel gave NaN and errors of ~2 at most of these lengths on an
+    AVX2-only CPU (torch 2.13), so `attend` runs it unfused there."""
+    g = torch.Generator().manual_seed(0)
+    for n in lengths:
+        prompt, first, second = (torch.randint(3, 128, (m,), generator=g).tolist() for m in (3 * n, 3 * n, 2 * n))
+        p = pack([(prompt, first), (prompt, second)], pad_id=0, bucket=8, window=8)
+        R, L = p.tokens.shape
+        assert L == 8 * n
+        q, k, v = torch.randn(R, 4, L, head_dim, generator=g), *(torch.randn(R, 2, L, head_dim, generator=g) for _ in "kv")
+        flex, dense = attend(q, k, v, p.block_mask(), gqa=True), attend(q, k, v, p.mask, gqa=True)
+        assert (flex - dense).abs().max() <= 1e-5, (n, (flex - dense).abs().max())
 
 
 def test_training_with_flexattention_on_cpu_stops_with_one_line(tiny, tmp_path):
