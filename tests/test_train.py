@@ -412,8 +412,8 @@ def test_compiled_blocks_build_one_graph_per_batch_shape(tiny, tmp_path, monkeyp
     deep = make_tiny_chat_model(tmp_path / "deep", demo_texts("sw"), num_hidden_layers=5)  # one graph per block would be 5 per shape
     torch._dynamo.reset()
     counters.clear()
-    run((deep, tiny[1]), tmp_path / "run", "--compile", "on", "--amp", "off", "--batch-size", "6", "--bucket", "16", "--max-steps", "2", "--packing", "off")
-    assert len(set(shapes)) == 2  # 8 examples: a batch of 6, then one of 2
+    run((deep, tiny[1]), tmp_path / "run", "--compile", "on", "--amp", "off", "--batch-size", "6", "--bucket", "16", "--max-steps", "2", "--packing", "off", "--length-groups", "1")
+    assert len(set(shapes)) == 2  # 8 examples: a batch of 6, then one of 2, each one padded tensor
     assert counters["stats"]["unique_graphs"] == 2 * len(set(shapes))
 
 
