@@ -347,7 +347,7 @@ def test_speed_options_train_the_same(tiny, tmp_path, option):
     weights match to 1e-5; compiled kernels sum in another order, and Adam turns a gradient that is
     ~0 into a ±lr step, so theirs match to 5% of how far the weights moved (a wrong gradient: ~100%).
     """
-    args = ("--max-steps", "2", "--lr", "1e-3", "--amp", "off", "--dtype", "float32", "--device", "cpu")  # compiled: 2 graphs a step
+    args = ("--max-steps", "2", "--lr", "1e-3", "--amp", "off", "--dtype", "float32", "--device", "cpu")
     plain = run(tiny, tmp_path / "plain", *args)
     other = run(tiny, tmp_path / "other", *args, *option)
     for a, b in zip(metrics(plain), metrics(other), strict=True):
