@@ -108,7 +108,8 @@ def test_flexattention_gives_the_dense_masks_logps(tiny):
 @pytest.mark.parametrize(("head_dim", "lengths"), [(16, range(1, 17)), (64, (17,))])
 def test_flexattention_on_cpu_equals_the_dense_mask_at_every_row_length(head_dim, lengths):
     """Packed rows of 8 x n tokens (two answers to one prompt, a sliding window of 8) through `attend`'s
-    BlockMask vs SDPA with the dense mask. Head dim 64: the compiled CPU kernel, block indices and all (136 tokens: a full block of 128, then a partial one).
+    BlockMask vs SDPA with the dense mask. Head dim 64: the compiled CPU kernel, block indices and all
+    (136 tokens: a full block of 128, then a partial one; each length compiles anew, so one).
     Head dim 16 (the test models'): that kernel gave NaN or errors of ~2 at 6 of the 10 of these lengths
     tried on an AVX2-only EPYC (torch 2.13; causal rows, one-off script), so `attend` runs it unfused there."""
     g = torch.Generator().manual_seed(0)
