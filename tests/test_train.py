@@ -258,21 +258,21 @@ def test_gradients_reach_only_the_stage(tiny):
 
 
 @pytest.mark.slow
-def test_default_command_runs_two_steps(smollm2_dir, tmp_path):
-    """`python train.py --lang sw` itself (default model, demo data), cut to two steps of 4 of its examples
+def test_default_command_runs_one_step(smollm2_dir, tmp_path):
+    """`python train.py --lang sw` itself (default model, demo data), cut to one step of 4 of its examples
     (the whole demo set's reference pass alone takes ~100 s on 2 cores); it ends with the preview."""
     import os
 
     env = {**os.environ, "CLO_CACHE": str(smollm2_dir.parent)}  # the default model's cache, not the tmp one
     out = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "train.py", "--lang", "sw", "--max-steps", "2", "--max-examples", "8", "--batch-size", "4", "--out", str(out)],
+        [sys.executable, "train.py", "--lang", "sw", "--max-steps", "1", "--max-examples", "4", "--batch-size", "4", "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=900, env=env,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"model saved to {out / 'model'}" in proc.stderr
-    assert len(metrics(out)) == 2
-    assert json.loads((out / "run.json").read_text())["summary"]["steps"] == 2
+    assert len(metrics(out)) == 1
+    assert json.loads((out / "run.json").read_text())["summary"]["steps"] == 1
     assert json.loads((out / "run.json").read_text())["lr"] == DEFAULT_MODEL_LR  # --lr auto on the default model
     assert re.search(r"answered in Swahili: [0-4]/4 before training \([0-4] not degenerate\), [0-4]/4 after \([0-4] not degenerate\)", proc.stderr)
     assert proc.stderr.count("  before [") == proc.stderr.count("  after  [") == 4
@@ -338,17 +338,43 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(tiny, tmp_path, signame, code):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("option", [("--checkpoint-activations",), ("--compile", "on")], ids=["checkpointing", "compiled-blocks"])
-def test_speed_options_train_the_same(tiny, tmp_path, option):
+@pytest.mark.parametrize("option", [("--checkpoint-activations",), ("--compile", "on", "--bucket", "512")], ids=["checkpointing", "compiled-blocks"])
+def test_speed_options_train_the_same(tiny, tmp_path, monkeypatch, option):
     """Activation checkpointing and per-block torch.compile change how a step runs, not what it computes.
 
     fp32 (--amp off) so that only the order of floating-point operations could differ: the metrics
     of 2 steps match the plain run to fp32 rounding. Checkpointing recomputes the same ops, so its
     weights match to 1e-5; compiled kernels sum in another order, and Adam turns a gradient that is
     ~0 into a ±lr step, so theirs match to 5% of how far the weights moved (a wrong gradient: ~100%).
+    Compiled, both steps' packed rows are 512 wide, and the 2nd step, other sequences of other
+    lengths, builds no graph (the per-sequence attention calls stay outside the graphs).
     """
+    from torch._dynamo.utils import counters
+
+    import clo.train.scoring
+
+    graphs, shapes, pack = [], [], clo.train.scoring.pack
+
+    def recording_step(*a, **k):
+        result = real_step(*a, **k)
+        graphs.append(counters["stats"]["unique_graphs"])
+        return result
+
+    def recording_pack(*a, **k):
+        packed = pack(*a, **k)
+        if torch.is_grad_enabled():  # training steps, not the (eager, no-grad) reference pass
+            shapes.append(tuple(packed.tokens.shape))
+        return packed
+
+    real_step = train.optimizer_step
+    monkeypatch.setattr(train, "optimizer_step", recording_step)
+    monkeypatch.setattr(clo.train.scoring, "pack", recording_pack)
     args = ("--max-steps", "2", "--lr", "1e-3", "--amp", "off", "--dtype", "float32", "--device", "cpu")
     plain = run(tiny, tmp_path / "plain", *args)
+    torch._dynamo.reset()
+    counters.clear()
+    graphs.clear()
+    shapes.clear()
     other = run(tiny, tmp_path / "other", *args, *option)
     for a, b in zip(metrics(plain), metrics(other), strict=True):
         for key in ("loss", "nll", "margin", "grad_norm"):
@@ -358,6 +384,9 @@ def test_speed_options_train_the_same(tiny, tmp_path, option):
     assert moved > 1e-3  # the steps changed the weights, so equal weights mean equal updates
     tolerance = 1e-5 if "--checkpoint-activations" in option else 0.05 * moved
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < tolerance
+    if "--compile" in option:
+        assert len(set(shapes)) == 1 and len(shapes) >= 2, shapes
+        assert len(graphs) == 2 and 0 < graphs[0] == graphs[1], graphs
 
 
 def test_weights_held_in_bf16_are_saved_exactly(tiny, tmp_path):
