@@ -1,11 +1,11 @@
 """Translation speed: clo's M2M100 decoding vs transformers' generate, same weights, same settings.
 
     python bench/bench_translate.py                       # m2m100_418M shape, beams 4 and 2, CPU
-    python bench/bench_translate.py --shape 1.2B --device cuda --dtype bfloat16 --batch-size 32
+    python bench/bench_translate.py --shape 1.2B --device cuda --dtype bfloat16 --batch-size 32 --beams 5   # issue 13's GPU check
 
 The real checkpoints cannot be downloaded here, so the model has random weights in the shape of
 facebook/m2m100_418M (d_model 1024, 12+12 layers, 16 heads, FFN 4096, vocab 128112) or
-facebook/m2m100_1.2B (24+24 layers, FFN 8192). It is written once, in HF format, to --folder (under
+facebook/m2m100_1.2B (24+24 layers, FFN 8192), or `tiny` (d_model 64, 2+2 layers: for tests and dry runs). It is written once, in HF format, to --folder (under
 /tmp by default, never into the repository). Sources are random token ids of about 30 tokens.
 A random model never emits </s>, so every sentence decodes to --max-length: the numbers compare
 the cost per decoding step (both implementations do the same number of steps), not the early exits
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import sync  # puts clo on sys.path
+from common import machine, sync, write_results  # puts clo on sys.path
 
 from clo.translate.m2m100 import load_m2m100
 from clo.translate.search import GenerationSettings, generate
@@ -29,6 +29,8 @@ SHAPES = {
                  decoder_attention_heads=16, encoder_ffn_dim=4096, decoder_ffn_dim=4096),
     "1.2B": dict(d_model=1024, encoder_layers=24, decoder_layers=24, encoder_attention_heads=16,
                  decoder_attention_heads=16, encoder_ffn_dim=8192, decoder_ffn_dim=8192),
+    "tiny": dict(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                 decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -71,6 +73,7 @@ def parse_args():
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--dtype", default="float32", choices=DTYPES, help="(default float32)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--json", default=None, help="where the results go (default runs/bench/translate-<shape>-<device>.json)")
     return parser.parse_args()
 
 
@@ -92,6 +95,7 @@ def main() -> None:
     print(f"device: {device} ({torch.get_num_threads()} threads), dtype {args.dtype}, m2m100_{args.shape} shape, "
           f"batch {args.batch_size}, {args.batches} batches x best of {args.repeats}, max_length {args.max_length}, torch {torch.__version__}, "
           f"transformers {transformers.__version__}")
+    table = []
     print("| beams | clo sent/s | transformers sent/s | speed-up | same output |")
     print("|---|---|---|---|---|")
     for beams in args.beams:
@@ -123,6 +127,11 @@ def main() -> None:
         same = all(h[:len(o)] == o and all(t == 1 for t in h[len(o):]) for o, h in zip(outputs["clo"], outputs["transformers"]))
         print(f"| {beams} | {rates['clo']:.2f} | {rates['transformers']:.2f} | {rates['clo'] / rates['transformers']:.2f}x | {same} |",
               flush=True)
+        table.append({"beams": beams, "sentences_per_s": rates, "best_seconds": best, "speedup": rates["clo"] / rates["transformers"],
+                     "same_output": same})
+    settings = {k: getattr(args, k) for k in ("shape", "batch_size", "batches", "repeats", "max_length", "device", "dtype")}
+    write_results(args.json, f"translate-{args.shape}-{device.type}",
+                  {"machine": machine(), "transformers": transformers.__version__, "settings": settings, "rows": table})
 
 
 if __name__ == "__main__":

@@ -1,24 +1,34 @@
 #!/usr/bin/env bash
-# Everything a GPU session checks, in one command, each part under its own time limit:
-#   1. the CUDA tests (tests/test_cuda.py)
-#   2. bench/bench_train.py --device cuda     (Llama-2-7B shape, random bf16 weights, sequence 1024, vs TRL)
-#   3. bench/bench_generate.py --device cuda  (same shape, batch 1 and 16, compiled decode vs transformers)
-#   4. bench/bench_train.py, clo only, with --checkpoint-activations (what recomputing costs and saves)
-#   5. bench/bench_fsdp_world1.py --device cuda (FSDP2 over one GPU vs the plain step, 7B shape: time, memory, equal losses;
-#      both copies of the model in one process: ~90 GB, so an H200 or a smaller MODEL)
-#   6. bench/bench_train.py --mix alpaca: Alpaca's spread of lengths capped at 2048, clo packed (--packing on: on
-#      CUDA through FlexAttention's block mask, --attention auto), clo padded and TRL, examples/s and MFU on real
-#      tokens (issue 14's GPU goal: >= 2x TRL, >= 55% MFU); ALPACA_SDPA_S > 0 adds clo packed with the dense mask
+# What a GPU session checks, in one command, each part under its own time limit:
+#   bash bench/gpu_check.sh                 # the parts issues 13 and 14 still need: tests train-alpaca translate fsdp-world1
+#   bash bench/gpu_check.sh tests translate # only the parts named
+# Parts:
+#   tests               the CUDA tests (tests/test_cuda.py)
+#   train-alpaca        bench/bench_train.py --mix alpaca: Alpaca's spread of lengths capped at 2048, clo packed (--packing
+#                       on: on CUDA through FlexAttention's block mask, --attention auto), clo padded and TRL, examples/s and
+#                       MFU on real tokens (issue 14's GPU goal: >= 2x TRL, >= 55% MFU)
+#   translate           bench/bench_translate.py: a random m2m100_1.2B-shaped checkpoint in bf16, batch 32, 5 beams, clo vs
+#                       transformers' generate, sentences/s (issue 13's goal: >= 1.5x)
+#   fsdp-world1         bench/bench_fsdp_world1.py (FSDP2 over one GPU vs the plain step, 7B shape: time, memory, equal
+#                       losses; both copies of the model in one process: ~90 GB, so an H200 or a smaller MODEL; issue 13)
+#   train               bench/bench_train.py (Llama-2-7B shape, random bf16 weights, sequence 1024, vs TRL; issue 6, measured)
+#   generate            bench/bench_generate.py (same shape, batch 1 and 16, compiled decode vs transformers; issue 6, measured)
+#   train-checkpointing bench/bench_train.py, clo only, with --checkpoint-activations (issue 6, measured)
+#   train-alpaca-sdpa   as train-alpaca, clo packed with the dense mask (--attention sdpa)
+# The default limits of the four default parts add up to 540 s, inside one device call (600 s at most); with 15 minutes
+# of device time in all, run them once and spend what is left on a part that failed.
 # Logs and JSON results go to $OUT (default runs/gpu). Optional, for machines without internet:
-#   .whl/  wheels installed first (trl, datasets, ... : see BENCHMARKS.md), .tok/  the tokenizer folder.
-# Limits (seconds) can be changed with TESTS_S, TRAIN_S, GENERATE_S, ...; a part with limit 0 is skipped
-# (e.g. CHECKPOINTING_S=0 FSDP_S=0 to spend the time on part 6); DEVICE/MODEL/ARGS for a CPU dry run.
+#   .whl/  wheels installed first (trl, datasets, ... : see BENCHMARKS.md), .tok/  the tokenizer folder,
+#   shared/data/alpaca/alpaca_5000.json  a copy of ../shared's Alpaca file (train-alpaca needs it; ../shared does not travel).
+# Limits (seconds) can be changed with TESTS_S, ALPACA_S, TRANSLATE_S, FSDP_S, TRAIN_S, ...; a part with limit 0 is skipped.
+# DEVICE/MODEL/ARGS for a CPU dry run, e.g. DEVICE=cpu MODEL=<tiny HF folder> TRANSLATE_ARGS="--shape tiny ...".
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 HF_HUB_OFFLINE=1 CLO_CACHE=${CLO_CACHE:-/tmp/clo-cache}
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}  # both sides: less fragmentation near 80 GB
+[ -d shared/data ] && export CLO_SHARED_DATA=${CLO_SHARED_DATA:-$PWD/shared/data}  # ../shared does not travel: a copy inside does
 DEVICE=${DEVICE:-cuda}
 MODEL=${MODEL:-random:llama2-7b}
 TOKENIZER=${TOKENIZER:-$( [ -d .tok ] && echo .tok || echo smollm2-135m-instruct )}
@@ -34,9 +44,12 @@ fi
   python3 -c "import trl; print('trl', trl.__version__)"
 } 2>&1 | tee "$OUT/machine.txt"
 
-part() {  # part NAME SECONDS COMMAND...: run, tee the log, record the exit status and time
+PARTS=${*:-tests train-alpaca translate fsdp-world1}
+
+part() {  # part NAME SECONDS COMMAND...: if NAME is asked for, run it, tee the log, record the exit status and time
   local name=$1 limit=$2; shift 2
   local t0=$SECONDS
+  case " $PARTS " in *" $name "*) ;; *) return ;; esac
   if [ "$limit" = 0 ]; then echo "=== $name: skipped (limit 0)"; return; fi
   echo "=== $name (limit ${limit}s): $*"
   timeout -k 15 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
@@ -44,18 +57,20 @@ part() {  # part NAME SECONDS COMMAND...: run, tee the log, record the exit stat
   echo "=== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$OUT/$name.log"
 }
 
-part tests "${TESTS_S:-110}" python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py ${TEST_ARGS:-}
+part tests "${TESTS_S:-100}" python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py ${TEST_ARGS:-}
+part train-alpaca "${ALPACA_S:-220}" python3 bench/bench_train.py --device "$DEVICE" --model "$MODEL" --tokenizer "$TOKENIZER" \
+  --mix alpaca --sides clo clo-padded trl --clo-flags="--packing on" --json "$OUT/train-alpaca.json" \
+  ${ALPACA_ARGS:---batch-sizes 4 --warmup 1 --rounds 1 --steps 3}
+part translate "${TRANSLATE_S:-100}" python3 bench/bench_translate.py --device "$DEVICE" --json "$OUT/translate.json" \
+  ${TRANSLATE_ARGS:---shape 1.2B --dtype bfloat16 --batch-size 32 --beams 5 --max-length 64 --repeats 2}
+part fsdp-world1 "${FSDP_S:-120}" python3 bench/bench_fsdp_world1.py --device "$DEVICE" --model "$MODEL" --tokenizer "$TOKENIZER" --steps 4 \
+  --json "$OUT/fsdp-world1.json" ${FSDP_ARGS:-}
 part train "${TRAIN_S:-220}" python3 bench/bench_train.py --device "$DEVICE" --model "$MODEL" --tokenizer "$TOKENIZER" \
   --json "$OUT/train.json" ${TRAIN_ARGS:-}
 part generate "${GENERATE_S:-140}" python3 bench/bench_generate.py --device "$DEVICE" --model "$MODEL" --tokenizer "$TOKENIZER" \
   --json "$OUT/generate.json" ${GENERATE_ARGS:-}
 part train-checkpointing "${CHECKPOINTING_S:-70}" python3 bench/bench_train.py --device "$DEVICE" --model "$MODEL" \
   --tokenizer "$TOKENIZER" --sides clo --clo-flags=--checkpoint-activations --json "$OUT/train-checkpointing.json" ${TRAIN_ARGS:-}
-part fsdp-world1 "${FSDP_S:-150}" python3 bench/bench_fsdp_world1.py --device "$DEVICE" --model "$MODEL" --tokenizer "$TOKENIZER" --steps 4 \
-  --json "$OUT/fsdp-world1.json" ${FSDP_ARGS:-}
-part train-alpaca "${ALPACA_S:-240}" python3 bench/bench_train.py --device "$DEVICE" --model "$MODEL" --tokenizer "$TOKENIZER" \
-  --mix alpaca --sides clo clo-padded trl --clo-flags="--packing on" --json "$OUT/train-alpaca.json" \
-  ${ALPACA_ARGS:---batch-sizes 4 --warmup 1 --rounds 1 --steps 3}
-part train-alpaca-sdpa "${ALPACA_SDPA_S:-0}" python3 bench/bench_train.py --device "$DEVICE" --model "$MODEL" --tokenizer "$TOKENIZER" \
+part train-alpaca-sdpa "${ALPACA_SDPA_S:-240}" python3 bench/bench_train.py --device "$DEVICE" --model "$MODEL" --tokenizer "$TOKENIZER" \
   --mix alpaca --sides clo --clo-flags="--packing on --attention sdpa" --json "$OUT/train-alpaca-sdpa.json" \
   ${ALPACA_ARGS:---batch-sizes 4 --warmup 1 --rounds 1 --steps 3}

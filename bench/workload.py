@@ -12,6 +12,7 @@ Both sides hold and compute in train.py's precision policy (`precision_policy`).
 against (`matmul_rate`), and the memory of a worker process (`start_peak`, `peak_memory`).
 """
 
+import os
 import random
 import statistics
 import time
@@ -46,7 +47,8 @@ def stretch(ex: EncodedExample, length: int) -> EncodedExample:
     return EncodedExample(ex.id, sequences)
 
 
-ALPACA = REPO.parent / "shared" / "data" / "alpaca" / "alpaca_5000.json"
+# ../shared/data, or where CLO_SHARED_DATA points (as for the tests; bench/gpu_check.sh points it into the checkout)
+ALPACA = Path(os.environ.get("CLO_SHARED_DATA", REPO.parent / "shared" / "data")) / "alpaca" / "alpaca_5000.json"
 MIXES = ("stretched", "alpaca")
 
 
@@ -58,7 +60,7 @@ def alpaca_examples(tok, fmt, max_length: int, seed: int = 0) -> list[EncodedExa
     from clo.translate.sft_sources import read_sft_source
 
     if not ALPACA.is_file():
-        raise CloError(f"{ALPACA}: not found (the Alpaca 5k subset of ../shared/data, see its README)")
+        raise CloError(f"{ALPACA}: not found (the Alpaca 5k subset of ../shared/data, see its README; CLO_SHARED_DATA names another folder)")
     g = random.Random(seed)
     out = []
     for sft in read_sft_source(ALPACA, "alpaca").examples:

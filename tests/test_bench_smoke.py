@@ -176,3 +176,20 @@ def test_bench_attention_times_each_kernel_in_both_dtypes(tmp_path):
     rows = json.loads(out.read_text())["kernel"]
     assert [(r["dtype"], r["T"]) for r in rows] == [("float32", 16), ("float32", 32), ("bfloat16", 16), ("bfloat16", 32)]
     assert all(r["mask_us_per_token"] > 0 and r["causal_us_per_token"] > 0 for r in rows)
+
+
+def test_gpu_check_runs_the_parts_named_translation_on_cpu(tmp_path):
+    """bench/gpu_check.sh translate, as a CPU dry run on the tiny M2M100 shape: only that part runs, and
+    clo's beam search and transformers' generate give the same sentences (fp32), with a rate for each."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OUT": str(tmp_path / "out"), "DEVICE": "cpu",
+           "WHEELS": "", "CLO_CACHE": str(tmp_path / "cache"), "TRANSLATE_ARGS": f"--shape tiny --folder {tmp_path / 'm2m100'} --beams 3 1 "
+           "--batch-size 2 --batches 1 --repeats 1 --max-length 8 --threads 1"}
+    result = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "translate"], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "=== translate: exit 0" in result.stdout, result.stdout[-3000:]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["machine.txt", "translate.json", "translate.log"]
+    rows = json.loads((tmp_path / "out" / "translate.json").read_text())["rows"]
+    assert [r["beams"] for r in rows] == [3, 1]
+    for row in rows:
+        assert row["same_output"] is True
+        assert row["sentences_per_s"]["clo"] > 0 and row["sentences_per_s"]["transformers"] > 0
