@@ -35,7 +35,8 @@ SHAPES = {
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def ensure_random_checkpoint(folder: Path, shape: str) -> None:
+def ensure_random_checkpoint(folder: Path, shape: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Write a random checkpoint of `shape` to `folder`, unless one is there: built on `device`, saved in `dtype`."""
     import transformers
 
     if (folder / "model.safetensors").is_file():
@@ -43,7 +44,9 @@ def ensure_random_checkpoint(folder: Path, shape: str) -> None:
     print(f"writing a random m2m100_{shape}-shaped checkpoint to {folder} ...", file=sys.stderr)
     torch.manual_seed(0)
     config = transformers.M2M100Config(vocab_size=128112, max_position_embeddings=1024, **SHAPES[shape])
-    transformers.M2M100ForConditionalGeneration(config).save_pretrained(folder)
+    with device:
+        model = transformers.M2M100ForConditionalGeneration(config)
+    model.to(dtype).save_pretrained(folder)
 
 
 def source_batches(n_batches: int, batch_size: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -85,8 +88,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     folder = Path(args.folder or f"/tmp/m2m100_{args.shape}_random")
-    ensure_random_checkpoint(folder, args.shape)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    ensure_random_checkpoint(folder, args.shape, device, dtype)
     ours = load_m2m100(folder, device, dtype)
     hf = transformers.M2M100ForConditionalGeneration.from_pretrained(folder, dtype=dtype).to(device).eval()
     batches = [(s.to(device), m.to(device)) for s, m in source_batches(args.batches, args.batch_size)]
