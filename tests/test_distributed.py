@@ -129,6 +129,48 @@ def test_two_processes_train_as_one(tiny, two, tmp_path, case):
         assert torch.allclose(la, lb, atol=1e-5)
 
 
+def test_cudas_bf16_policy_on_two_processes_trains_as_one_and_saves_frozen_weights_exactly(tiny, tmp_path):
+    """The FSDP2 mixed-precision policy that CUDA gets (blocks gathered in bf16 for compute, gradients reduced
+    in fp32, fp32 master weights), forced on 2 CPU processes under bf16 autocast (`--amp on`): the gathered
+    weights really are bf16, the run trains as the 1-process autocast run does (losses to 1e-3; bf16 noise
+    may flip the sign of a tiny gradient, and Adam turns that into a 2·lr gap, so up to 5% of the trained
+    entries may differ by more than 1e-4), and the weights it does not train are saved bit for bit."""
+    seen = tmp_path / "gathered-dtypes.txt"
+    script = tmp_path / "bf16_policy.py"
+    script.write_text(textwrap.dedent(f"""
+        import atexit, os, sys, torch
+        sys.path.insert(0, {str(REPO)!r})
+        import clo.train.distributed as distributed
+        import train
+        from clo.errors import run_cli
+        real, dtypes = distributed.shard, set()
+        def shard(model, world, compute_dtype, device=None):
+            real(model, world, torch.bfloat16, device)  # what train.py passes on CUDA
+            model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda m, args: dtypes.add(str(m.weight.dtype)))
+        distributed.shard = shard
+        if os.environ["RANK"] == "0":
+            atexit.register(lambda: open({str(seen)!r}, "w").write(" ".join(sorted(dtypes))))
+        run_cli(lambda: train.main(sys.argv[1:]))
+    """))
+    args = [*argv(tiny, tmp_path / "two", "--max-steps", "2"), "--amp", "on"]
+    done = torchrun(args, script)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert seen.read_text() == "torch.bfloat16"  # the policy was applied, not only passed along
+    one = train.main([*argv(tiny, tmp_path / "one", "--max-steps", "2"), "--amp", "on"])
+    for x, y in zip(metrics(one), metrics(tmp_path / "two"), strict=True):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-3) and y["grad_norm"] == pytest.approx(x["grad_norm"], rel=2e-2), (x, y)
+    source, wa, wb = weights(tiny[0]), weights(one / "model"), weights(tmp_path / "two" / "model")
+    trained = [k for k in source if not torch.equal(wa[k], source[k])]
+    assert trained and all(".self_attn." in k for k in trained)  # train.py's default stage: attention only
+    for k in source:
+        assert wb[k].dtype == torch.float32, k
+        if k not in trained:
+            assert torch.equal(wb[k], source[k]), k
+    diffs = torch.cat([(wa[k] - wb[k]).abs().flatten() for k in trained])
+    # Adam moves an entry by at most ~lr a step (1.0014·lr at step 2), so two runs part by at most ~2·lr a step
+    assert (diffs > 1e-4).float().mean() <= 0.05 and diffs.max() <= 4.01 * LR, diffs.max()
+
+
 def test_one_process_under_torchrun_is_plain_python(tiny, tmp_path):
     """torchrun with 1 process has nothing to shard: it runs the plain path, bit for bit, and writes the same files."""
     plain = train.main(argv(tiny, tmp_path / "plain", "--save-every", "2"))
