@@ -70,7 +70,8 @@ def compile_blocks(model) -> None:
     Regional compilation: the blocks share their code, so one graph serves all of them and it builds
     in seconds; compiling `model.hidden` whole unrolls every layer (SmolLM2, CPU, cold caches: 100 s vs
     28 s to the first step, the same step time after: bench/bench_compile.py). Embedding, RoPE tables
-    and the final norm stay eager.
+    and the final norm stay eager, and so do the per-sequence attention calls of packed rows
+    (`attend_gathered`): each block then runs as two graphs around them.
     """
     torch._dynamo.config.recompile_limit = 64  # one graph per (batch, bucketed length): more than dynamo's default 8
     for layer in model.layers:
