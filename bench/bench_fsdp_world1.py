@@ -89,9 +89,12 @@ def main() -> None:
     model_spec, tokenizer = resolve_models(args.model, args.tokenizer)
     source = None if model_spec.startswith("random:") else Path(model_spec)
     sides = {}
+    held = training_precision(device, "auto", "auto").frozen  # both sides start from the same values, in this dtype
     for name in ("plain", "fsdp2"):
         precision = training_precision(device, "auto", "auto", sharded=name == "fsdp2")
-        model = clo_model({"model": model_spec}, device, precision.frozen)
+        # shard() widens every weight to fp32 exactly; a random model built in fp32 would start the fp32 masters off
+        # the bf16 grid, where AdamW's 1e-6 steps change the bf16 compute copy far sooner than from bf16 values
+        model = clo_model({"model": model_spec}, device, held)
         if name == "fsdp2":
             shard(model, world, precision.autocast if device.type == "cuda" else None)
         optimizer, trainable, _ = begin_stage(model, ["attn"], lora=False, lr=1e-6, weight_decay=0.0, compile=False,

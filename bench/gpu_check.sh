@@ -15,6 +15,8 @@
 #   generate            bench/bench_generate.py (same shape, batch 1 and 16, compiled decode vs transformers; issue 6, measured)
 #   train-checkpointing bench/bench_train.py, clo only, with --checkpoint-activations (issue 6, measured)
 #   train-alpaca-sdpa   as train-alpaca, clo packed with the dense mask (--attention sdpa)
+# train-alpaca's warm-up covers every batch once: each new shape compiles clo's blocks (~10 s on an H200, 2026-12-04),
+# so timed steps after a warm-up shorter than the batches measured the compiler, not the step.
 # The default limits of the four default parts add up to 540 s, inside one device call (600 s at most); with 15 minutes
 # of device time in all, run them once and spend what is left on a part that failed.
 # Logs and JSON results go to $OUT (default runs/gpu). Optional, for machines without internet:
@@ -60,7 +62,7 @@ part() {  # part NAME SECONDS COMMAND...: if NAME is asked for, run it, tee the 
 part tests "${TESTS_S:-100}" python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py ${TEST_ARGS:-}
 part train-alpaca "${ALPACA_S:-220}" python3 bench/bench_train.py --device "$DEVICE" --model "$MODEL" --tokenizer "$TOKENIZER" \
   --mix alpaca --sides clo clo-padded trl --clo-flags="--packing on" --json "$OUT/train-alpaca.json" \
-  ${ALPACA_ARGS:---batch-sizes 4 --warmup 1 --rounds 1 --steps 3}
+  ${ALPACA_ARGS:---batch-sizes 8 --warmup 5 --rounds 1 --steps 5}
 part translate "${TRANSLATE_S:-100}" python3 bench/bench_translate.py --device "$DEVICE" --json "$OUT/translate.json" \
   ${TRANSLATE_ARGS:---shape 1.2B --dtype bfloat16 --batch-size 32 --beams 5 --max-length 64 --repeats 2}
 part fsdp-world1 "${FSDP_S:-120}" python3 bench/bench_fsdp_world1.py --device "$DEVICE" --model "$MODEL" --tokenizer "$TOKENIZER" --steps 4 \
@@ -73,4 +75,4 @@ part train-checkpointing "${CHECKPOINTING_S:-70}" python3 bench/bench_train.py -
   --tokenizer "$TOKENIZER" --sides clo --clo-flags=--checkpoint-activations --json "$OUT/train-checkpointing.json" ${TRAIN_ARGS:-}
 part train-alpaca-sdpa "${ALPACA_SDPA_S:-240}" python3 bench/bench_train.py --device "$DEVICE" --model "$MODEL" --tokenizer "$TOKENIZER" \
   --mix alpaca --sides clo --clo-flags="--packing on --attention sdpa" --json "$OUT/train-alpaca-sdpa.json" \
-  ${ALPACA_ARGS:---batch-sizes 4 --warmup 1 --rounds 1 --steps 3}
+  ${ALPACA_ARGS:---batch-sizes 8 --warmup 5 --rounds 1 --steps 5}

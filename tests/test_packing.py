@@ -64,6 +64,15 @@ def test_the_mask_by_hand():
     assert p.positions[0].tolist() == [0, 1, 2, 2, 3, 0, 1, 0]
 
 
+def test_the_mask_is_built_where_the_rows_are():
+    """The dense mask (--attention sdpa) is built on the rows' device: on CUDA, a causal part made on the
+    CPU stopped every packed SDPA step (H200, 2026-12-04). The meta device stands in for CUDA here."""
+    p = pack([([1, 2], [3]), ([1, 2], [4, 5]), ([6], [7])], pad_id=0, bucket=8).to("meta")
+    assert p.mask.device.type == "meta" and p.mask.shape == (1, 1, 8, 8)
+    windowed = pack([([1, 2], [3]), ([6], [7])], pad_id=0, bucket=8, window=2).to("meta")
+    assert windowed.mask.device.type == "meta"
+
+
 def logps_and_grads(folder, seqs, pad_id, attention: str | None):
     """attention None: the padded batch; else packed rows through that kernel."""
     model = load_model(folder)

@@ -214,7 +214,7 @@ def pack(sequences: list[tuple[list[int], list[int]]], pad_id: int, bucket: int 
 def segment_mask(seg_id: torch.Tensor, part: torch.Tensor, positions: torch.Tensor, window: int | None = None) -> torch.Tensor:
     """[R, 1, L, L] bool from per-token segment ids, parts (0 prompt, k answer k) and positions (module docstring)."""
     L = seg_id.shape[1]
-    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    causal = torch.ones(L, L, dtype=torch.bool, device=seg_id.device).tril()  # on the rows' device: CUDA, for SDPA
     same = seg_id[:, :, None] == seg_id[:, None, :]
     visible = (part[:, None, :] == 0) | (part[:, :, None] == part[:, None, :])
     allowed = same & causal & visible
