@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What a GPU session checks, in one command, each part under its own time limit:
-#   bash bench/gpu_check.sh                 # the parts issues 13 and 14 still need: tests train-alpaca translate fsdp-world1
+#   bash bench/gpu_check.sh                 # the parts of issues 13 and 14: tests train-alpaca translate fsdp-world1
 #   bash bench/gpu_check.sh tests translate # only the parts named
 # Parts:
 #   tests               the CUDA tests (tests/test_cuda.py)

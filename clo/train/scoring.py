@@ -79,8 +79,9 @@ class Batching:
         few), else 8. groups: 4 on CPU, where a third of the demo's padded tokens were padding and 4
         groups cut a default-job step from 26.8 to 18.3 s (AMD EPYC, BENCHMARKS.md); 1 on CUDA, not
         yet measured there. packing: auto is on for CPUs, where the default job's steps took a median
-        22.5 s packed vs 25.8 s padded in 4 groups (AMD EPYC, fp32, BENCHMARKS.md), and off on CUDA,
-        where nothing is measured yet. attention (packed rows only): auto is FlexAttention on CUDA, where a
+        22.5 s packed vs 25.8 s padded in 4 groups (AMD EPYC, fp32, BENCHMARKS.md), and off on CUDA
+        until FlexAttention's training there is tested equal to the dense mask's (tests/test_cuda.py), although
+        packed rows were 1.75x the padded examples/s on an H200 (7B shape, Alpaca's lengths). attention (packed rows only): auto is FlexAttention on CUDA, where a
         dense mask keeps SDPA off its flash kernel, and "gathered" (SDPA per sequence) on CPUs, where it
         beat the dense mask's steps on the Alpaca mix 1.09x in fp32 and 1.13x in bf16 (AMD EPYC with
         AVX-512) and on the demo set 1.13x in bf16 (Intel Xeon with AMX; BENCHMARKS.md); bucket auto is 128 with FlexAttention (its block size: few shapes to compile)."""
