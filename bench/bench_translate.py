@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from common import machine, sync, write_results  # puts clo on sys.path
 
+from clo.runtime import on_for_cuda
 from clo.translate.m2m100 import load_m2m100
 from clo.translate.search import GenerationSettings, generate
 from clo.translate.tokenizer import LANGUAGE_CODES
@@ -76,6 +77,8 @@ def parse_args():
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--dtype", default="float32", choices=DTYPES, help="(default float32)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                        help="clo's beam search through the compiled static-shape step, as translate.py's --compile (auto: on for CUDA)")
     parser.add_argument("--json", default=None, help="where the results go (default runs/bench/translate-<shape>-<device>.json)")
     return parser.parse_args()
 
@@ -89,6 +92,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     folder = Path(args.folder or f"/tmp/m2m100_{args.shape}_random")
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    compile = on_for_cuda(args.compile, device)
     ensure_random_checkpoint(folder, args.shape, device, dtype)
     ours = load_m2m100(folder, device, dtype)
     hf = transformers.M2M100ForConditionalGeneration.from_pretrained(folder, dtype=dtype).to(device).eval()
@@ -97,16 +101,20 @@ def main() -> None:
 
     print(f"device: {device} ({torch.get_num_threads()} threads), dtype {args.dtype}, m2m100_{args.shape} shape, "
           f"batch {args.batch_size}, {args.batches} batches x best of {args.repeats}, max_length {args.max_length}, torch {torch.__version__}, "
-          f"transformers {transformers.__version__}")
+          f"transformers {transformers.__version__}, clo --compile {'on' if compile else 'off'}")
     table = []
-    print("| beams | clo sent/s | transformers sent/s | speed-up | same output |")
-    print("|---|---|---|---|---|")
+    print("| beams | clo sent/s | transformers sent/s | speed-up | same output | clo warm-up s |")
+    print("|---|---|---|---|---|---|")
     for beams in args.beams:
         settings = GenerationSettings(max_length=args.max_length, num_beams=beams, early_stopping=True)
         hf_kwargs = dict(num_beams=beams, max_length=args.max_length, early_stopping=True,
                          forced_bos_token_id=forced, do_sample=False)
-        with torch.inference_mode():  # warm-up: first calls allocate and pick kernels
-            generate(ours, *batches[0], forced, GenerationSettings(max_length=4, num_beams=beams))
+        with torch.inference_mode():  # warm-up: first calls allocate and pick kernels; clo's compiles its step for these shapes
+            sync(device)
+            start = time.perf_counter()
+            generate(ours, *batches[0], forced, settings if compile else GenerationSettings(max_length=4, num_beams=beams), compile)
+            sync(device)
+            warmup = time.perf_counter() - start
             hf.generate(input_ids=batches[0][0], attention_mask=batches[0][1], **{**hf_kwargs, "max_length": 4})
         # Alternate the two, --repeats times each, and keep each one's best time: on a shared
         # machine the slowest runs measure the neighbours, not the code.
@@ -119,7 +127,7 @@ def main() -> None:
                 with torch.inference_mode():
                     for src, mask in batches:
                         if name == "clo":
-                            results += generate(ours, src, mask, forced, settings)
+                            results += generate(ours, src, mask, forced, settings, compile)
                         else:
                             rows = hf.generate(input_ids=src, attention_mask=mask, **hf_kwargs).tolist()
                             results += [row[1:] for row in rows]
@@ -128,11 +136,11 @@ def main() -> None:
                 outputs[name] = results
         rates = {name: len(batches) * args.batch_size / seconds for name, seconds in best.items()}
         same = all(h[:len(o)] == o and all(t == 1 for t in h[len(o):]) for o, h in zip(outputs["clo"], outputs["transformers"]))
-        print(f"| {beams} | {rates['clo']:.2f} | {rates['transformers']:.2f} | {rates['clo'] / rates['transformers']:.2f}x | {same} |",
+        print(f"| {beams} | {rates['clo']:.2f} | {rates['transformers']:.2f} | {rates['clo'] / rates['transformers']:.2f}x | {same} | {warmup:.1f} |",
               flush=True)
         table.append({"beams": beams, "sentences_per_s": rates, "best_seconds": best, "speedup": rates["clo"] / rates["transformers"],
-                     "same_output": same})
-    settings = {k: getattr(args, k) for k in ("shape", "batch_size", "batches", "repeats", "max_length", "device", "dtype")}
+                     "same_output": same, "clo_warmup_s": warmup})
+    settings = {k: getattr(args, k) for k in ("shape", "batch_size", "batches", "repeats", "max_length", "device", "dtype", "compile")}
     write_results(args.json, f"translate-{args.shape}-{device.type}",
                   {"machine": machine(), "transformers": transformers.__version__, "settings": settings, "rows": table})
 

@@ -142,3 +142,25 @@ def test_packed_kernels_train_as_the_dense_mask_does(tiny, tmp_path, compile):
             assert abs(a["loss"] - b["loss"]) <= 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * b["grad_norm"], (kind, a, b)
         wa = load_file(runs[kind] / "model" / "model.safetensors")
         assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-3, kind
+
+
+def test_compiled_beam_search_is_a_cuda_graph_with_the_eager_outputs(tmp_path):
+    """translate.py's decoding on CUDA (clo/translate/static_decode.py): the beam step compiled in static
+    shapes runs as a CUDA graph (no skips), in fp32 gives the eager beam search's outputs, and a second
+    batch of the same shape reuses the buffers and the graph."""
+    from test_m2m100 import random_batch, write_tiny_m2m100
+    from torch._dynamo.utils import counters
+
+    from clo.translate.m2m100 import load_m2m100
+    from clo.translate.search import GenerationSettings
+    from clo.translate.search import generate as translate
+
+    write_tiny_m2m100(tmp_path, vocab_size=64)
+    model = load_m2m100(tmp_path, "cuda", torch.float32)
+    settings = GenerationSettings(num_beams=4, max_length=20, early_stopping=True)
+    counters.clear()
+    for seed in (1, 2, 3):
+        src, mask = (t.cuda() for t in random_batch(64, seed))
+        assert translate(model, src, mask, 10, settings, compile=True) == translate(model, src, mask, 10, settings)
+    assert len(model._static_decode_buffers) == 2
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])

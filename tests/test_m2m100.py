@@ -10,7 +10,8 @@ import torch
 
 from clo.errors import CloError
 from clo.translate.m2m100 import load_m2m100
-from clo.translate.search import GenerationSettings, generate
+from clo.translate.search import GenerationSettings, beam_search, generate
+from clo.translate.static_decode import SOURCE_BUCKET, decode_step
 from clo.translate.tokenizer import LANGUAGE_CODES, M2M100Tokenizer, NllbTokenizer, load_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -121,6 +122,30 @@ def test_generation_matches_transformers(tiny, settings):
             lengths.append(len(ids))
     # The oracle comparison means something only if sentences end at different lengths.
     assert len(set(lengths)) > 1, lengths
+
+
+@pytest.mark.parametrize("settings", [s for s in SETTINGS if s["num_beams"] > 1], ids=lambda s: f"beams{s['num_beams']}-{s.get('early_stopping')}")
+def test_beam_search_in_static_shapes_matches_transformers(tiny, settings):
+    """The step that compiles (clo/translate/static_decode.py), run eagerly: a full-length cache written in
+    place, reordering inside the step, padded cross-attention, done sentences kept in the batch; the
+    same outputs as transformers' generate, also on a second batch that reuses the first one's buffers."""
+    folder, hf = tiny
+    ours = load_m2m100(folder)
+    calls = []
+
+    def step(*args):
+        calls.append(args[3].item())  # the slot
+        return decode_step(*args)
+
+    for seed in (1, 2):
+        src, mask = random_batch(64, seed)
+        assert src.size(1) % SOURCE_BUCKET  # the cross-attention buffers are padded
+        expected = hf.generate(input_ids=src, attention_mask=mask, forced_bos_token_id=10, do_sample=False, **settings)
+        got = beam_search(ours, src, mask, 10, GenerationSettings(**settings), step=step)
+        for row, ids in zip(expected.tolist(), got):
+            assert row[1:1 + len(ids)] == ids and all(t == 1 for t in row[1 + len(ids):])
+    assert calls and calls[0] == 0 and max(calls) >= 2  # every step went through decode_step
+    assert len(ours._static_decode_buffers) == 2  # one self-attention and one cross-attention set, both batches
 
 
 def test_load_pytorch_bin_with_legacy_keys(tiny, tmp_path):

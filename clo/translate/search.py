@@ -18,6 +18,7 @@ from torch import Tensor
 
 from clo.errors import CloError
 from clo.translate.m2m100 import M2M100
+from clo.translate.static_decode import StaticCache, compiled_step, step_log_probs
 
 
 @dataclass(frozen=True)
@@ -68,11 +69,13 @@ class GenerationSettings:
 
 @torch.inference_mode()
 def generate(model: M2M100, src_ids: Tensor, src_mask: Tensor, forced_bos_id: int | None,
-             settings: GenerationSettings) -> list[list[int]]:
+             settings: GenerationSettings, compile: bool = False) -> list[list[int]]:
     """Translate a padded batch src_ids, src_mask [B, S] -> for each sentence, the generated ids after
-    the start token: [__tgt__, ..., </s>] (no </s> if max_length was reached first)."""
+    the start token: [__tgt__, ..., </s>] (no </s> if max_length was reached first).
+    compile: beam search decodes through a compiled step in static shapes (clo/translate/static_decode.py;
+    a CUDA graph per step on CUDA); greedy search stays eager."""
     if settings.num_beams > 1:
-        return beam_search(model, src_ids, src_mask, forced_bos_id, settings)
+        return beam_search(model, src_ids, src_mask, forced_bos_id, settings, compiled_step(model) if compile else None)
     return greedy_search(model, src_ids, src_mask, forced_bos_id, settings)
 
 
@@ -157,7 +160,7 @@ def top_candidates(log_probs: Tensor, live: Tensor, scores: Tensor, length: int,
 
 
 def beam_search(model: M2M100, src_ids: Tensor, src_mask: Tensor, forced_bos_id: int | None,
-                settings: GenerationSettings) -> list[list[int]]:
+                settings: GenerationSettings, step=None) -> list[list[int]]:
     """transformers' beam search (GenerationMixin._beam_search), step for step.
 
     Each step, every sentence's num_beams live beams propose their continuations; the best 2 * num_beams
@@ -165,11 +168,17 @@ def beam_search(model: M2M100, src_ids: Tensor, src_mask: Tensor, forced_bos_id:
     length penalty, for the sentence's num_beams finished slots; the best num_beams of the others live on.
     A sentence is done when no live beam can beat its finished ones (or, with early_stopping=True, when
     its slots are full); done sentences leave the batch. The best finished hypothesis is returned.
+
+    step: decode through this function in static shapes (static_decode.decode_step, or compiled_step's
+    compiled form) instead of the growing cache; done sentences then stay in the batch, unread: their
+    finished slots no longer change (the -1e9 terms below), so the results are the same.
     """
     cfg, beams, max_len = model.cfg, settings.num_beams, settings.max_length
     lp, early = settings.length_penalty, settings.early_stopping
     B, dev = src_ids.size(0), src_ids.device
     cache = model.start_decoding(model.encode(src_ids, src_mask), src_mask, group=beams)
+    if step is not None:
+        cache = StaticCache.for_model(model, cache, max_len)
     n_top = 2 * beams  # enough candidates that num_beams remain live even if num_beams of them just ended
     is_top_beams = torch.arange(n_top, device=dev) < beams  # only these may enter the finished slots
 
@@ -180,7 +189,11 @@ def beam_search(model: M2M100, src_ids: Tensor, src_mask: Tensor, forced_bos_id:
     length = 1  # decoder tokens so far
     while True:
         A = len(alive)
-        log_probs = F.log_softmax(model.decode(a_live[:, :, length - 1].reshape(-1, 1), cache)[:, -1].float(), dim=-1)
+        tokens = a_live[:, :, length - 1].reshape(-1, 1)
+        if step is None:
+            log_probs = F.log_softmax(model.decode(tokens, cache)[:, -1].float(), dim=-1)
+        else:
+            log_probs = step_log_probs(step, model, tokens, cache)
         if length == 1 and forced_bos_id is not None:
             log_probs = force_token(log_probs, forced_bos_id)
         top_scores, top_beam, top_token, cands = top_candidates(log_probs, a_live, a_scores, length, n_top)
@@ -213,7 +226,7 @@ def beam_search(model: M2M100, src_ids: Tensor, src_mask: Tensor, forced_bos_id:
         still = can_improve[alive] & ~(done.full[alive].all(dim=1) & (early is True))
         if ends.all() or not still.any():
             break
-        if not still.all():
+        if step is None and not still.all():
             keep = still.nonzero().flatten()
             alive, a_live, a_scores = alive[keep], a_live[keep], a_scores[keep]
             cache.select_sources(keep)

@@ -19,8 +19,9 @@ class Translator:
     """English sentences -> target-language sentences with an M2M100 (or NLLB-200) checkpoint."""
 
     def __init__(self, model_dir: str, language: Language, device: str, dtype: str,
-                 beams: int | None, max_length: int | None):
+                 beams: int | None, max_length: int | None, compile: bool = False):
         self.device = torch.device(device)
+        self.compile = compile  # beam search through the compiled static-shape step (clo/translate/static_decode.py)
         M2M100Config.from_folder(model_dir)  # is it an M2M100 at all? (cheap, before the tokenizer)
         self.tokenizer = load_tokenizer(model_dir)
         self.src_lang = self.tokenizer.code_of(get_language("en"))
@@ -44,5 +45,5 @@ class Translator:
         pad = self.tokenizer.pad_id
         src = torch.tensor([ids + [pad] * (width - len(ids)) for ids in batch], device=self.device)
         mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in batch], device=self.device)
-        outputs = generate(self.model, src, mask, self.tgt_id, self.settings)
+        outputs = generate(self.model, src, mask, self.tgt_id, self.settings, self.compile)
         return [self.tokenizer.decode(ids) for ids in outputs]
