@@ -46,7 +46,7 @@ from clo.jsonl import split_lines
 from clo.languages import get_language, target_language
 from clo.lock import output_lock
 from clo.pairs import FIELDS, RECORD_START, pair_line
-from clo.runtime import on_for_cuda, resolve_device
+from clo.runtime import resolve_device
 from clo.translate.parallel_pairs import continuation_pairs, read_doc_ids
 from clo.translate.segment import Segmented, reassemble, segment
 from clo.translate.sft_sources import FORMATS, SftExample, read_sft_source, sample_examples
@@ -199,7 +199,7 @@ def translate_all(args, language, world) -> None:
             return
         device = world.device(torch.device(args.device))
         translator = Translator(args.model, language, str(device), args.dtype, args.beams, args.max_length,
-                                on_for_cuda(args.compile, device))
+                                args.compile == "on")
         jobs = [Job(e, segment(e.prompt, args.max_chars), segment(e.response, args.max_chars)) for e in todo]
         groups = chunks(jobs, args.batch_size * args.chunk_batches)  # the same on every process
         total = sum(len({p for job in group for p in job.pieces}) for group in groups)
@@ -381,9 +381,9 @@ def build_parser() -> ArgumentParser:
     mt.add_argument("--chunk-batches", type=int, default=8, help="batches per length-sorted chunk, the unit dealt to a process under torchrun; a crash loses at most one chunk's unfinished records per process (default 8)")
     mt.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     mt.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="weights and activations (default: bfloat16 on cuda, float32 on cpu)")
-    mt.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+    mt.add_argument("--compile", choices=["on", "off"], default="off",
                     help="beam search through a compiled decoding step in static shapes, a CUDA graph per step on CUDA "
-                         "(clo/translate/static_decode.py; auto: on for CUDA; greedy decoding stays eager)")
+                         "(clo/translate/static_decode.py; greedy decoding stays eager). Off by default until its speed is measured on a GPU")
     mt.set_defaults(run=run_mt)
 
     par = modes.add_parser("parallel", help="continuation pairs from line-aligned human translations (no MT)")

@@ -78,7 +78,7 @@ def parse_args():
     parser.add_argument("--dtype", default="float32", choices=DTYPES, help="(default float32)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
-                        help="clo's beam search through the compiled static-shape step, as translate.py's --compile (auto: on for CUDA)")
+                        help="clo's beam search through the compiled static-shape step, as translate.py's --compile on (auto: on for CUDA)")
     parser.add_argument("--json", default=None, help="where the results go (default runs/bench/translate-<shape>-<device>.json)")
     return parser.parse_args()
 

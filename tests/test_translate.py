@@ -260,6 +260,30 @@ def test_mt_resume_after_crash_equals_uninterrupted_run(mt_setup, tmp_path, monk
     assert out.read_bytes() == reference.read_bytes()
 
 
+def test_compile_on_decodes_in_static_shapes_to_the_same_bytes(mt_setup, tmp_path, monkeypatch):
+    """--compile on sends beam search through the static-shape step (clo/translate/static_decode.py). The
+    step is run eagerly here (compiling it on a CPU costs CI ~20 s; tests/test_cuda.py compiles it on a
+    GPU): every batch goes through it, and the file has the bytes of the default run."""
+    import clo.translate.search as search
+    from clo.translate.static_decode import decode_step
+
+    reference = tmp_path / "reference.jsonl"
+    translate.main(mt_args(mt_setup, reference))
+    slots = []
+
+    def eager(model):
+        def step(*args):
+            slots.append(int(args[3]))
+            return decode_step(*args)
+        return step
+
+    monkeypatch.setattr(search, "compiled_step", eager)
+    out = tmp_path / "compiled.jsonl"
+    translate.main(mt_args(mt_setup, out, "--compile", "on"))
+    assert slots.count(0) >= len(EXAMPLES) // 3  # one first step per batch of 3 sentences, at least
+    assert out.read_bytes() == reference.read_bytes()
+
+
 def test_mt_with_an_nllb_checkpoint(tmp_path):
     """NLLB-200 folders: same model code, tokenizer without vocab.json, FLORES-style language codes."""
     corpus = [e["prompt"] + " " + e["response"] for e in EXAMPLES] * 5
