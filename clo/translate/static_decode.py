@@ -16,6 +16,7 @@ to the last:
 The reordering copies the whole cache twice each step (gathered, then copied back): at max_length 200 with 160 rows
 of M2M100-1.2B in bf16 the cache is ~3 GB, so ~12 GB of memory traffic (~3 ms on an H200; at the benchmark's
 max_length 64, ~1 ms), the price of one graph for every step of a batch.
+
 Buffers stay allocated on the model between batches of one shape (`StaticCache.for_model`): a CUDA
 graph replays on the addresses it was recorded with. Masked slots add exact zeros to the attention
 sums, so the scores are those of the growing cache up to float rounding (tests/test_m2m100.py: the
