@@ -188,9 +188,13 @@ class DecoderLayer(nn.Module):
             k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
         causal = past_k is None and y.size(1) > 1  # teacher forcing; one new token sees all the past
         y = y + self.self_attn.attend(h, k, v, causal=causal)
+        return self.after_self_attention(y, cross_k, cross_v, cross_mask, group), k, v
+
+    def after_self_attention(self, y: Tensor, cross_k: Tensor, cross_v: Tensor, cross_mask: Tensor, group: int) -> Tensor:
+        """The rest of the layer: attention to the source, then the feed-forward block. y [N, T, D] -> [N, T, D]."""
         h = self.encoder_attn_layer_norm(y)
         y = y + self.encoder_attn.attend(h, cross_k, cross_v, mask=cross_mask, group=group)
-        return y + feed_forward(self, self.final_layer_norm(y)), k, v
+        return y + feed_forward(self, self.final_layer_norm(y))
 
 
 class Encoder(nn.Module):

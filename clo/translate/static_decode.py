@@ -27,9 +27,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from clo.translate.m2m100 import M2M100, DecoderCache, feed_forward
+from clo.translate.m2m100 import M2M100, DecoderCache
 
 SOURCE_BUCKET = 32  # cross-attention lengths are multiples of this: a few graphs, not one per batch
+
+
+def static_zeros(*shape, dtype, device) -> Tensor:
+    """A zero buffer that a CUDA graph may update in place (its address is part of the graph)."""
+    buffer = torch.zeros(*shape, dtype=dtype, device=device)
+    torch._dynamo.mark_static_address(buffer)
+    return buffer
 
 
 class StaticCache:
@@ -57,21 +64,19 @@ class StaticCache:
         layers = len(start.cross_k)
         self_key, cross_key = ("self", n, max_len, dtype, device), ("cross", sources, width, dtype, device)
         if self_key not in pool:
-            pool[self_key] = [[torch.zeros(n, H, max_len, hd, dtype=dtype, device=device) for _ in range(layers)] for _ in "kv"]
+            pool[self_key] = [[static_zeros(n, H, max_len, hd, dtype=dtype, device=device) for _ in range(layers)] for _ in "kv"]
         if cross_key not in pool:
-            pool[cross_key] = ([torch.zeros(sources, H, width, hd, dtype=dtype, device=device) for _ in range(2 * layers)],
-                               torch.zeros(sources, 1, 1, width, dtype=torch.bool, device=device))
+            pool[cross_key] = ([static_zeros(sources, H, width, hd, dtype=dtype, device=device) for _ in range(2 * layers)],
+                               static_zeros(sources, 1, 1, width, dtype=torch.bool, device=device))
         self_k, self_v = pool[self_key]
         cross, cross_mask = pool[cross_key]
         for buffer in self_k + self_v:
             buffer.zero_()  # stale keys from another batch are masked, but zeros can never be NaN
         for buffer, value in zip(cross, start.cross_k + start.cross_v):
-            buffer.zero_()
             buffer[:, :, :S].copy_(value)
-        cross_mask.zero_()
+            buffer[:, :, S:].zero_()
         cross_mask[..., :S].copy_(start.cross_mask)
-        for buffer in self_k + self_v + cross + [cross_mask]:
-            torch._dynamo.mark_static_address(buffer)  # replayed in place by the CUDA graph
+        cross_mask[..., S:] = False
         return cls(self_k, self_v, cross[:layers], cross[layers:], cross_mask, start.group)
 
     def select_rows(self, rows: Tensor) -> None:
@@ -94,9 +99,7 @@ def decode_step(model: M2M100, tokens: Tensor, rows: Tensor, slot: Tensor, self_
         k_all.index_copy_(2, slot.view(1), k)
         v_all.index_copy_(2, slot.view(1), v)
         y = y + layer.self_attn.attend(h, k_all, v_all, mask=visible)
-        h = layer.encoder_attn_layer_norm(y)
-        y = y + layer.encoder_attn.attend(h, ck, cv, mask=cross_mask, group=group)
-        y = y + feed_forward(layer, layer.final_layer_norm(y))
+        y = layer.after_self_attention(y, ck, cv, cross_mask, group)
     return model.logits(model.decoder.layer_norm(y))[:, -1]
 
 
