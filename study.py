@@ -226,9 +226,10 @@ class Study:
             note(f"{cell.name}: trained already")
             return cell
         a = self.args
+        # no preview (--show-answers 0): eval.py measures every cell, and on a 7B model the preview's 8 answers cost minutes
         argv = ["--lang", self.lang, "--model", self.model, "--data", str(self.pool), "--max-examples", str(size),
                 "--method", method, "--lr", repr(lr), "--seed", str(a.seed), "--stages", a.stages, "--batch-size", str(a.batch_size),
-                "--max-length", str(a.max_length), "--device", a.device, "--out", str(cell)]  # fmt: skip
+                "--max-length", str(a.max_length), "--device", a.device, "--out", str(cell), "--show-answers", "0"]  # fmt: skip
         if method == "sft-dpo":
             argv.append("--resume")  # its phases resume or start as their files say (train.py sft_then_dpo)
         elif (cell / "checkpoint.pt").is_file():

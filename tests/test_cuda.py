@@ -34,7 +34,7 @@ def tiny(tmp_path_factory):
 def run(tiny, out, *extra):
     folder, data = tiny
     return train.main(["--lang", "sw", "--model", str(folder), "--data", str(data), "--out", str(out), "--batch-size", "4",
-                       "--device", "cuda", *extra])
+                       "--device", "cuda", "--show-answers", "0", *extra])
 
 
 def metrics(out):

@@ -50,7 +50,7 @@ def _cache(tmp_path, monkeypatch):
 def argv(tiny, out, *extra):
     folder, data = tiny
     return ["--lang", "sw", "--model", str(folder), "--data", str(data), "--out", str(out), "--batch-size", "4",
-            "--lr", str(LR), "--amp", "off", "--save-every", "0", *extra]
+            "--lr", str(LR), "--amp", "off", "--save-every", "0", "--show-answers", "0", *extra]
 
 
 def torchrun_cmd(args: list[str], script: Path = REPO / "train.py", processes: int = 2) -> list[str]:

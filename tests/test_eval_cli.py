@@ -1,7 +1,6 @@
 """eval.py end to end on tiny chat models, its prompt files, its outputs, and its errors on bad input."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -220,17 +219,6 @@ def test_checkpoint_that_does_not_load(tiny, tmp_path, damage):
     assert not out.exists()  # checked before the first model runs
 
 
-def test_cli_exit_status_2_and_one_line(tmp_path):
-    write_csv(tmp_path / "bad_test.csv", [("q", "a", "b", "c", "d", "A"), ("q", "a")])
-    proc = subprocess.run(
-        [sys.executable, "eval.py", "--lang", "sw", "--mmlu", str(tmp_path / "bad_test.csv"), "--out", str(tmp_path / "o")],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert proc.returncode == 2
-    assert proc.stderr == f"error: {tmp_path / 'bad_test.csv'}:2: expected 6 columns (question, A, B, C, D, answer), got 2\n"
-    assert not (tmp_path / "o").exists()
-
-
 @pytest.mark.slow
 def test_default_model_and_two_demo_checkpoints(smollm2_dir, tiny, tmp_path):
     """The issue's CI run: the real default model and two tiny checkpoints, small sizes, as a subprocess."""
@@ -242,7 +230,6 @@ def test_default_model_and_two_demo_checkpoints(smollm2_dir, tiny, tmp_path):
             "--limit", "4", "--max-new-tokens", "16", "--mmlu", str(csv), "--judge", str(smollm2_dir), "--out", str(out),
         ],
         cwd=REPO, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},  # on a busy 2-core machine, 2 threads contend: ~4x slower
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())

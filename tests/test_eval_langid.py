@@ -57,17 +57,12 @@ def test_yoruba_mark_share_by_hand():
 
 def test_fallback_when_py3langid_has_no_yoruba(shared_data, monkeypatch):
     """Simulate py3langid < 0.4.0 (no 'yo' model): the heuristic decides Yoruba, the model the rest."""
-    from py3langid.langid import LanguageIdentifier
+    import clo.eval.langid
 
-    original = LanguageIdentifier.from_model_file.__func__
-
-    def without_yoruba(cls, *args, **kwargs):
-        identifier = original(cls, *args, **kwargs)
-        identifier.set_languages([c for c in identifier.labels if c != "yo"])
-        identifier._full_model = (identifier.nb_ptc, identifier.nb_pc, identifier.nb_classes)
-        return identifier
-
-    monkeypatch.setattr(LanguageIdentifier, "from_model_file", classmethod(without_yoruba))
+    identifier = clo.eval.langid.full_identifier.__wrapped__()  # a model of its own, not the process's shared one
+    identifier.set_languages([c for c in identifier.labels if c != "yo"])
+    identifier._full_model = (identifier.nb_ptc, identifier.nb_pc, identifier.nb_classes)
+    monkeypatch.setattr(clo.eval.langid, "full_identifier", lambda: identifier)
     langid = LanguageId()
     assert langid.yoruba_by_heuristic
     for code, at_least in [("yo", 0.95), ("en", 0.99), ("sw", 0.99), ("id", 0.99), ("de", 0.99), ("ko", 0.99), ("zh", 0.99)]:

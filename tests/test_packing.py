@@ -252,7 +252,7 @@ def test_a_second_answer_gets_the_logits_of_its_own_sequence(tmp_path, family, a
     assert torch.allclose(packed[: len(prompt)], alone[: len(prompt)], atol=1e-5)
 
 
-def test_packed_equals_padded_on_the_real_default_model(smollm2_dir):
+def test_packed_equals_padded_on_the_real_default_model(smollm2_dir, all_threads):
     tok = load_tokenizer(smollm2_dir)
     examples, _ = encode_all(tok, detect_format(tok), load_pairs(demo_path("sw")).examples[:3], 512)
     seqs = flat_sequences(examples)
@@ -275,7 +275,8 @@ def test_training_packed_equals_padded(tiny, tmp_path, monkeypatch):
     runs = {}
     for packing in ("on", "off"):
         runs[packing] = train.main(["--lang", "sw", "--model", str(folder), "--data", str(data), "--out", str(tmp_path / packing), "--batch-size", "4",
-                                    "--lr", "1e-3", "--amp", "off", "--stages", "attn:1,all:1", "--save-every", "0", "--packing", packing])
+                                    "--lr", "1e-3", "--amp", "off", "--stages", "attn:1,all:1", "--save-every", "0", "--packing", packing,
+                                    "--show-answers", "0"])
     tables = [torch.load(f, weights_only=True) for f in sorted((tmp_path / "cache" / "reference").glob("ref-*.pt"))]
     assert len(tables) == 2 and (tables[0] - tables[1]).abs().max() <= 1e-4
     rows = {k: [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] for k, out in runs.items()}

@@ -299,12 +299,28 @@ def smollm2_gguf(smollm2_dir) -> Path:
 
 
 @pytest.fixture(scope="module")
-def gguf_tokenizer(smollm2_gguf):
+def gguf_read_once():
+    """transformers parses the GGUF's metadata once for the tokenizer, twice for the model (config, then
+    weights), and builds gguf-py's name map for every tensor: ~28 s of the oracle on 2 cores. The same
+    reader and map serve every call here (both read-only); if transformers stops looking them up in
+    `gguf` at call time, this only stops saving time."""
+    def once(make):
+        made = {}
+        return lambda *key: made[key] if key in made else made.setdefault(key, make(*key))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gguf, "GGUFReader", once(gguf.GGUFReader))
+        mp.setattr(gguf, "get_tensor_name_map", once(gguf.get_tensor_name_map))
+        yield
+
+
+@pytest.fixture(scope="module")
+def gguf_tokenizer(smollm2_gguf, gguf_read_once):
     return transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
 
 
 @pytest.fixture(scope="module")
-def gguf_model(smollm2_gguf):
+def gguf_model(smollm2_gguf, gguf_read_once):
     """transformers' own reading of the GGUF file: the oracle for our conversion and our decoder."""
     return transformers.AutoModelForCausalLM.from_pretrained(
         smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32

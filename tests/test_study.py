@@ -176,6 +176,7 @@ def test_interrupted_study_resumes_without_training_a_finished_cell_twice(tiny, 
     with pytest.raises(KeyboardInterrupt):
         study.main(argv(tiny, out))
     first = [a[a.index("--out") + 1] for a in calls]
+    assert all(a[a.index("--show-answers") + 1] == "0" for a in calls)  # eval.py measures the cells: no preview
     calls.clear()
     study.main(argv(tiny, out))
     again = [a[a.index("--out") + 1] for a in calls]

@@ -35,7 +35,7 @@ def tiny(tmp_path_factory):
 
 def run(tiny, out, *extra):
     folder, data = tiny
-    argv = ["--lang", "sw", "--model", str(folder), "--data", str(data), "--out", str(out), "--batch-size", "4", *extra]
+    argv = ["--lang", "sw", "--model", str(folder), "--data", str(data), "--out", str(out), "--batch-size", "4", "--show-answers", "0", *extra]
     return train.main(argv)
 
 
@@ -175,17 +175,6 @@ def test_resume_from_another_model_is_refused(tiny, tmp_path):
         train.main(["--lang", "sw", "--model", str(other), "--data", str(tiny[1]), "--out", str(tmp_path / "run"), "--batch-size", "4", "--resume"])
 
 
-def test_cli_error_is_one_line_and_exit_2(tmp_path):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"id": "a"}\n')
-    proc = subprocess.run(
-        [sys.executable, "train.py", "--lang", "sw", "--data", str(bad), "--model", str(tmp_path / "nowhere")],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 2
-    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ")
-
-
 # --- LoRA: the reference is the adapter-disabled model; adapters are saved in PEFT's format --------
 
 
@@ -260,13 +249,15 @@ def test_gradients_reach_only_the_stage(tiny):
 @pytest.mark.slow
 def test_default_command_runs_one_step(smollm2_dir, tmp_path):
     """`python train.py --lang sw` itself (default model, demo data), cut to one step of 4 of its examples
-    (the whole demo set's reference pass alone takes ~100 s on 2 cores); it ends with the preview."""
+    (the whole demo set's reference pass alone takes ~100 s on 2 cores); it ends with the preview, of one
+    prompt of its 4 (each answers 64 tokens twice: ~5 s on 2 cores; batched generation on this model is
+    checked against transformers in test_sources.py)."""
     import os
 
     env = {**os.environ, "CLO_CACHE": str(smollm2_dir.parent)}  # the default model's cache, not the tmp one
     out = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "train.py", "--lang", "sw", "--max-steps", "1", "--max-examples", "4", "--batch-size", "4", "--out", str(out)],
+        [sys.executable, "train.py", "--lang", "sw", "--max-steps", "1", "--max-examples", "4", "--batch-size", "4", "--show-answers", "1", "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=900, env=env,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -274,12 +265,13 @@ def test_default_command_runs_one_step(smollm2_dir, tmp_path):
     assert len(metrics(out)) == 1
     assert json.loads((out / "run.json").read_text())["summary"]["steps"] == 1
     assert json.loads((out / "run.json").read_text())["lr"] == DEFAULT_MODEL_LR  # --lr auto on the default model
-    assert re.search(r"answered in Swahili: [0-4]/4 before training \([0-4] not degenerate\), [0-4]/4 after \([0-4] not degenerate\)", proc.stderr)
-    assert proc.stderr.count("  before [") == proc.stderr.count("  after  [") == 4
+    assert re.search(r"answered in Swahili: [01]/1 before training \([01] not degenerate\), [01]/1 after \([01] not degenerate\)", proc.stderr)
+    assert proc.stderr.count("  before [") == proc.stderr.count("  after  [") == 1
 
 
 def test_preview_answers_the_same_prompts_before_and_after(tiny, tmp_path, capsys):
-    """--show-answers N: N held-out demo prompts, answered by the starting and the trained model; 0: none."""
+    """--show-answers N: N held-out demo prompts, answered by the starting and the trained model; 0: none;
+    by default 4."""
     from clo.eval.preview import preview_prompts
 
     run(tiny, tmp_path / "shown", "--max-steps", "1", "--show-answers", "2")
@@ -293,6 +285,9 @@ def test_preview_answers_the_same_prompts_before_and_after(tiny, tmp_path, capsy
     assert re.search(r"answered in Swahili: [0-2]/2 before training \([0-2] not degenerate\), [0-2]/2 after \([0-2] not degenerate\)", err)
     run(tiny, tmp_path / "hidden", "--max-steps", "1", "--show-answers", "0")
     assert "answered in Swahili" not in capsys.readouterr().err
+    folder, data = tiny
+    train.main(["--lang", "sw", "--model", str(folder), "--data", str(data), "--out", str(tmp_path / "default"), "--batch-size", "4", "--max-steps", "1"])
+    assert capsys.readouterr().err.count("  before [") == 4
 
 
 def test_preview_counts_degenerate_answers_apart():
@@ -318,7 +313,8 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(tiny, tmp_path, signame, code):
 
     folder, data = tiny
     out = tmp_path / "run"
-    argv = [sys.executable, "train.py", "--lang", "sw", "--model", str(folder), "--data", str(data), "--out", str(out), "--batch-size", "4", "--stages", "all:200", "--save-every", "0"]
+    argv = [sys.executable, "train.py", "--lang", "sw", "--model", str(folder), "--data", str(data), "--out", str(out), "--batch-size", "4",
+            "--stages", "all:200", "--save-every", "0", "--show-answers", "0"]
     env = {**os.environ, "CLO_CACHE": str(tmp_path / "cache")}
     # a shell's background job (as CI may run us) starts with SIGINT ignored; Python then never raises
     # KeyboardInterrupt, so give the child the default disposition back
@@ -333,7 +329,7 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(tiny, tmp_path, signame, code):
     assert "continue with --resume" in err
     done = len(metrics(out))
     assert 3 <= done < 400
-    resumed = train.main(["--lang", "sw", "--model", str(folder), "--data", str(data), "--out", str(out), "--batch-size", "4", "--stages", "all:200", "--save-every", "0", "--resume", "--max-steps", str(done + 2)])
+    resumed = train.main(["--lang", "sw", "--model", str(folder), "--data", str(data), "--out", str(out), "--batch-size", "4", "--stages", "all:200", "--save-every", "0", "--show-answers", "0", "--resume", "--max-steps", str(done + 2)])
     assert [r["step"] for r in metrics(resumed)] == list(range(1, done + 3))
 
 
@@ -686,7 +682,8 @@ def test_kill_during_a_save_then_resume_leaves_no_temporary_file(tiny, tmp_path)
     import textwrap
 
     folder, data = tiny
-    args = ["--lang", "sw", "--model", str(folder), "--data", str(data), "--batch-size", "4", "--lr", "1e-3", "--save-every", "1", "--max-steps", "3", "--amp", "off"]
+    args = ["--lang", "sw", "--model", str(folder), "--data", str(data), "--batch-size", "4", "--lr", "1e-3", "--save-every", "1", "--max-steps", "3", "--amp", "off",
+            "--show-answers", "0"]
     full = train.main([*args, "--out", str(tmp_path / "full")])
     out = tmp_path / "run"
     child = textwrap.dedent(f"""

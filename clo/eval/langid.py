@@ -13,6 +13,8 @@ Yoruba is written without them). On FLORES devtest it finds ~96% of the yor_Latn
 the eng/swh/ind/deu lines. `LanguageId.yoruba_by_heuristic` says which path is active.
 """
 
+import copy
+import functools
 import re
 import unicodedata
 
@@ -57,18 +59,25 @@ def looks_yoruba(text: str) -> bool:
     return yoruba_mark_share(text) >= _YORUBA_MIN_SHARE or yoruba_word_share(text) >= _YORUBA_MIN_SHARE
 
 
+@functools.cache
+def full_identifier():
+    """py3langid's model over all its languages, read once per process (~0.8 s on 2 CPU cores: an xz file
+    unpickled), where train.py's preview, eval.py and each of study.py's cells would read it again."""
+    try:
+        from py3langid.langid import MODEL_FILE, LanguageIdentifier
+    except ImportError:
+        raise CloError("language ID needs py3langid: pip install 'py3langid>=0.4.0'") from None
+    return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+
+
 class LanguageId:
     """`identify(text)` -> one ISO 639-1 code from `langs`, or "und" for text with no letters."""
 
     def __init__(self, langs: tuple[str, ...] | list[str] = DEFAULT_LANGS):
-        try:
-            from py3langid.langid import MODEL_FILE, LanguageIdentifier
-        except ImportError:
-            raise CloError("language ID needs py3langid: pip install 'py3langid>=0.4.0'") from None
         if not langs:
             raise CloError("language ID: the set of languages is empty")
         self.langs = tuple(dict.fromkeys(langs))
-        identifier = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+        identifier = copy.copy(full_identifier())  # set_languages sets the copy's attributes, from the shared full model
         known = set(identifier.nb_classes)
         self.yoruba_by_heuristic = "yo" in self.langs and "yo" not in known
         model_langs = [code for code in self.langs if code != "yo" or not self.yoruba_by_heuristic]

@@ -133,13 +133,24 @@ class Attention(nn.Module):
 
 
 _compiled_flex = None
+_eager = {}
+
+
+def eager(fn):
+    """fn, or inside a compiled graph `torch.compiler.disable(fn)`: made there, when first needed, as at
+    import it would load torch._dynamo, ~2 s of every command's start on 2 CPU cores."""
+    if not torch.compiler.is_compiling():
+        return fn
+    if fn not in _eager:
+        _eager[fn] = torch.compiler.disable(fn)
+    return _eager[fn]
+
 
 # inductor's fused CPU kernel for flex_attention gave wrong values and NaN on an AVX2-only CPU (torch 2.13) at
 # head dim 8 (every row length tried, 8..120) and 16 (6 of 17 lengths), none at 32 and 64 (8..200 tokens)
 SMALLEST_FUSED_CPU_HEAD_DIM = 32
 
 
-@torch.compiler.disable  # kept out of a compiled block, whose graph would lower it to that kernel
 def flex_attention_unfused(q, k, v, mask: BlockMask, gqa: bool) -> torch.Tensor:
     with warnings.catch_warnings():  # its advice (compile it) is what this path avoids
         warnings.filterwarnings("ignore", "flex_attention called without torch.compile")
@@ -152,14 +163,14 @@ def attend(q, k, v, mask, gqa: bool) -> torch.Tensor:
     sequence), or a FlexAttention BlockMask: its fused kernel needs torch.compile (uncompiled,
     flex_attention computes every score as a dense mask would), so it is compiled here once, unless
     the block around it is being compiled already; on CPU with head dims below 32 it runs uncompiled."""
-    if isinstance(mask, Gathered):
-        return attend_gathered(q, k, v, mask, gqa)
+    if isinstance(mask, Gathered):  # a compiled block breaks its graph here: the calls change with every batch
+        return eager(attend_gathered)(q, k, v, mask, gqa)
     if not isinstance(mask, BlockMask):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
     dtype = v.dtype  # under autocast q and k leave RoPE in fp32 while v is bf16; SDPA's autocast casts all three alike
     q, k = q.to(dtype), k.to(dtype)
     if not q.is_cuda and q.shape[-1] < SMALLEST_FUSED_CPU_HEAD_DIM:
-        return flex_attention_unfused(q, k, v, mask, gqa)
+        return eager(flex_attention_unfused)(q, k, v, mask, gqa)  # a compiled block would lower it to that kernel
     if torch.compiler.is_compiling():
         return flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
     global _compiled_flex

@@ -65,7 +65,6 @@ def calls_dtype(q: torch.Tensor, v: torch.Tensor) -> torch.dtype:
     return torch.float32 if q.device.type == "cpu" and torch.is_autocast_enabled("cpu") else v.dtype
 
 
-@torch.compiler.disable  # a compiled block breaks its graph here: the calls change with every batch, and would recompile it
 def attend_gathered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Gathered, gqa: bool) -> torch.Tensor:
     """softmax(q kᵀ / √hd) v per sequence: q [R, H, L, hd], k, v [R, KV, L, hd] -> [R, H, L, hd]."""
     R, H, L, hd = q.shape
