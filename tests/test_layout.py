@@ -94,8 +94,8 @@ def test_bench_and_tests_do_not_import_scripts_as_libraries():
 
 
 def test_the_scripts_import_neither_the_compiler_nor_a_framework():
-    """torch._dynamo costs a command ~2 s of its start on 2 CPU cores (a mistyped flag took 5.4 s to say
-    so, now 2.4 s): the scripts load it when they first need it, not at import; transformers never."""
+    """torch._dynamo costs a command ~2 s of its start on 2 CPU cores (a mistyped flag took 5.0 s to say
+    so, now 2.9 s): the scripts load it when they first need it, not at import; transformers never."""
     code = "import sys, train, eval, translate, study; print(sorted(m for m in ('torch._dynamo', 'transformers') if m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "[]", (done.stdout, done.stderr[-2000:])
