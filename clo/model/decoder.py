@@ -137,8 +137,9 @@ _eager = {}
 
 
 def eager(fn):
-    """fn, or inside a compiled graph `torch.compiler.disable(fn)`: made there, when first needed, as at
-    import it would load torch._dynamo, ~2 s of every command's start on 2 CPU cores."""
+    """fn itself, or while torch.compile traces, `torch.compiler.disable(fn)`: the graph breaks around it.
+    Made when a trace first needs it, not as a decorator, which would load torch._dynamo at import:
+    ~2 s of every command's start on 2 CPU cores (tests/test_layout.py)."""
     if not torch.compiler.is_compiling():
         return fn
     if fn not in _eager:
