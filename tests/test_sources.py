@@ -5,6 +5,7 @@ need no network. Slow tests use the real default model, SmolLM2-135M-Instruct, f
 once into the clo cache (the `smollm2_dir` fixture); they skip when it cannot be fetched.
 """
 
+import functools
 import json
 import re
 import subprocess
@@ -304,13 +305,9 @@ def gguf_read_once():
     weights), and builds gguf-py's name map for every tensor: ~28 s of the oracle on 2 cores. The same
     reader and map serve every call here (both read-only); if transformers stops looking them up in
     `gguf` at call time, this only stops saving time."""
-    def once(make):
-        made = {}
-        return lambda *key: made[key] if key in made else made.setdefault(key, make(*key))
-
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(gguf, "GGUFReader", once(gguf.GGUFReader))
-        mp.setattr(gguf, "get_tensor_name_map", once(gguf.get_tensor_name_map))
+        mp.setattr(gguf, "GGUFReader", functools.cache(gguf.GGUFReader))
+        mp.setattr(gguf, "get_tensor_name_map", functools.cache(gguf.get_tensor_name_map))
         yield
 
 
