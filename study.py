@@ -226,7 +226,7 @@ class Study:
             note(f"{cell.name}: trained already")
             return cell
         a = self.args
-        # no preview (--show-answers 0): eval.py measures every cell, and on a 7B model the preview's 8 answers cost minutes
+        # no preview (--show-answers 0): eval.py measures every cell; the preview would generate 8 more answers per cell
         argv = ["--lang", self.lang, "--model", self.model, "--data", str(self.pool), "--max-examples", str(size),
                 "--method", method, "--lr", repr(lr), "--seed", str(a.seed), "--stages", a.stages, "--batch-size", str(a.batch_size),
                 "--max-length", str(a.max_length), "--device", a.device, "--out", str(cell), "--show-answers", "0"]  # fmt: skip
