@@ -35,6 +35,7 @@ TOL = 1e-6  # weights, absolute; loss and NLL, relative: 1e-6 of a loss of 3.2 i
 MARGIN_TOL = 1e-5  # β · (difference of sums of log-probs)
 GRAD_NORM_RTOL = 1e-4  # relative, of the global gradient norm (assert_close_runs says why)
 LR = 1e-3
+COMPILED = ("--compile", "on", "--packing", "off", "--length-groups", "1")  # CUDA's default path; one length group: few shapes to compile
 
 
 @pytest.fixture(scope="module")
@@ -93,9 +94,9 @@ def assert_close_runs(a: Path, b: Path, folder: str = "model") -> None:
 
 # attention and lora: CPU's default packed rows. stages: a stage change (a new optimizer, the embedding trained too)
 # on the path several GPUs take by default (padded rows, compiled blocks inside FSDP2's units), with activation
-# checkpointing; one length group, so that the compiled blocks see few shapes (cold inductor cache: ~40 s more)
+# checkpointing (cold inductor cache: ~40 s more)
 EXTRAS = {"attention": ("--stages", "attn:2"), "lora": ("--lora", "--save-merged"),
-          "stages": ("--stages", "attn:1,all:1", "--checkpoint-activations", "--compile", "on", "--packing", "off", "--length-groups", "1")}
+          "stages": ("--stages", "attn:1,all:1", "--checkpoint-activations", *COMPILED)}
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +138,8 @@ def test_two_processes_train_as_one(tiny, two, tmp_path, case):
 
 def test_cudas_bf16_policy_on_two_processes_trains_as_one_and_saves_frozen_weights_exactly(tiny, tmp_path):
     """The FSDP2 mixed-precision policy that CUDA gets (blocks gathered in bf16 for compute, gradients reduced
-    in fp32, fp32 master weights), forced on 2 CPU processes under bf16 autocast (`--amp on`): the gathered
+    in fp32, fp32 master weights), forced on 2 CPU processes under bf16 autocast (`--amp on`), on CUDA's
+    default path (padded rows, compiled blocks): the gathered
     weights really are bf16, the run trains as the 1-process autocast run does (losses to 1e-3; bf16 noise
     may flip the sign of a tiny gradient, and Adam turns that into a 2·lr gap, so up to 5% of the trained
     entries may differ by more than 1e-4), and the weights it does not train are saved bit for bit."""
@@ -158,11 +160,11 @@ def test_cudas_bf16_policy_on_two_processes_trains_as_one_and_saves_frozen_weigh
             atexit.register(lambda: open({str(seen)!r}, "w").write(" ".join(sorted(dtypes))))
         run_cli(lambda: train.main(sys.argv[1:]))
     """))
-    args = [*argv(tiny, tmp_path / "two", "--max-steps", "2"), "--amp", "on"]
+    args = [*argv(tiny, tmp_path / "two", "--max-steps", "2"), "--amp", "on", *COMPILED]
     done = torchrun(args, script)
     assert done.returncode == 0, done.stderr[-3000:]
     assert seen.read_text() == "torch.bfloat16"  # the policy was applied, not only passed along
-    one = train.main([*argv(tiny, tmp_path / "one", "--max-steps", "2"), "--amp", "on"])
+    one = train.main([*argv(tiny, tmp_path / "one", "--max-steps", "2"), "--amp", "on", *COMPILED])
     for x, y in zip(metrics(one), metrics(tmp_path / "two"), strict=True):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-3) and y["grad_norm"] == pytest.approx(x["grad_norm"], rel=2e-2), (x, y)
     source, wa, wb = weights(tiny[0]), weights(one / "model"), weights(tmp_path / "two" / "model")
