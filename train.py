@@ -21,7 +21,7 @@ Ctrl-C / SIGTERM save between steps, one run per --out (a lock), the SFT+DPO bas
 Under torchrun: N processes (NCCL on CUDA, gloo on CPU) with FSDP2, the same global batches and
 the same numbers as one process; a resume needs the same number of processes.
 Limitations: single-turn examples only; examples longer than --max-length are dropped, not cut;
-the NLL is a token mean per micro-batch; under torchrun each process writes its own part of a
+under torchrun each process writes its own part of a
 checkpoint, so every process must see the same --out (one machine, or a shared file system).
 """
 
@@ -85,7 +85,7 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
     p.add_argument("--batch-size", type=int, default=8, help="examples per micro-batch (each is 4 sequences); under torchrun the global micro-batch, split across the processes")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step; the step's loss is that of all their examples as one batch (NLL per token, DPO terms per example)")
     p.add_argument("--max-length", type=int, default=512, help="longest sequence in tokens; longer examples are dropped")
     p.add_argument("--bucket", type=int, default=0, help="pad lengths to a multiple of this, so compiled shapes stay few (0: 64 when compiling, else 8)")
     p.add_argument("--length-groups", type=int, default=0, help="run each micro-batch's sequences as N length-sorted groups, each padded to its own longest: the same numbers from fewer padded tokens (0: auto, 4 on CPU, 1 on CUDA); only with --packing off")
@@ -109,7 +109,7 @@ def parse_args(argv=None):
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile the decoder (auto: on for CUDA)")
     p.add_argument("--checkpoint-activations", action="store_true", help="recompute each block in backward: much less activation memory, ~1/3 more compute")
     p.add_argument("--chat-format", default="auto", help="auto, chatml, llama3, llama2, mistral or plain")
-    p.add_argument("--save-merged", action="store_true", help="with --lora: also write merged full weights to <out>/model")
+    p.add_argument("--save-merged", action="store_true", help="with --lora: also write merged full weights to <out>/model (sft-dpo's SFT phase always does: its DPO phase starts from them)")
     p.add_argument("--show-answers", type=int, default=4, help="at the end, the starting and the trained model's greedy answers to the first N "
                    "held-out demo prompts of --lang, and how many are in --lang (0: off; one process only)")
     return p.parse_args(argv)
@@ -316,7 +316,9 @@ def sft_then_dpo(args, world: World = World()) -> Path:
         overwrite = args.overwrite or (args.resume and not resume)  # nothing saved yet: the files are this command's own
         if world.main:
             print(f"sft-dpo: {method} phase -> {phase_out}", file=sys.stderr)
-        train(argparse.Namespace(**{**vars(args), "method": method, "model": model, "out": str(phase_out), "resume": resume, "overwrite": overwrite}), world)
+        merged = args.save_merged or (method == "sft" and args.lora)  # the DPO phase starts from a whole model
+        train(argparse.Namespace(**{**vars(args), "method": method, "model": model, "out": str(phase_out), "resume": resume, "overwrite": overwrite,
+                                    "save_merged": merged}), world)
     return out
 
 

@@ -246,6 +246,56 @@ def test_gradients_reach_only_the_stage(tiny):
             assert (p.grad is not None and p.grad.abs().sum() > 0) == should, (groups, name)
 
 
+@pytest.mark.parametrize("method", ["clo", "sft", "dpo"])
+@pytest.mark.parametrize("packing", ["on", "off"])
+def test_accumulated_micro_batches_step_as_one_batch(tiny, method, packing):
+    """--grad-accum: micro-batches of 4 + 1 examples (an epoch's short last one) give the gradient and the
+    metrics of the same 5 examples in one micro-batch: the NLL a mean over all 5 examples' response tokens, the
+    DPO terms over all 5 examples (a short micro-batch weighs by its size, not as much as a full one)."""
+    from clo.model.chat import detect_format
+    from clo.model.hf_folder import load_model
+    from clo.model.tokenizer import load_tokenizer
+    from clo.train.batching import encode_all
+    from clo.train.precision import training_precision
+    from clo.train.scoring import Batching, example_logps
+    from clo.train.stages import set_trainable
+    from clo.train.step import Objective, optimizer_step
+
+    folder, data = tiny
+    tok = load_tokenizer(folder)
+    examples, _ = encode_all(tok, detect_format(tok), load_pairs(data).examples[:5], 512)
+    cpu = torch.device("cpu")
+    batching = Batching.resolve(tok.pad_id, 0, 0, cpu, False, packing)
+    precision = training_precision(cpu, "float32", "off")
+    objective = Objective(method, lam=0.3)
+    ref = None
+    if objective.needs_reference:  # the starting model's log-probs, moved so that every DPO term has a gradient of its own
+        ref = example_logps(load_model(folder), examples, batching, 5) + torch.linspace(-3, 3, 20).view(5, 4)
+
+    def step(sizes):
+        model = load_model(folder)
+        set_trainable(model, ("attn",))
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(trainable, lr=1.0)  # the update is minus the gradient
+        start, micro = 0, []
+        for n in sizes:
+            micro.append((examples[start : start + n], None if ref is None else ref[start : start + n]))
+            start += n
+        before = [p.detach().clone() for p in trainable]
+        row, tokens = optimizer_step(model, optimizer, trainable, micro, 1.0, objective, batching, precision, 0.0)
+        return [b - p.detach() for b, p in zip(before, trainable)], row, tokens
+
+    whole, row, tokens = step([5])
+    for sizes in ([4, 1], [2, 3]):
+        grads, row_k, tokens_k = step(sizes)
+        diff = max(float((g - w).abs().max()) for g, w in zip(grads, whole))
+        scale = max(float(w.abs().max()) for w in whole)
+        assert diff <= 1e-5 * scale, (sizes, diff, scale)
+        assert tokens_k == tokens and row_k.keys() == row.keys()
+        for key in row:  # rewards are β times differences of sums of tens of nats, computed in other calls: ~1e-6
+            assert row_k[key] == pytest.approx(row[key], rel=1e-5, abs=1e-5), (sizes, key)
+
+
 @pytest.mark.slow
 def test_default_command_runs_one_step(smollm2_dir, tmp_path):
     """`python train.py --lang sw` itself (default model, demo data), cut to one step of 4 of its examples
@@ -602,6 +652,17 @@ def test_sft_dpo_is_one_command_with_the_sft_model_as_reference(tiny, tmp_path, 
     capsys.readouterr()
     run(tiny, tmp_path / "run", "--method", "sft-dpo", "--lr", "1e-2", "--stages", "attn:1", "--amp", "off", "--resume")
     assert "SFT phase already finished" in capsys.readouterr().err
+
+
+def test_sft_dpo_with_lora_starts_dpo_from_the_merged_sft_model(tiny, tmp_path):
+    """--lora: the SFT phase writes its merged model (the DPO phase's start and reference) beside its adapter,
+    even without --save-merged; the DPO phase's adapter names that model as its base."""
+    out = run(tiny, tmp_path / "run", "--method", "sft-dpo", "--lora", "--lr", "1e-2", "--stages", "attn:1", "--amp", "off")
+    assert (out / "sft" / "model" / "config.json").is_file() and (out / "sft" / "adapter").is_dir()
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(out / "sft" / "model")
+    assert not (out / "model").exists()  # the final merged model only with --save-merged
+    dpo = metrics(out)
+    assert max(abs(dpo[0][k]) for k in ("en/chosen_reward", "t/chosen_reward")) < 1e-5
 
 
 # --- bad input for train.py: one line, before any work, nothing changed ------------------------------

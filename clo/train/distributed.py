@@ -16,8 +16,8 @@ the step time, +4.7% CPU time by its --profile; BENCHMARKS.md). Under torchrun w
   computes in bf16 and reduces gradients in fp32.
 - Data: every micro-batch of `--batch-size` examples is the same global micro-batch as in one
   process; process r takes the r-th contiguous share (`share`). A loss that is a mean over the batch
-  (the NLL per token, the DPO terms per example) is divided by the whole batch's count, not the
-  share's, and FSDP sums the gradients instead of averaging them, so the N-process gradient is the
+  (the NLL per token, the DPO terms per example) is divided by the whole step's count (every
+  micro-batch of it, clo/train/step.py), not the share's, and FSDP sums the gradients instead of averaging them, so the N-process gradient is the
   1-process gradient. A process whose share is empty (a short last batch) runs one example with
   weight 0, because every process must run the same collectives.
 - Metrics are computed from the gathered per-sequence log-probs of the whole batch: the same numbers

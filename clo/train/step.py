@@ -72,8 +72,22 @@ def batch_loss(model, batch, ref_rows, objective: Objective, batching: Batching)
     return objective.loss(logps, n_tokens, ref_rows)
 
 
-def share_backward(model, batch, ref_rows, objective: Objective, batching: Batching, precision: Precision, world: World, scale: int):
-    """N processes: backward of this process's share of one global micro-batch; the whole batch's metrics.
+def scored_backward(model, batch, ref_rows, objective: Objective, batching: Batching, precision: Precision, step_examples: list):
+    """One process: backward of one micro-batch's share of the step's loss. -> (logps, n_tokens) [S, B], detached.
+
+    Its loss is divided by the whole step's counts (`step_examples`: every micro-batch's examples), so the
+    micro-batches' gradients add up to the gradient of the step's examples in one micro-batch."""
+    with precision.compute(model.embed_tokens.weight.device):
+        logps, n_tokens = batching.logps(model, flat_sequences(batch, objective.sequences))
+        loss, _ = objective.loss(logps, n_tokens, ref_rows, whole=step_examples)
+    loss.backward()
+    S = len(objective.sequences)
+    return logps.detach().float().view(S, -1), n_tokens.view(S, -1)
+
+
+def share_backward(model, batch, ref_rows, objective: Objective, batching: Batching, precision: Precision, world: World, step_examples: list):
+    """N processes: backward of this process's share of one global micro-batch, its loss divided by the whole
+    step's counts (as `scored_backward`). -> the whole micro-batch's (logps, n_tokens) [S, B], gathered.
 
     Every share is padded to the same number of examples (repeats, weight 0), so that every process
     runs the same forward passes, hence the same collectives; only the real rows reach the loss.
@@ -86,36 +100,37 @@ def share_backward(model, batch, ref_rows, objective: Objective, batching: Batch
         logps, n_tokens = batching.logps(model, flat_sequences([batch[i] for i in padded], objective.sequences))
         logps, n_tokens = logps.view(S, k)[:, : len(mine)], n_tokens.view(S, k)[:, : len(mine)]
         if mine:
-            loss, _ = objective.loss(logps.flatten(), n_tokens.flatten(), None if ref_rows is None else ref_rows[mine], whole=batch)
+            loss, _ = objective.loss(logps.flatten(), n_tokens.flatten(), None if ref_rows is None else ref_rows[mine], whole=step_examples)
         else:
             loss = logps.sum() * 0.0  # an empty share still runs backward: FSDP reduces every gradient
-    (loss / scale).backward()
+    loss.backward()
     pieces = world.gather_objects((logps.detach().float().cpu(), n_tokens.cpu()))
-    logps, n_tokens = torch.cat([p for p, _ in pieces], dim=1), torch.cat([n for _, n in pieces], dim=1)
-    _, metrics = objective.loss(logps.flatten(), n_tokens.flatten(), ref_rows)  # as one process computes them
-    return metrics
+    return torch.cat([p for p, _ in pieces], dim=1), torch.cat([n for _, n in pieces], dim=1)
 
 
 def optimizer_step(model, optimizer, trainable, micro_batches, lr: float, objective: Objective, batching: Batching,
                    precision: Precision, grad_clip: float, world: World = World()):
     """One update over [(examples, reference rows), ...] micro-batches; grad_clip 0 is off. With N
     processes each micro-batch is the global one and this process computes its share.
-    -> (mean metrics incl. grad_norm, tokens)."""
+
+    The step's loss is that of all its examples as one batch (the NLL a mean over all their response
+    tokens, the DPO terms over all their examples), whatever the micro-batches and processes, so a short
+    last micro-batch weighs by its size. -> (the step's metrics incl. grad_norm, tokens)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    device = model.embed_tokens.weight.device
-    n_tok, parts = 0, []
+    step_examples = [ex for batch, _ in micro_batches for ex in batch]
+    scored = []
     for batch, ref_rows in micro_batches:
         if world.size > 1:
-            metrics = share_backward(model, batch, ref_rows, objective, batching, precision, world, len(micro_batches))
+            scored.append(share_backward(model, batch, ref_rows, objective, batching, precision, world, step_examples))
         else:
-            with precision.compute(device):
-                loss, metrics = batch_loss(model, batch, ref_rows, objective, batching)
-            (loss / len(micro_batches)).backward()
-        n_tok += count_tokens(batch, objective.sequences)
-        parts.append(metrics)
+            scored.append(scored_backward(model, batch, ref_rows, objective, batching, precision, step_examples))
     grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(trainable, grad_clip if grad_clip > 0 else float("inf")))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    row = {k: sum(float(m[k]) for m in parts) / len(parts) for k in parts[0]}  # the one host sync per step
-    return {**row, "grad_norm": float(grad_norm)}, n_tok
+    # the metrics of the whole step, as one process computes them from every sequence's log-prob
+    logps, n_tokens = (torch.cat([part[i].to(scored[0][0].device) for part in scored], dim=1).flatten() for i in (0, 1))
+    refs = None if micro_batches[0][1] is None else torch.cat([r for _, r in micro_batches])
+    _, metrics = objective.loss(logps, n_tokens, refs)
+    row = {k: float(v) for k, v in metrics.items()}  # the one host sync per step
+    return {**row, "grad_norm": float(grad_norm)}, count_tokens(step_examples, objective.sequences)
