@@ -229,8 +229,8 @@ def train_stages(model, examples, ref_table, schedule: Schedule, pos: Position, 
             run.record({**row, "step": pos.step, "stage": s, "epoch": epoch, "lr": lr, "tokens": n_tok, "tokens_per_s": n_tok / (time.perf_counter() - t0)})
             if args.save_every and pos.step % args.save_every == 0:
                 save()
-    if optimizer is not None:
-        save()
+        if optimizer is not None:
+            save()  # inside run.steps(): a signal during the last save waits for it, as during any other
     run.exit_if_stopped(pos.step)
     return trained
 

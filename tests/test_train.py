@@ -540,6 +540,31 @@ def test_signal_right_after_an_update_is_saved_with_its_position(tiny, tmp_path,
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_a_signal_during_the_last_save_waits_for_it(tiny, tmp_path, monkeypatch):
+    """SIGINT while the run's one checkpoint (--save-every 0) is being written: the save completes, then the
+    run stops with 130 and a checkpoint at its last step (it was killed with nothing saved)."""
+    import os
+    import signal
+
+    import clo.train.run
+
+    real_save = clo.train.run.save_checkpoint
+
+    def signal_then_save(*a, **k):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_save(*a, **k)
+
+    monkeypatch.setattr(clo.train.run, "save_checkpoint", signal_then_save)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as a terminal gives it (not a background job)
+    try:
+        with pytest.raises((SystemExit, KeyboardInterrupt)) as stopped:
+            run(tiny, tmp_path / "run", "--stages", "attn:1", "--save-every", "0", "--max-steps", "2", "--amp", "off")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert stopped.type is SystemExit and stopped.value.code == 130
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["position"]["step"] == 2
+
+
 @pytest.mark.parametrize(
     "flags, flag",
     [
