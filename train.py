@@ -143,6 +143,7 @@ def train(args, world: World = World()) -> Path:
         data_path = Path(args.data) if args.data else demo_path(lang.code)
         pairs = load_pairs(data_path, lang.code)
         folder = resolve_model(args.model)
+        run.check_inputs(**{"--model": folder, "--data": data_path})
         tok = load_tokenizer(folder)
         fmt = detect_format(tok, args.chat_format)
         examples, too_long = encode_all(tok, fmt, pairs.examples[: args.max_examples or None], args.max_length)

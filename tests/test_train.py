@@ -733,6 +733,20 @@ def test_a_finished_run_is_refused_not_damaged(tiny, tmp_path):
         run(tiny, tmp_path / "file")
 
 
+def test_overwrite_deletes_only_a_run_and_never_its_inputs(tiny, tmp_path):
+    """--overwrite replaces a run; it refuses to start from the model it would delete (--model <out>/model),
+    and a folder that holds a `model/` but no run.json is not a run (a source tree, a downloaded model)."""
+    out = run(tiny, tmp_path / "run", "--max-steps", "1")
+    saved = {p.name: p.read_bytes() for p in (out / "model").iterdir()}
+    with pytest.raises(CloError, match=r"--model .*model: inside .*which --overwrite would delete"):
+        train.main(["--lang", "sw", "--model", str(out / "model"), "--data", str(tiny[1]), "--out", str(out), "--overwrite", "--show-answers", "0"])
+    assert {p.name: p.read_bytes() for p in (out / "model").iterdir()} == saved
+    (out / "run.json").unlink()
+    with pytest.raises(CloError, match="no run.json, so not a train.py run"):
+        run(tiny, out, "--max-steps", "1", "--overwrite")
+    assert {p.name: p.read_bytes() for p in (out / "model").iterdir()} == saved
+
+
 def test_one_run_per_out(tiny, tmp_path):
     from clo.lock import output_lock
 

@@ -56,6 +56,12 @@ class Run:
     def __exit__(self, *exc) -> None:
         self._stack.close()
 
+    def check_inputs(self, **inputs: Path) -> None:
+        """With --overwrite, refuse inputs ({flag: path}) that the replaced run's files hold (--model <out>/model)."""
+        if self.overwrite:
+            for flag, path in inputs.items():
+                check_kept(self.out, path, flag)
+
     def saved_checkpoint(self) -> dict | None:
         """The checkpoint to resume from (read safely), or None for a fresh run."""
         return read_checkpoint(self.checkpoint_path) if self.resume else None
@@ -164,13 +170,22 @@ class Run:
 
 
 def check_out(out: Path, resume: bool, overwrite: bool) -> None:
-    """--out must be a folder that holds no other run, unless the user resumes or overwrites it."""
+    """--out must be a folder that holds no other run, unless the user resumes or overwrites it; --overwrite
+    replaces only a run (a folder with run.json), never a folder that merely holds a `model/`, say."""
     if out.exists() and not out.is_dir():
         raise CloError(f"--out {out}: exists and is not a folder")
-    if not resume and not overwrite:
-        held = [name for name in RUN_FILES if (out / name).exists()]
-        if held:
-            raise CloError(f"--out {out}: holds a run ({held[0]}); --resume continues it, --overwrite replaces it, or choose another --out")
+    held = [name for name in RUN_FILES if (out / name).exists()]
+    if held and not resume and not overwrite:
+        raise CloError(f"--out {out}: holds a run ({held[0]}); --resume continues it, --overwrite replaces it, or choose another --out")
+    if held and overwrite and not (out / "run.json").is_file():
+        raise CloError(f"--out {out}: holds {held[0]} but no run.json, so not a train.py run: --overwrite replaces only a run; choose another --out")
+
+
+def check_kept(out: Path, path: Path, flag: str) -> None:
+    """An input (`flag` names it) must not lie in what --overwrite is about to delete: the run files of `out`."""
+    inside = [name for name in RUN_FILES if (out / name).exists() and Path(path).resolve().is_relative_to((out / name).resolve())]
+    if inside:
+        raise CloError(f"{flag} {path}: inside {out / inside[0]}, which --overwrite would delete; copy it elsewhere or choose another --out")
 
 
 def clear_run(out: Path) -> None:
