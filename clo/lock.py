@@ -28,8 +28,9 @@ from clo.errors import CloError
 
 
 def lock_path(path: Path | str) -> Path:
-    """The lock file of output `path`: `.<name>.lock` in the same folder."""
-    path = Path(path)
+    """The lock file of output `path`: `.<name>.lock` in the same folder, named after the path resolved
+    (links followed, `.` and `..` gone), so that every name of one output shares one lock."""
+    path = Path(path).resolve()
     return path.parent / f".{path.name}.lock"
 
 

@@ -70,3 +70,17 @@ def test_parents_made_for_the_lock_are_removed_when_nothing_was_written(tmp_path
         (tmp_path / "file.txt").write_text("x")
         with output_lock(tmp_path / "file.txt" / "out.jsonl" / "x"):
             pass
+
+
+def test_every_name_of_one_output_shares_its_lock(tmp_path, monkeypatch):
+    """A link to the output, `.` for the current folder, or a path through `..`: the same output, the same lock."""
+    real = tmp_path / "runs" / "clo-sw"
+    real.mkdir(parents=True)
+    (tmp_path / "link").symlink_to(real)
+    monkeypatch.chdir(real)
+    with output_lock(real):
+        for other in (tmp_path / "link", Path("."), real / ".." / "clo-sw"):
+            with pytest.raises(CloError, match="in use by another run"):
+                with output_lock(other):
+                    pass
+    assert lock_path(Path(".")) == lock_path(tmp_path / "link") == tmp_path.resolve() / "runs" / ".clo-sw.lock"
