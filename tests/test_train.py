@@ -764,6 +764,14 @@ def test_leftovers_of_a_killed_save_are_removed(tiny, tmp_path):
     (out / ".model.abc123" / "model.safetensors").write_bytes(b"\0" * 10)
     run(tiny, out, "--max-steps", "2", "--resume")
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.jsonl", "model", "run.json"]
+    # under torchrun a process writes its part into checkpoint-shards/step-S/, where a later save may reuse the folder
+    from clo.train.run import remove_leftovers
+
+    torn = out / "checkpoint-shards" / "step-00000004" / ".rank-00001-of-00002.pt.x1y2z3"
+    torn.parent.mkdir(parents=True)
+    torn.write_bytes(b"\0" * 10)
+    (torn.parent / "rank-00000-of-00002.pt").write_bytes(b"kept")
+    assert remove_leftovers(out) == [torn] and [p.name for p in torn.parent.iterdir()] == ["rank-00000-of-00002.pt"]
 
 
 def test_torn_metrics_line_is_dropped_on_resume(tiny, tmp_path):

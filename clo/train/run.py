@@ -199,9 +199,11 @@ def clear_run(out: Path) -> None:
 
 
 def remove_leftovers(out: Path) -> list[Path]:
-    """Temporary files and folders a killed save left in `out` (`.checkpoint.pt.XXXX`, `.model.XXXX/`, ...);
+    """Temporary files and folders a killed save left in `out` (`.checkpoint.pt.XXXX`, `.model.XXXX/`,
+    `checkpoint-shards/step-S/.rank-R-of-N.pt.XXXX`, ...);
     called with the folder locked, so no other run can be writing them."""
     found = [p for name in ("checkpoint.pt", "metrics.jsonl", "model", "adapter") for p in leftovers(out / name)]
+    found += [p for step in sorted((out / SHARDS).glob("step-*")) for p in sorted(step.glob(".rank-*"))]  # a process's part, torn
     for p in found:
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     return found
