@@ -119,9 +119,9 @@ def main(argv=None):
     args = parse_args(argv)
     check_args(args)
     world = start(resolve_device(args.device))  # one process, or the N that torchrun started
-    if args.method == "sft-dpo":
-        return sft_then_dpo(args, world)
-    return train(args, world)
+    out = sft_then_dpo(args, world) if args.method == "sft-dpo" else train(args, world)
+    world.leave()  # under torchrun every process but 0 exits here, as eval.py's and translate.py's do (clo/world.py)
+    return out
 
 
 def train(args, world: World = World()) -> Path:
@@ -156,7 +156,7 @@ def train(args, world: World = World()) -> Path:
         saved = run.saved_checkpoint()
         if world.size > 1:  # FSDP2 over the blocks and the root, sharded as it loads (clo/train/distributed.py)
             adapters = (lambda m: add_lora(m, stages, args)) if args.lora else None
-            model = load_sharded(folder, world, device, precision.autocast if device.type == "cuda" else None, adapters)
+            model = load_sharded(folder, world, device, precision.gathered, adapters)
         else:  # one process has nothing to shard
             model = load_model(folder, device, precision.frozen)
         model_id = model_fingerprint(folder, memo=cache_dir() / "fingerprints.json")

@@ -96,7 +96,7 @@ def main() -> None:
         # the bf16 grid, where AdamW's 1e-6 steps change the bf16 compute copy far sooner than from bf16 values
         model = clo_model({"model": model_spec}, device, held)
         if name == "fsdp2":
-            shard(model, world, precision.autocast if device.type == "cuda" else None)
+            shard(model, world, precision.gathered)
         optimizer, trainable, _ = begin_stage(model, ["attn"], lora=False, lr=1e-6, weight_decay=0.0, compile=False,
                                               checkpoint_activations=False, source=source, trained=set())
         sides[name] = (model, optimizer, trainable, precision, world if name == "fsdp2" else World())

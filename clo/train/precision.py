@@ -35,9 +35,12 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.
 class Precision:
     frozen: torch.dtype  # what frozen weights are held in
     autocast: torch.dtype | None  # bf16 compute, or None for fp32
+    # N processes on CUDA: FSDP2 casts every gathered weight (norms too) and each block's input to this dtype
+    # for compute (clo/train/distributed.py), which autocast alone does not: other numbers than one process's
+    gathered: torch.dtype | None = None
 
     def __str__(self) -> str:  # part of the reference cache key and of a checkpoint's settings
-        return f"{self.frozen}/{self.autocast}"
+        return f"{self.frozen}/{self.autocast}" + (f"/gathered {self.gathered}" if self.gathered else "")
 
     def compute(self, device: torch.device):
         """The autocast context every forward pass of training runs in."""
@@ -63,7 +66,8 @@ def training_precision(device: torch.device, dtype: str = "auto", amp: str = "au
     use_amp = amp == "on" or (amp == "auto" and (bf16_is_fast(device) or dtype == "bfloat16"))
     auto = torch.bfloat16 if device.type == "cuda" and use_amp else torch.float32
     frozen = {"auto": auto, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
-    return Precision(frozen, torch.bfloat16 if use_amp else None)
+    gathered = torch.bfloat16 if sharded and use_amp and device.type == "cuda" else None
+    return Precision(frozen, torch.bfloat16 if use_amp else None, gathered)
 
 
 def master_copies(params) -> None:
