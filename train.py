@@ -39,6 +39,7 @@ import torch
 from clo.errors import ArgumentParser, CloError, run_cli
 from clo.eval.preview import Preview
 from clo.languages import target_language
+from clo.lock import output_lock
 from clo.model.chat import detect_format
 from clo.model.hf_folder import load_model, save_model
 from clo.model.sources import DEFAULT_MODEL, cache_dir, resolve_model
@@ -124,8 +125,8 @@ def main(argv=None):
     return out
 
 
-def train(args, world: World = World()) -> Path:
-    """One training run (clo, sft or dpo) from validated flags. -> the output folder."""
+def train(args, world: World = World(), locked: bool = False) -> Path:
+    """One training run (clo, sft or dpo) from validated flags (locked: the caller holds --out's lock). -> the output folder."""
     lang = target_language(args.lang)
     stages = parse_stages(args.stages)
     device = world.device(resolve_device(args.device))
@@ -135,7 +136,7 @@ def train(args, world: World = World()) -> Path:
     compiled = on_for_cuda(args.compile, device)
     check_processes(args, world)
     objective = Objective(args.method, beta=args.beta, lam=args.lam, directions=args.directions, sft_on=args.sft_on)
-    with Run(Path(args.out or f"runs/{args.method}-{lang.code}"), resume=args.resume, overwrite=args.overwrite, world=world) as run:
+    with Run(Path(args.out or f"runs/{args.method}-{lang.code}"), resume=args.resume, overwrite=args.overwrite, world=world, locked=locked) as run:
         random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
 
         # 1. Data: every line validated before anything expensive (nothing is printed before the last
@@ -304,22 +305,25 @@ def sft_then_dpo(args, world: World = World()) -> Path:
     """The paper's second baseline as one command: SFT into <out>/sft, then DPO from that model into <out>.
 
     The DPO phase's reference policy is the SFT model (as in the paper's SFT+DPO). --resume skips a
-    finished SFT phase and resumes whichever phase was interrupted.
+    finished SFT phase and resumes whichever phase was interrupted. <out>'s lock is held for both
+    phases: another command on <out> must not rewrite <out>/sft while the DPO phase reads it.
     """
     out = Path(args.out or f"runs/sft-dpo-{target_language(args.lang).code}")
     phases = [("sft", args.model, out / "sft"), ("dpo", str(out / "sft" / "model"), out)]
-    for method, model, phase_out in phases:
-        if method == "sft" and args.resume and (phase_out / "model" / "config.json").is_file():
+    with output_lock(out) if world.main else nullcontext():
+        for method, model, phase_out in phases:
+            if method == "sft" and args.resume and (phase_out / "model" / "config.json").is_file():
+                if world.main:
+                    print(f"sft-dpo: SFT phase already finished in {phase_out}", file=sys.stderr)
+                continue
+            resume = args.resume and (phase_out / "checkpoint.pt").is_file()
+            overwrite = args.overwrite or (args.resume and not resume)  # nothing saved yet: the files are this command's own
             if world.main:
-                print(f"sft-dpo: SFT phase already finished in {phase_out}", file=sys.stderr)
-            continue
-        resume = args.resume and (phase_out / "checkpoint.pt").is_file()
-        overwrite = args.overwrite or (args.resume and not resume)  # nothing saved yet: the files are this command's own
-        if world.main:
-            print(f"sft-dpo: {method} phase -> {phase_out}", file=sys.stderr)
-        merged = args.save_merged or (method == "sft" and args.lora)  # the DPO phase starts from a whole model
-        train(argparse.Namespace(**{**vars(args), "method": method, "model": model, "out": str(phase_out), "resume": resume, "overwrite": overwrite,
-                                    "save_merged": merged}), world)
+                print(f"sft-dpo: {method} phase -> {phase_out}", file=sys.stderr)
+            merged = args.save_merged or (method == "sft" and args.lora)  # the DPO phase starts from a whole model
+            phase = argparse.Namespace(**{**vars(args), "method": method, "model": model, "out": str(phase_out), "resume": resume,
+                                          "overwrite": overwrite, "save_merged": merged})
+            train(phase, world, locked=method == "dpo")
     return out
 
 

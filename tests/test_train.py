@@ -677,6 +677,15 @@ def test_sft_dpo_is_one_command_with_the_sft_model_as_reference(tiny, tmp_path, 
     capsys.readouterr()
     run(tiny, tmp_path / "run", "--method", "sft-dpo", "--lr", "1e-2", "--stages", "attn:1", "--amp", "off", "--resume")
     assert "SFT phase already finished" in capsys.readouterr().err
+    # while one sft-dpo command runs (its DPO phase reads <out>/sft/model), another on the same --out is refused
+    # before its SFT phase rewrites that model
+    from clo.lock import output_lock
+
+    sft_model = {p.name: p.read_bytes() for p in (out / "sft" / "model").iterdir()}
+    with output_lock(out):
+        with pytest.raises(CloError, match="in use by another run"):
+            run(tiny, tmp_path / "run", "--method", "sft-dpo", "--stages", "attn:1", "--amp", "off", "--overwrite")
+    assert {p.name: p.read_bytes() for p in (out / "sft" / "model").iterdir()} == sft_model
 
 
 def test_sft_dpo_with_lora_starts_dpo_from_the_merged_sft_model(tiny, tmp_path):

@@ -38,8 +38,9 @@ class Run:
     """One run's folder. resume: continue the run in it; overwrite: replace it (else a folder
     holding a run is refused, before any work)."""
 
-    def __init__(self, out: Path, *, resume: bool = False, overwrite: bool = False, world: World = World()):
+    def __init__(self, out: Path, *, resume: bool = False, overwrite: bool = False, world: World = World(), locked: bool = False):
         self.out, self.resume, self.overwrite, self.world = Path(out), resume, overwrite, world
+        self.locked = locked  # the caller holds the folder's lock already (sft-dpo, for both its phases)
         self.checkpoint_path, self.metrics_path = self.out / "checkpoint.pt", self.out / "metrics.jsonl"
         check_out(self.out, resume, overwrite)
         self._stack = ExitStack()
@@ -47,7 +48,8 @@ class Run:
 
     def __enter__(self) -> "Run":
         if self.world.main:  # process 0 writes every file, so it alone holds the lock
-            self._stack.enter_context(output_lock(self.out))
+            if not self.locked:
+                self._stack.enter_context(output_lock(self.out))
             removed = remove_leftovers(self.out)
             if removed:
                 print(f"removed {len(removed)} temporary file(s) left in {self.out} by a killed run", file=sys.stderr)
