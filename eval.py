@@ -25,7 +25,9 @@ then, with --judge, judge every model against the first (clo/eval/judge.py), and
     report.md, report.png   the comparison table, and its main rates as a bar chart
 
 All files are written at the end, each atomically: a failed run leaves nothing half-written. An
-existing --out must hold nothing but these (an earlier eval.py run's, which are replaced).
+existing --out must hold nothing but these (an earlier eval.py run's, which are replaced; those this
+run does not write, judgments.jsonl without --judge or another model's alpaca_eval file, are removed).
+Numbers are standard JSON: a diverged model's NaN is written as null.
 
     torchrun --nproc-per-node N eval.py ...     # N processes (GPUs: one each; CPU: gloo)
 
@@ -222,6 +224,9 @@ def main(argv=None):
     # ends it, and torchrun then stops the others.
     check_out(out)
     langid = LanguageId(args.langs)
+    for needed in (lang.code, "en"):
+        if needed not in langid.langs:  # no answer could be identified as it: its rate would read 0%
+            raise CloError(f"--langs {' '.join(args.langs)}: must include {needed}, the language of the prompts it grades")
     inputs = read_inputs(args, lang.code, world)
     with output_lock(out) if world.main else nullcontext():  # one eval per --out: a second stops at once
         # 1-3. Each model in turn: generate and grade, held-out preference and NLL, multiple choice.
@@ -338,8 +343,13 @@ def write_outputs(out: Path, lang: str, inputs: Inputs, results: list[dict], gen
     write_json(out / "metrics.json", {"lang": lang, "settings": settings, "models": results})
     if judgments:
         write_jsonl(out / "judgments.jsonl", judgments)
+    exported = {out / "alpaca_eval" / f"{file_safe(name)}.json" for name in inputs.names}
     for name in inputs.names:
         write_json(out / "alpaca_eval" / f"{file_safe(name)}.json", alpaca_eval_outputs(generations[name], name))
+    # an earlier run's files that this run does not write would no longer match metrics.json: removed
+    stale = ([] if judgments else [out / "judgments.jsonl"]) + [p for p in (out / "alpaca_eval").glob("*.json") if p not in exported]
+    for path in stale:
+        path.unlink(missing_ok=True)
     report = markdown_report(results, lang, settings)
     write_atomic(out / "report.md", report)
     plot_main_numbers(results, lang, out / "report.png")

@@ -275,7 +275,7 @@ class Study:
             cell = self.train_cell(method, size, lr)
             got = dev_numbers(self.evaluate(f"dev-{cell.name}", [(method, str(cell / "model"))], dev=dev)[method], self.lang)
             rows.append({"kind": "sweep", "method": method, "size": size, "lr": lr, "cell": str(cell), **got,
-                         "dev_score": (got["dev_nll_t"] + got["dev_nll_en"]) / 2, "broken": broken(got, base)})
+                         "dev_score": dev_score(got), "broken": broken(got, base)})
         kept = [r for r in rows if math.isfinite(r["dev_score"]) and not r["broken"]]
         if not kept:
             why = "; ".join(f"{r['lr']:g}: {r['broken'] or 'dev NLL not finite'}" for r in rows)
@@ -293,6 +293,13 @@ def dev_numbers(result: dict, lang: str) -> dict:
     m = cell_metrics(result, lang)
     return {"dev_nll_t": m["nll_t"], "dev_nll_en": m["nll_en"], "dev_in_t": m["in_t"], "dev_en_in_en": m["en_in_en"],
             "dev_degenerate_t": m["degenerate_t"]}
+
+
+def dev_score(dev: dict) -> float:
+    """The sweep's score: the mean of the dev NLLs of target and English answers; NaN where eval.py wrote
+    none (null: a diverged model's NaN), so that rate is never chosen."""
+    nlls = (dev["dev_nll_t"], dev["dev_nll_en"])
+    return math.nan if None in nlls else sum(nlls) / 2
 
 
 def broken(dev: dict, base: dict) -> str | None:

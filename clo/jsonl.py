@@ -15,6 +15,7 @@ the right line.
 """
 
 import json
+import math
 from pathlib import Path
 
 from clo.errors import CloError
@@ -26,10 +27,22 @@ _ESCAPES = str.maketrans(RAW_LINE_BREAKS)
 
 
 def dumps_line(obj) -> str:
-    """`obj` as one JSON line ending in "\\n", readable by any JSONL reader, `splitlines()` ones too."""
+    """`obj` as one JSON line ending in "\\n", readable by any JSONL reader, `splitlines()` ones too;
+    a NaN or infinity (a diverged model's numbers) is written as null, as JSON has no such values."""
     # Outside strings json.dumps writes only ASCII, so these characters can only sit inside a
     # string, where a \\u escape means the same character.
-    return json.dumps(obj, ensure_ascii=False).translate(_ESCAPES) + "\n"
+    return json.dumps(finite_or_null(obj), ensure_ascii=False, allow_nan=False).translate(_ESCAPES) + "\n"
+
+
+def finite_or_null(obj):
+    """`obj` with every float that is NaN or infinite replaced by None (JSON's null), in nested dicts and lists."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_null(v) for v in obj]
+    return obj
 
 
 def split_lines(text: str) -> list[str]:

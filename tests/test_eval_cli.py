@@ -1,6 +1,7 @@
 """eval.py end to end on tiny chat models, its prompt files, its outputs, and its errors on bad input."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -165,6 +166,34 @@ def test_full_run_on_tiny_models(tiny, tmp_path):
     assert not [p for p in out.rglob(".*")]  # no temp files left behind
 
 
+def test_a_rerun_replaces_every_file_and_a_diverged_model_writes_standard_json(tiny, tmp_path):
+    """A second run into the same --out leaves no file of the first that no longer matches its metrics (judgments
+    without --judge, another model's AlpacaEval export); a model with NaN weights gets null numbers, not NaN
+    (which JSON lacks) and not a made-up 0% preference."""
+    from safetensors.torch import load_file, save_file
+
+    base, clo = tiny
+    out = tmp_path / "eval"
+    common = ["--lang", "sw", "--limit", "2", "--max-new-tokens", "3", "--out", str(out)]
+    eval_script.main([*common, "--models", str(base), str(clo), "--names", "old-a", "old-b", "--judge", str(base)])
+    assert (out / "judgments.jsonl").is_file()
+    diverged = tmp_path / "diverged"
+    shutil.copytree(base, diverged)
+    weights = load_file(diverged / "model.safetensors")
+    weights["model.norm.weight"][:] = float("nan")
+    save_file(weights, diverged / "model.safetensors", metadata={"format": "pt"})
+    eval_script.main([*common, "--models", str(diverged), "--names", "new"])
+    assert not (out / "judgments.jsonl").exists() and [p.name for p in (out / "alpaca_eval").iterdir()] == ["new.json"]
+
+    def strict(text):  # json.loads accepts NaN and Infinity; standard JSON (jq, JavaScript) does not
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+
+    metrics = strict((out / "metrics.json").read_text())["models"][0]
+    for name in ("metrics.jsonl", "heldout.jsonl", "generations.jsonl"):
+        [strict(line) for line in (out / name).read_text().splitlines()]
+    assert metrics["preference"]["pref_t"] is None and metrics["preference"]["nll_t"] is None
+
+
 def test_prompt_files_and_names(tiny, tmp_path):
     (tmp_path / "alpaca.json").write_text(json.dumps([{"instruction": "Name a colour."}, {"instruction": "Taja rangi.", "lang": "sw"}]))
     out = tmp_path / "eval"
@@ -188,6 +217,8 @@ def test_prompt_files_and_names(tiny, tmp_path):
         (lambda d: ["--names", "just-one", "and-two"], r"--names: 2 names for 1 models"),
         (lambda d: ["--lang", "en"], r"must not be English"),
         (lambda d: ["--langs", "en", "qq"], r"no model for 'qq'"),
+        (lambda d: ["--langs", "en", "de"], r"--langs en de: must include sw"),
+        (lambda d: ["--langs", "sw", "de"], r"--langs sw de: must include en"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path, make_bad, message):

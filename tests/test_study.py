@@ -2,6 +2,7 @@
 against the cells' own eval.py files, its plot, resume after an interruption, and bad arguments."""
 
 import json
+import math
 import struct
 from pathlib import Path
 
@@ -279,3 +280,9 @@ def test_a_rate_whose_dev_answers_break_is_not_chosen(tiny, tmp_path, monkeypatc
     with pytest.raises(CloError, match="every learning rate diverged or broke clo's dev answers"):
         study.main(argv(tiny, out, "--methods", "clo", "--sizes", str(max(SIZES))))
     assert (out / "study.md").read_text() == before
+
+
+def test_a_rate_with_no_dev_nll_scores_nan():
+    """eval.py writes a diverged model's NLL as null: that rate's sweep score is NaN, never chosen."""
+    assert study.dev_score({"dev_nll_t": 2.0, "dev_nll_en": 3.0}) == 2.5
+    assert math.isnan(study.dev_score({"dev_nll_t": None, "dev_nll_en": 3.0}))

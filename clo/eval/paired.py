@@ -25,7 +25,8 @@ from clo.train.batching import SEQUENCE_NAMES
 def heldout_table(rows: list[dict]) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]:
     """eval.py's heldout.jsonl lines of one model -> (ids, logps [N, 4], lengths [N, 4], same [N])."""
     ids = [r["id"] for r in rows]
-    logps = torch.tensor([[r["logp"][k] for k in SEQUENCE_NAMES] for r in rows], dtype=torch.float64).reshape(-1, 4)
+    nan = float("nan")  # null in the file: a diverged model's log-prob (clo/jsonl.py)
+    logps = torch.tensor([[nan if r["logp"][k] is None else r["logp"][k] for k in SEQUENCE_NAMES] for r in rows], dtype=torch.float64).reshape(-1, 4)
     lengths = torch.tensor([[r["tokens"][k] for k in SEQUENCE_NAMES] for r in rows], dtype=torch.float64).reshape(-1, 4)
     same = torch.tensor([r["same_answer"] for r in rows], dtype=torch.bool)
     return ids, logps, lengths, same

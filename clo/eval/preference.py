@@ -73,8 +73,9 @@ def preference_numbers(logps: torch.Tensor, lengths: torch.Tensor, same: torch.T
     col = {name: k for k, name in enumerate(SEQUENCE_NAMES)}
     same = torch.zeros(logps.shape[:-1], dtype=torch.bool) if same is None else same
 
-    def prefer(c, r):  # 1 where c wins, ½ where the answers are one and the same
-        return torch.where(same, 0.5, (c > r).float()).mean(-1)
+    def prefer(c, r):  # 1 where c wins, ½ where the answers are one and the same; NaN where a log-prob is (no winner)
+        wins = torch.where(c.isnan() | r.isnan(), float("nan"), (c > r).float())
+        return torch.where(same, 0.5, wins).mean(-1)
 
     out = {}
     for d, chosen, rejected in (("t", "t_t", "t_en"), ("en", "en_en", "en_t")):

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from clo.atomic import atomic_file, write_atomic
-from clo.jsonl import dumps_line
+from clo.jsonl import dumps_line, finite_or_null
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -25,7 +25,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def write_json(path: Path, data) -> None:
-    write_atomic(path, json.dumps(data, ensure_ascii=False, indent=2) + "\n")
+    """Standard JSON: NaN and infinities (a diverged model's numbers) as null."""
+    write_atomic(path, json.dumps(finite_or_null(data), ensure_ascii=False, indent=2, allow_nan=False) + "\n")
 
 
 def prompt_langs(results: list[dict], target: str) -> list[str]:
