@@ -72,6 +72,19 @@ def test_segment_cuts_long_sentences():
     assert segment("```\nonly code\n```").pieces == [] and segment("").parts == []
 
 
+def test_code_fences_as_commonmark_reads_them():
+    """A one-line ```code``` is inline code inside prose (the sentence after it is translated); a ```` fence
+    closes only at ```` or longer, so the ``` lines inside it stay code; ~~~ closes only ~~~."""
+    text = "Run this:\n```pip install x```\nThen open the file. It is easy."
+    assert segment(text).pieces == ["Run this:", "```pip install x```", "Then open the file.", "It is easy."]
+    nested = "Markdown:\n````md\n```\nNot prose. Not translated.\n```\n````\nDone here."
+    assert segment(nested).pieces == ["Markdown:", "Done here."]
+    tilde = "~~~\n```\nStill code. Yes.\n~~~\nProse again."
+    assert segment(tilde).pieces == ["Prose again."]
+    for t in (text, nested, tilde):
+        assert reassemble(segment(t), segment(t).pieces) == t
+
+
 # --- SFT sources ----------------------------------------------------------------------------------
 
 
@@ -150,6 +163,23 @@ def test_alpaca_and_jsonl_sources(tmp_path):
                       {"role": "assistant", "content": "A"}, {"role": "user", "content": "U2"}]},
     ]) + "\n")
     assert [(e.id, e.prompt, e.response) for e in read_sft_source(plain).examples] == [("7", "P", "R"), ("chat-2", "U", "A")]
+
+
+@pytest.mark.parametrize("name, content, error", [
+    ("alpaca.json", [{"instruction": "Add.", "input": 5, "output": "5"}], r"alpaca.json: record 0: field 'input' is not a string"),
+    ("alpaca.json", [{"instruction": "Add.", "input": ["2", "3"], "output": "5"}], r"record 0: field 'input' is not a string"),
+    ("oasst.jsonl", [{**message("p1", None, "prompter", "Hi?"), "text": 12, "message_tree_id": "t1"}],
+     r"oasst.jsonl:1: field 'text' of message 'p1' is not a string"),
+    ("oasst.jsonl", [{"message_tree_id": "t1", "tree_state": "ready_for_export", "prompt": "not a message"}],
+     r"oasst.jsonl:1: field 'prompt' or one of its 'replies' is not a message object"),
+    ("oasst.jsonl", [{"message_tree_id": "t1", "tree_state": "ready_for_export", "prompt": {**message("p1", None, "prompter", "Hi?"), "replies": [7]}}],
+     r"oasst.jsonl:1: field 'prompt' or one of its 'replies' is not a message object"),
+])
+def test_a_field_of_the_wrong_type_is_one_line(tmp_path, name, content, error):
+    path = tmp_path / name
+    path.write_text(json.dumps(content) if name.endswith(".json") else "".join(json.dumps(r) + "\n" for r in content))
+    with pytest.raises(CloError, match=error):
+        read_sft_source(path)
 
 
 def test_sampling_is_seeded_and_keeps_file_order(tmp_path):

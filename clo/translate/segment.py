@@ -20,7 +20,10 @@ digit or opening quote, unless the word before is a common abbreviation (Dr., e.
 import re
 from dataclasses import dataclass
 
-FENCE = re.compile(r"^\s*(```|~~~)")
+# A code fence (CommonMark): 3 or more backticks or tildes; a backtick fence's info string has no backtick, so
+# "```pip install x```" on one line is inline code, not a fence. It closes at a run of the same character at
+# least as long, alone on its line.
+FENCE = re.compile(r"^\s*(`{3,}|~{3,})(.*)$")
 # Line prefixes kept verbatim: indentation, then any mix of list markers, heading marks, quotes.
 PREFIX = re.compile(r"^\s*(?:(?:[-*+•]|\d{1,3}[.)]|[a-zA-Z][.)]|#{1,6}|>)[ \t]+|>)*")
 TABLE_SEPARATOR = re.compile(r"^[\s|:\-]*$")
@@ -52,16 +55,20 @@ class Segmented:
 def segment(text: str, max_chars: int = 400) -> Segmented:
     """Split `text` into verbatim parts and pieces of at most max_chars characters to translate."""
     seg = Segmented([], [])
-    in_code, fence = False, ""
+    fence = ""  # the open code block's fence, "" outside code
     for line in re.split(r"(\r?\n)", text):
         if line in ("\n", "\r\n"):
             seg.verbatim(line)
             continue
-        opening = FENCE.match(line)
-        if in_code or opening:
+        found = FENCE.match(line)
+        if fence:
             seg.verbatim(line)
-            if opening and (not in_code or opening.group(1) == fence):
-                in_code, fence = not in_code, opening.group(1)
+            if found and found.group(1)[0] == fence[0] and len(found.group(1)) >= len(fence) and not found.group(2).strip():
+                fence = ""
+            continue
+        if found and not (found.group(1)[0] == "`" and "`" in found.group(2)):
+            seg.verbatim(line)
+            fence = found.group(1)
             continue
         if line.lstrip().startswith("|"):
             segment_table_row(line, seg, max_chars)

@@ -136,6 +136,8 @@ def oasst_messages(path: Path) -> list[tuple[int, dict]]:
             message, parent_id = stack.pop()
             if message is None:
                 continue
+            if not isinstance(message, dict) or not isinstance(message.get("replies") or [], list):
+                raise CloError(f"{path}:{number}: field 'prompt' or one of its 'replies' is not a message object with a list of replies")
             flat = {k: v for k, v in message.items() if k != "replies"}
             flat.setdefault("parent_id", parent_id)
             flat.setdefault("tree_state", record.get("tree_state"))
@@ -161,6 +163,8 @@ def read_oasst1(path: Path) -> SftSource:
         for field in ("message_id", "role"):
             if not m.get(field):
                 raise CloError(f"{path}:{number}: OASST1 message without field {field!r}")
+        if not isinstance(m.get("text") or "", str):
+            raise CloError(f"{path}:{number}: field 'text' of message {m['message_id']!r} is not a string")
     best_reply: dict[str, dict] = {}
     for _, m in messages:
         if m["role"] == "assistant" and m.get("rank") == 0 and m.get("parent_id") and usable(m):
@@ -200,6 +204,8 @@ def read_alpaca(path: Path) -> SftSource:
         try:
             prompt = text_field(where, record, "instruction")
             extra = record.get("input") or ""
+            if not isinstance(extra, str):
+                raise CloError(f"{where}: field 'input' is not a string")
             if extra.strip():
                 prompt = f"{prompt}\n\n{extra}"
             examples.append((i, SftExample(f"alpaca-{i}", prompt, text_field(where, record, "output"))))
