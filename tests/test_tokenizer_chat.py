@@ -92,6 +92,40 @@ def test_smollm2_chat_equals_apply_chat_template(smollm2_dir):
     assert tok.token_id("<|im_end|>") in stop_ids(tok, fmt)
 
 
+# meta-llama/Llama-2-7b-chat-hf's chat template
+LLAMA2_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = messages[0]['content'] %}"
+    "{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def test_llama2_chat_equals_apply_chat_template(sentencepiece_dir, tmp_path):
+    """Prompt and answer ids of the llama2 format, with and without a system prompt, equal Llama-2-chat's
+    template through transformers (the answer ends "▁", "</s>", as Meta's reference code writes it too)."""
+    pytest.importorskip("google.protobuf", reason="transformers needs protobuf to read sentencepiece models")
+    import shutil
+
+    import transformers
+
+    folder = tmp_path / "llama2-chat"
+    shutil.copytree(sentencepiece_dir, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": LLAMA2_TEMPLATE}))
+    hf, tok = transformers.AutoTokenizer.from_pretrained(folder), load_tokenizer(folder)
+    prompt, answer = "Habari yako? Niambie kuhusu mvua.", "Nzuri sana. Mvua inanyesha leo."
+    for system in (None, "Jibu kwa Kiswahili."):
+        fmt = detect_format(tok, system=system)
+        assert fmt.name == "llama2"
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        prompt_ids = hf(hf.apply_chat_template(messages, tokenize=False), add_special_tokens=False).input_ids
+        full = hf.apply_chat_template(messages + [{"role": "assistant", "content": answer}], tokenize=False)
+        assert encode_prompt(tok, fmt, prompt) == prompt_ids
+        assert encode_prompt(tok, fmt, prompt) + encode_response(tok, fmt, answer) == hf(full, add_special_tokens=False).input_ids
+
+
 @pytest.mark.parametrize(
     "name, text",
     [

@@ -7,7 +7,7 @@ the format's end-of-turn token, which is also where generation stops.
     format   prompt (BOS is an id, added once)                                      response ends with
     chatml   <|im_start|>system\\n{sys}<|im_end|>\\n<|im_start|>user\\n{p}<|im_end|>\\n<|im_start|>assistant\\n   <|im_end|>
     llama3   <|begin_of_text|><|start_header_id|>user<|end_header_id|>\\n\\n{p}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\\n\\n   <|eot_id|>
-    llama2   <s>[INST] <<SYS>>\\n{sys}\\n<</SYS>>\\n\\n{p} [/INST]                            </s>
+    llama2   <s>[INST] <<SYS>>\\n{sys}\\n<</SYS>>\\n\\n{p} [/INST]                            " </s>" (a space, then EOS)
     mistral  <s>[INST] {p} [/INST]                                                       </s>
     plain    <s>### Instruction:\\n{p}\\n\\n### Response:\\n  (base models; BOS if the tokenizer adds one)  EOS
 
@@ -108,8 +108,15 @@ def encode_prompt(tokenizer: Tokenizer, fmt: ChatFormat, prompt: str) -> list[in
 
 
 def encode_response(tokenizer: Tokenizer, fmt: ChatFormat, response: str) -> list[int]:
-    """Token ids of an answer followed by the end-of-turn token (the target of training)."""
+    """Token ids of an answer followed by the end-of-turn token (the target of training).
+
+    llama2: `{answer} </s>`, a space before EOS, as Meta's reference code and the Llama-2-chat template
+    write it. mistral: the answer is encoded on its own (so it starts with "▁"), as Mistral's reference
+    tokenizer (mistral-common) does; Mistral-7B-Instruct-v0.1's HF template glues it to "[/INST]" instead.
+    """
     text = response.strip() if fmt.name in ("llama2", "mistral", "llama3") else response
+    if fmt.name == "llama2":
+        text += " "
     return tokenizer.encode(text) + [end_of_turn_id(tokenizer, fmt)]
 
 
