@@ -150,7 +150,11 @@ def main(argv=None) -> Path:
     pairs_path = Path(args.pairs) if args.pairs else demo_path(lang)
     heldout_path = Path(args.heldout) if args.heldout else demo_path(lang, heldout=True)
     pairs = load_pairs(pairs_path, lang).examples
-    load_pairs(heldout_path, lang)
+    heldout = load_pairs(heldout_path, lang).examples
+    trained_prompts = {ex.prompt_en for ex in pairs} | {ex.prompt for ex in pairs}
+    seen = [ex.id for ex in heldout if ex.prompt_en in trained_prompts or ex.prompt in trained_prompts]
+    if seen:  # "held out" means never trained or tuned on
+        raise CloError(f"--heldout {heldout_path}: {len(seen)} of its {len(heldout)} pairs have a prompt of --pairs {pairs_path} (first: {seen[0]!r})")
     for prompts in args.prompts or []:
         load_prompts(Path(prompts), "en", 0)
     if args.judge and not (Path(args.judge) / "config.json").is_file():

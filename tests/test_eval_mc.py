@@ -136,3 +136,9 @@ def test_shots_from_the_file_itself_are_not_scored(tiny, tmp_path):
     assert evaluate_mc(model, tok, [qs], [None], shots=1, batch_size=4)["n"] == 3
     assert evaluate_mc(model, tok, [qs], [qs], shots=2, batch_size=4)["n"] == 4
     assert evaluate_mc(model, tok, [qs], [None], shots=0, batch_size=4, limit=2)["n"] == 2
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_question(tmp_path):
+    path = tmp_path / "bom_test.csv"
+    path.write_bytes(write_csv(tmp_path / "plain_test.csv", ROWS).read_bytes().decode("utf-8").encode("utf-8-sig"))
+    assert read_mc_csv(path)[0].question == ROWS[0][0]

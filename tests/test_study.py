@@ -286,3 +286,11 @@ def test_a_rate_with_no_dev_nll_scores_nan():
     """eval.py writes a diverged model's NLL as null: that rate's sweep score is NaN, never chosen."""
     assert study.dev_score({"dev_nll_t": 2.0, "dev_nll_en": 3.0}) == 2.5
     assert math.isnan(study.dev_score({"dev_nll_t": None, "dev_nll_en": 3.0}))
+
+
+def test_held_out_pairs_that_share_a_prompt_with_the_training_pool_are_refused(tiny, tmp_path):
+    line = tiny[1].read_text(encoding="utf-8").splitlines()[5]  # one pair of the pool, held out too
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text(demo_path("sw", heldout=True).read_text(encoding="utf-8") + line + "\n", encoding="utf-8")
+    with pytest.raises(CloError, match=r"--heldout .*heldout.jsonl: 1 of its \d+ pairs have a prompt of --pairs"):
+        study.main([*argv(tiny, tmp_path / "run"), "--heldout", str(heldout)])

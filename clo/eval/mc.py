@@ -65,7 +65,7 @@ def read_mc_csv(path: Path | str) -> list[Question]:
     path = Path(path)
     subject = subject_of(path)
     try:
-        with path.open(newline="", encoding="utf-8") as f:
+        with path.open(newline="", encoding="utf-8-sig") as f:  # a byte-order mark (spreadsheet exports) is not the question's
             reader = csv.reader(f)
             rows = [(reader.line_num, row) for row in reader]
     except FileNotFoundError:
