@@ -2,7 +2,6 @@
 against the cells' own eval.py files, its plot, resume after an interruption, and bad arguments."""
 
 import json
-import math
 import struct
 from pathlib import Path
 
@@ -282,10 +281,29 @@ def test_a_rate_whose_dev_answers_break_is_not_chosen(tiny, tmp_path, monkeypatc
     assert (out / "study.md").read_text() == before
 
 
-def test_a_rate_with_no_dev_nll_scores_nan():
-    """eval.py writes a diverged model's NLL as null: that rate's sweep score is NaN, never chosen."""
-    assert study.dev_score({"dev_nll_t": 2.0, "dev_nll_en": 3.0}) == 2.5
-    assert math.isnan(study.dev_score({"dev_nll_t": None, "dev_nll_en": 3.0}))
+def test_a_rate_whose_dev_nll_is_null_is_not_chosen(tiny, tmp_path, monkeypatch, finished):
+    """eval.py writes a diverged model's NLL as null (standard JSON has no NaN): the sweep reads that rate's
+    score as not finite and chooses another, instead of failing on the null."""
+    import eval as evaluate
+
+    sweep = [r for r in rows(finished) if r["kind"] == "sweep" and r["method"] == "clo"]
+    best, other = sorted(sweep, key=lambda r: r["dev_score"])
+    real_eval = evaluate.main
+
+    def diverged(args):
+        real_eval(args)
+        path = Path(args[args.index("--out") + 1]) / "metrics.jsonl"
+        if path.parent.name == f"dev-{Path(best['cell']).name}":
+            results = [json.loads(line) for line in path.read_text().splitlines()]
+            for r in results:
+                r["preference"]["nll_t"] = None
+            path.write_text("".join(json.dumps(r) + "\n" for r in results))
+
+    monkeypatch.setattr(evaluate, "main", diverged)
+    out = tmp_path / "run"
+    study.main(argv(tiny, out, "--methods", "clo", "--sizes", str(max(SIZES))))
+    got = {r["lr"]: r for r in rows(out) if r["kind"] == "sweep"}
+    assert got[best["lr"]]["dev_score"] is None and not got[best["lr"]]["chosen"] and got[other["lr"]]["chosen"]
 
 
 def test_held_out_pairs_that_share_a_prompt_with_the_training_pool_are_refused(tiny, tmp_path):

@@ -94,7 +94,7 @@ class Run:
                 clear_run(self.out)  # only a run the user asked to --overwrite gets here with files in it
                 self.out.mkdir(parents=True, exist_ok=True)
         if self.world.main:
-            (self.out / "run.json").write_text(json.dumps(info, indent=2))
+            write_atomic(self.out / "run.json", json.dumps(info, indent=2))
         return pos
 
     @contextmanager
@@ -167,7 +167,7 @@ class Run:
         if "margin" in rows[0]:
             summary.update(first_margin=rows[0]["margin"], last_margin=rows[-1]["margin"])
         run = json.loads((self.out / "run.json").read_text())
-        (self.out / "run.json").write_text(json.dumps({**run, "summary": summary}, indent=2))
+        write_atomic(self.out / "run.json", json.dumps({**run, "summary": summary}, indent=2))
         print("summary: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()), file=sys.stderr)
 
 
@@ -204,7 +204,7 @@ def remove_leftovers(out: Path) -> list[Path]:
     """Temporary files and folders a killed save left in `out` (`.checkpoint.pt.XXXX`, `.model.XXXX/`,
     `checkpoint-shards/step-S/.rank-R-of-N.pt.XXXX`, ...);
     called with the folder locked, so no other run can be writing them."""
-    found = [p for name in ("checkpoint.pt", "metrics.jsonl", "model", "adapter") for p in leftovers(out / name)]
+    found = [p for name in ("run.json", "checkpoint.pt", "metrics.jsonl", "model", "adapter") for p in leftovers(out / name)]
     found += [p for step in sorted((out / SHARDS).glob("step-*")) for p in sorted(step.glob(".rank-*"))]  # a process's part, torn
     for p in found:
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
