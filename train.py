@@ -83,7 +83,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", default="auto", help=f"peak learning rate (auto: the paper's 7B recipe, {PAPER_LR}, except "
                    f"{DEFAULT_MODEL_LR} for the embedded default model, chosen by study.py's sweep, docs/study.md)")
     p.add_argument("--warmup", type=float, default=0.1, help="fraction of steps with linear warmup")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay, on matrices only (never on norm gains or biases)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
     p.add_argument("--batch-size", type=int, default=8, help="examples per micro-batch (each is 4 sequences); under torchrun the global micro-batch, split across the processes")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step; the step's loss is that of all their examples as one batch (NLL per token, DPO terms per example)")

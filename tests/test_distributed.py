@@ -95,9 +95,9 @@ def assert_close_runs(a: Path, b: Path, folder: str = "model") -> None:
 # attention and lora: CPU's default packed rows; lora also accumulates micro-batches of 3, 3 and 2 examples
 # (shares of 2 + 1 and 1 + 1: the step's counts are every share's denominators, clo/train/step.py). stages: a stage change (a new optimizer, the embedding trained too)
 # on the path several GPUs take by default (padded rows, compiled blocks inside FSDP2's units), with activation
-# checkpointing (cold inductor cache: ~40 s more)
+# checkpointing and weight decay (two parameter groups in stage 2; cold inductor cache: ~40 s more)
 EXTRAS = {"attention": ("--stages", "attn:2"), "lora": ("--lora", "--save-merged", "--batch-size", "3", "--grad-accum", "2"),
-          "stages": ("--stages", "attn:1,all:1", "--checkpoint-activations", *COMPILED)}
+          "stages": ("--stages", "attn:1,all:1", "--weight-decay", "0.1", "--checkpoint-activations", *COMPILED)}
 
 
 @pytest.fixture(scope="module")

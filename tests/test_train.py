@@ -83,7 +83,8 @@ def test_two_stages_rebuild_what_trains(tiny, tmp_path):
 
 @AMP
 def test_resume_equals_uninterrupted(tiny, tmp_path, amp):
-    args = ("--lr", "1e-3", "--stages", "attn:1,all:1", "--save-every", "0", "--amp", amp)
+    # weight decay: stage 2 trains the norms too, so its AdamW has two parameter groups (clo/train/stages.py)
+    args = ("--lr", "1e-3", "--stages", "attn:1,all:1", "--weight-decay", "0.1", "--save-every", "0", "--amp", amp)
     full = run(tiny, tmp_path / "full", *args)
     part = run(tiny, tmp_path / "part", *args, "--max-steps", "3")  # stops mid-stage-2 and checkpoints
     assert len(metrics(part)) == 3
@@ -221,6 +222,26 @@ def test_lora_run_saves_peft_adapter_and_merged_model(tiny, tmp_path):
     assert (a - b).abs().max() < 1e-4
     assert (a - c).abs().max() > 1e-4  # the adapter learned something
     assert weights(out / "model")["model.embed_tokens.weight"].equal(weights(folder)["model.embed_tokens.weight"])
+
+
+def test_weight_decay_shrinks_matrices_not_norm_gains(tiny):
+    """--weight-decay: an AdamW step with zero gradients moves each matrix by -lr·wd·w and leaves the RMSNorm
+    gains (1-D) as they are; without weight decay the optimizer keeps one parameter group."""
+    from clo.model.hf_folder import load_model
+    from clo.train.stages import begin_stage
+
+    model = load_model(tiny[0])
+    optimizer, trainable, _ = begin_stage(model, ("all",), lora=False, lr=0.1, weight_decay=0.5)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in trainable:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            assert torch.allclose(p.detach(), before[name] * (1 - 0.1 * 0.5)), name
+        else:
+            assert "norm" in name and torch.equal(p.detach(), before[name]), name
+    assert len(begin_stage(load_model(tiny[0]), ("all",), lora=False, lr=0.1, weight_decay=0.0)[0].param_groups) == 1
 
 
 def test_gradients_reach_only_the_stage(tiny):

@@ -166,7 +166,10 @@ def load_optimizer_state(model, optimizer, state: dict) -> None:
             return DTensor.from_local(v.to(p.device), p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
 
         state = {**state, "state": {i: {k: like(params[i], v) for k, v in s.items()} for i, s in state["state"].items()}}
-    optimizer.load_state_dict(state)
+    try:
+        optimizer.load_state_dict(state)
+    except ValueError as e:  # another layout of parameter groups (weight decay's groups came with a later version)
+        raise CloError(f"checkpoint: its optimizer state does not fit this run's parameters ({e}); resume it with the version of train.py that made it") from None
 
 
 def check_batch(batch_size: int, world: World) -> None:

@@ -90,6 +90,16 @@ def set_trainable(model: nn.Module, groups: tuple[str, ...], lora: bool = False)
     return counts
 
 
+def decay_groups(params: list, weight_decay: float) -> list:
+    """AdamW's parameter groups: weight decay on matrices only, never on RMSNorm gains or biases (1-D), which
+    decay would pull towards 0 rather than towards their own scale (as transformers' Trainer and TRL do).
+    One group when nothing decays, so that a run without weight decay keeps the optimizer state's layout."""
+    vectors = [p for p in params if p.dim() < 2]
+    if weight_decay == 0 or not vectors:
+        return params
+    return [{"params": [p for p in params if p.dim() >= 2]}, {"params": vectors, "weight_decay": 0.0}]
+
+
 def begin_stage(model: nn.Module, groups: tuple[str, ...], *, lora: bool, lr: float, weight_decay: float,
                 compile: bool = False, checkpoint_activations: bool = False, source=None, trained=frozenset()):
     """Make `groups` trainable with fp32 master copies and a fresh AdamW over them. -> (optimizer, params, counts).
@@ -104,7 +114,7 @@ def begin_stage(model: nn.Module, groups: tuple[str, ...], *, lora: bool, lr: fl
     trainable = [p for p in model.parameters() if p.requires_grad]
     master_copies(trainable)
     fused = trainable[0].device.type == "cuda"
-    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay, fused=fused)
+    optimizer = torch.optim.AdamW(decay_groups(trainable, weight_decay), lr=lr, weight_decay=weight_decay, fused=fused)
     if compile:
         compile_blocks(model)
     model.checkpoint_activations = checkpoint_activations
