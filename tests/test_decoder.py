@@ -52,6 +52,33 @@ def test_sliding_window_is_applied(tmp_path):
         assert (ours(x) - expected)[:, 8:].abs().max().item() > 1e-4
 
 
+@pytest.mark.parametrize("family, extra", [
+    ("llama", {"sliding_window": 8}),  # transformers' Llama ignores the key: full attention
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 0}),  # every layer slides
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 2}),  # no layer does (2 layers)
+    ("qwen2", {"use_sliding_window": False, "sliding_window": 8}),
+], ids=["llama-stray-key", "qwen2-all-layers", "qwen2-no-layer", "qwen2-off"])
+def test_a_window_applies_where_transformers_applies_it(tmp_path, family, extra):
+    hf = write_hf_model(tmp_path, family, **extra)
+    ours = load_model(tmp_path)
+    x = tokens(length=32)
+    with torch.no_grad():
+        assert (ours(x) - hf(x).logits).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
+    ({"rope_scaling": {"rope_type": "llama3", "low_freq_factor": 1.0}}, "rope scaling 'llama3' without a numeric 'factor'"),
+    ({"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}, "a sliding window on some layers only"),
+])
+def test_config_fields_that_change_the_math_are_refused_if_not_computed(tmp_path, extra, message):
+    write_hf_model(tmp_path, "qwen2")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg.pop("layer_types", None)  # transformers writes the layer kinds it derived; without them it derives them again
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, **extra}))
+    one_line_error(lambda: load_model(tmp_path), message)
+
+
 def test_save_then_transformers_load(tmp_path):
     import transformers
 
@@ -124,6 +151,13 @@ def test_missing_weight(tmp_path):
     del state["model.norm.weight"]
     save_file(state, path, metadata={"format": "pt"})
     one_line_error(lambda: load_model(tmp_path), "model.norm.weight", "missing")
+
+
+@pytest.mark.parametrize("listing", [{"metadata": {}}, {"weight_map": {"model.norm.weight": "../elsewhere.safetensors"}}, [1, 2]])
+def test_a_shard_index_naming_no_file_of_the_folder_is_refused(tmp_path, listing):
+    write_hf_model(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(listing))
+    one_line_error(lambda: load_model(tmp_path), "model.safetensors.index.json: field 'weight_map'")
 
 
 def test_unknown_architecture(tmp_path):

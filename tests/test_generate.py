@@ -47,6 +47,13 @@ def test_stops_at_stop_id(models):
         assert stop not in cut and full[: len(cut)] == cut
 
 
+def test_an_empty_prompt_is_refused(models):
+    _, ours = models
+    for prompts in ([[], PROMPTS[0]], [[]], []):
+        with pytest.raises(ValueError, match="every prompt needs at least one token"):
+            generate(ours, prompts, max_new_tokens=2, stop_ids=set())
+
+
 def test_sampling_is_seeded_and_top_p_narrows_to_argmax():
     logits = torch.randn(4, 50)
     g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)

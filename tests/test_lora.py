@@ -237,9 +237,11 @@ def test_load_adapter_errors(tmp_path, base_dir):
 
     save_file(tensors, weights)
     config_path = tmp_path / "adapter" / "adapter_config.json"
-    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "use_dora": True}))
-    with pytest.raises(CloError, match="use_dora"):
-        load_adapter(model, tmp_path / "adapter")
+    plain = json.loads(config_path.read_text())
+    for field, value in (("use_dora", True), ("alora_invocation_tokens", [5, 6])):  # not plain LoRA: refused, never approximated
+        config_path.write_text(json.dumps({**plain, field: value}))
+        with pytest.raises(CloError, match=field):
+            load_adapter(model, tmp_path / "adapter")
 
 
 def test_apply_lora_errors(base_dir):

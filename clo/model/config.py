@@ -58,10 +58,13 @@ class ModelConfig:
                     raise CloError(f"{source}: rope scaling {scaling['rope_type']!r} is not supported (only llama3)")
                 if scaling["rope_type"] == "default":
                     scaling = None
+                elif not isinstance(scaling.get("factor"), (int, float)):
+                    raise CloError(f"{source}: rope scaling 'llama3' without a numeric 'factor'")
             is_qwen = arch == "Qwen2ForCausalLM"
-            window = hf.get("sliding_window")
-            if is_qwen and not hf.get("use_sliding_window", False):
-                window = None  # Qwen2 lists a window but does not use it by default
+            act = hf.get("hidden_act", "silu")
+            if act not in ("silu", "swish"):  # the SwiGLU feed-forward (clo/model/decoder.py) is all we compute
+                raise CloError(f"{source}: hidden_act {act!r} is not supported (only silu)")
+            window = sliding_window(hf, arch, int(hf["num_hidden_layers"]), source)
             return cls(
                 architecture=arch,
                 vocab_size=int(hf["vocab_size"]),
@@ -102,3 +105,28 @@ class ModelConfig:
         mlp = 3 * self.dim * self.ffn_dim
         embed = self.vocab_size * self.dim * (1 if self.tie_word_embeddings else 2)
         return self.n_layers * (attn + mlp + 2 * self.dim) + embed + self.dim
+
+
+def sliding_window(hf: dict, arch: str, n_layers: int, source: str) -> int | None:
+    """The window every layer attends within, as transformers reads the config, or None for full attention.
+
+    Mistral slides on every layer. Llama never does (transformers ignores a `sliding_window` key a
+    converted config may carry). Qwen2 slides only with `use_sliding_window`, and then only on layers from
+    `max_window_layers` on (transformers' `layer_types`); one window for some layers and not others is refused.
+    """
+    window = hf.get("sliding_window")
+    if not window or arch == "LlamaForCausalLM":
+        return None
+    if arch != "Qwen2ForCausalLM":
+        return int(window)
+    kinds = hf.get("layer_types")
+    if not isinstance(kinds, list):
+        if not hf.get("use_sliding_window", False):
+            return None  # Qwen2 lists a window but does not use it by default
+        first = int(hf.get("max_window_layers", 28))  # transformers' default
+        kinds = ["sliding_attention" if i >= first else "full_attention" for i in range(n_layers)]
+    if set(kinds) == {"full_attention"}:
+        return None
+    if set(kinds) == {"sliding_attention"}:
+        return int(window)
+    raise CloError(f"{source}: a sliding window on some layers only (layer_types, max_window_layers) is not supported")

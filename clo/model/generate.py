@@ -63,6 +63,8 @@ def generate(
     (see the module docstring) and keeps the KV cache allocated after the call.
     """
     device = model.embed_tokens.weight.device
+    if not prompts or not all(prompts):
+        raise ValueError("generate: every prompt needs at least one token (a chat format or BOS gives it one)")
     B, L = len(prompts), max(len(p) for p in prompts)
     S = L + max_new_tokens
     if compile:

@@ -42,7 +42,11 @@ def our_key(key: str) -> str:
 def weight_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(read_json(index)["weight_map"].values()))
+        listing = read_json(index)
+        weight_map = listing.get("weight_map") if isinstance(listing, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v == Path(v).name for v in weight_map.values()):
+            raise CloError(f"{index}: field 'weight_map' is not a map of tensor names to file names in this folder")
+        shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
             raise CloError(f"{index}: shard {missing[0]} is listed but not in the folder")

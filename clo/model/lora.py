@@ -54,6 +54,7 @@ PLAIN_LORA = {
     "alpha_pattern": {},
     "layers_to_transform": None,
     "modules_to_save": None,
+    "alora_invocation_tokens": None,  # activated LoRA: applied only from those tokens on, which plain LoRA is not
 }
 
 
