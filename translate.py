@@ -200,11 +200,14 @@ def translate_all(args, language, world) -> None:
         device = world.device(torch.device(args.device))
         translator = Translator(args.model, language, str(device), args.dtype, args.beams, args.max_length,
                                 args.compile == "on")
-        jobs = [Job(e, segment(e.prompt, args.max_chars), segment(e.response, args.max_chars)) for e in todo]
-        groups = chunks(jobs, args.batch_size * args.chunk_batches)  # the same on every process
+        # Chunks of every example, written or not: a rerun forms the chunks, hence the batches, of an uninterrupted
+        # run, and translates each chunk with a missing record whole (a sentence's tokens may change with its batch
+        # partners in bf16), writing only what is missing. The same on every process.
+        jobs = [Job(e, segment(e.prompt, args.max_chars), segment(e.response, args.max_chars)) for e in examples]
+        groups = [g for g in chunks(jobs, args.batch_size * args.chunk_batches) if any(job.example.id not in existing.ids for job in g)]
         total = sum(len({p for job in group for p in job.pieces}) for group in groups)
         if not world.main:
-            translate_groups(groups, translator, language.code, args.batch_size, world, lambda records: None)
+            translate_groups(groups, translator, language.code, args.batch_size, world, lambda records: None, existing.ids)
             return
         where = args.device if world.size == 1 else f"{world.size} processes ({args.device})"
         print(f"{len(existing.ids)} of {len(examples)} examples already in {out}; translating {len(todo)} "
@@ -215,9 +218,9 @@ def translate_all(args, language, world) -> None:
         started = time.perf_counter()
         with open(out, "a", encoding="utf-8") as f, tqdm(total=total, unit="sent", dynamic_ncols=True) as bar:
             appender = Appender(f, bar)
-            translate_groups(groups, translator, language.code, args.batch_size, world, appender)
+            translate_groups(groups, translator, language.code, args.batch_size, world, appender, existing.ids)
     elapsed = time.perf_counter() - started
-    skipped = f"; skipped {appender.skipped} whose translation came out empty (a rerun tries them again)" if appender.skipped else ""
+    skipped = f"; skipped {appender.skipped} whose translation came out empty (a rerun gives the same; another --batch-size or --beams may not)" if appender.skipped else ""
     print(f"wrote {appender.written} records to {out} ({total / elapsed:.2f} sentences/s){skipped}", file=sys.stderr)
 
 
@@ -284,8 +287,8 @@ class Appender:
 
 
 def translate_groups(groups: list[list[Job]], translator: Translator, lang: str, batch_size: int,
-                     world: World, write) -> None:
-    """Translate every group and `write` its Records in source order.
+                     world: World, write, written: set[str] = frozenset()) -> None:
+    """Translate every group and `write` its Records in source order, except those of the ids `written`.
 
     One process writes after every model batch. N processes go in lock-step rounds: in round k,
     process r translates group k·N + r exactly as one process would (the same batches, so the same
@@ -294,25 +297,26 @@ def translate_groups(groups: list[list[Job]], translator: Translator, lang: str,
     """
     if world.size == 1:
         for group in groups:
-            for records in translate_group(group, translator, lang, batch_size):
+            for records in translate_group(group, translator, lang, batch_size, written):
                 write(records)
         return
     for first in range(0, len(groups), world.size):
         mine = first + world.rank
         records = Records()
         if mine < len(groups):
-            for step in translate_group(groups[mine], translator, lang, batch_size):
+            for step in translate_group(groups[mine], translator, lang, batch_size, written):
                 records.add(step)
         for part in world.gather_objects(records):  # in rank order: group order
             write(part)
 
 
-def translate_group(group: list[Job], translator: Translator, lang: str, batch_size: int) -> Iterator[Records]:
+def translate_group(group: list[Job], translator: Translator, lang: str, batch_size: int,
+                    written: set[str] = frozenset()) -> Iterator[Records]:
     """Translate the distinct pieces of `group`, longest first in batches of batch_size; after each
     batch (and once before the first, for jobs with nothing to translate), yield the records of the
-    leading jobs that are now complete, so they keep the source order. A record whose prompt or
-    response translates to nothing but whitespace is skipped: train.py's loader refuses a file with
-    an empty field."""
+    leading jobs that are now complete, so they keep the source order; those of ids `written` (by an
+    earlier run) are not yielded again. A record whose prompt or response translates to nothing but
+    whitespace is skipped: train.py's loader refuses a file with an empty field."""
     encoded = {piece: translator.encode(piece) for job in group for piece in job.pieces}
     order = sorted(encoded, key=lambda piece: -len(encoded[piece]))
     translated: dict[str, str] = {}
@@ -324,6 +328,8 @@ def translate_group(group: list[Job], translator: Translator, lang: str, batch_s
         while finished < len(group) and all(p in translated for p in group[finished].pieces):
             job = group[finished]
             finished += 1
+            if job.example.id in written:
+                continue
             record = {
                 "id": job.example.id, "lang": lang,
                 "prompt_en": job.example.prompt, "response_en": job.example.response,

@@ -290,6 +290,52 @@ def test_mt_resume_after_crash_equals_uninterrupted_run(mt_setup, tmp_path, monk
     assert out.read_bytes() == reference.read_bytes()
 
 
+def test_a_resume_translates_each_sentence_in_its_uninterrupted_batch(mt_setup, tmp_path, monkeypatch):
+    """A crash after every possible batch, with chunks of a long and a short example (the long one's record is
+    written first, mid-chunk): the resumed run's batches are the last batches of the uninterrupted run (the chunk
+    in flight translated again, whole), so every sentence meets the partners and padding it meets uninterrupted,
+    which bf16 needs for the same bytes (fp32 on this CPU hides a regrouping)."""
+    _, _, model = mt_setup
+    long = "Question number {i}. Can you answer it? Answer {i} has parts."  # 5 sentences a long example, 2 a short
+    source = tmp_path / "source.jsonl"
+    source.write_text("".join(json.dumps({"id": f"ex{i}", "prompt": long.format(i=i) if i % 2 == 0 else "Hi.",
+                                          "response": long.format(i=i + 1) if i % 2 == 0 else "Ok."}) + "\n" for i in range(6)))
+    args = ["--source", str(source), "--model", str(model), "--lang", "sw", "--batch-size", "2", "--chunk-batches", "3"]
+    jobs = [translate.Job(e, segment(e.prompt), segment(e.response)) for e in read_sft_source(source).examples]
+    groups = [{job.example.id for job in g} for g in translate.chunks(jobs, 6)]
+    assert all(len(g) == 2 for g in groups)  # a long and a short example each
+    seen, real_batch = [], Translator.translate_batch
+
+    def spy(self, batch):
+        seen.append([tuple(ids) for ids in batch])
+        return real_batch(self, batch)
+
+    monkeypatch.setattr(Translator, "translate_batch", spy)
+    reference = tmp_path / "reference.jsonl"
+    translate.main([*args, "--out", str(reference)])
+    full, mid_chunk = list(seen), 0
+    for k in range(1, len(full)):
+        out = tmp_path / f"crash-{k}.jsonl"
+        seen.clear()
+
+        def crash_after_k(self, batch, k=k):
+            if len(seen) == k:
+                raise KeyboardInterrupt
+            return spy(self, batch)
+
+        monkeypatch.setattr(Translator, "translate_batch", crash_after_k)
+        with pytest.raises(KeyboardInterrupt):
+            translate.main([*args, "--out", str(out)])
+        written = {r["id"] for r in read_records(out)} if out.exists() else set()
+        mid_chunk += any(0 < len(g & written) < len(g) for g in groups)
+        monkeypatch.setattr(Translator, "translate_batch", spy)
+        seen.clear()
+        translate.main([*args, "--out", str(out)])
+        assert seen == full[len(full) - len(seen):], k
+        assert out.read_bytes() == reference.read_bytes(), k
+    assert mid_chunk  # the case a resume used to regroup
+
+
 def test_compile_on_decodes_in_static_shapes_to_the_same_bytes(mt_setup, tmp_path, monkeypatch):
     """--compile on sends beam search through the static-shape step (clo/translate/static_decode.py). The
     step is run eagerly here (compiling it on a CPU costs CI ~20 s; tests/test_cuda.py compiles it on a
@@ -399,7 +445,7 @@ def test_mt_output_round_trips_line_separators(mt_setup, tmp_path, monkeypatch):
 
 def test_empty_translations_are_skipped_and_counted(mt_setup, tmp_path, monkeypatch, capsys):
     """A record whose prompt translates to nothing is not written ("  " would make train.py refuse
-    the whole file); the summary counts it, and a rerun tries it again."""
+    the whole file); the summary counts it, and a rerun translates it again, in the same batch."""
     by_id = {e["id"]: e for e in EXAMPLES}
     empty = set(segment(by_id["ex2"]["prompt"]).pieces)  # ex2's prompt: both its sentences
     real_batch = Translator.translate_batch
