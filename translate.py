@@ -221,7 +221,8 @@ def translate_all(args, language, world) -> None:
             translate_groups(groups, translator, language.code, args.batch_size, world, appender, existing.ids)
     elapsed = time.perf_counter() - started
     skipped = f"; skipped {appender.skipped} whose translation came out empty (a rerun gives the same; another --batch-size or --beams may not)" if appender.skipped else ""
-    print(f"wrote {appender.written} records to {out} ({total / elapsed:.2f} sentences/s){skipped}", file=sys.stderr)
+    holes = f"; {appender.holes} of them with a sentence that translated to nothing (left out of the record)" if appender.holes else ""
+    print(f"wrote {appender.written} records to {out} ({total / elapsed:.2f} sentences/s){holes}{skipped}", file=sys.stderr)
 
 
 def read_examples(args, main: bool) -> list[SftExample]:
@@ -264,11 +265,13 @@ class Records:
     lines: list[str] = field(default_factory=list)
     sentences: int = 0  # distinct pieces translated for them
     skipped: int = 0  # records not written: a translation came out empty
+    holes: int = 0  # records written with a sentence that translated to nothing (the rest of the field has text)
 
     def add(self, more: "Records") -> None:
         self.lines += more.lines
         self.sentences += more.sentences
         self.skipped += more.skipped
+        self.holes += more.holes
 
 
 class Appender:
@@ -276,7 +279,7 @@ class Appender:
     final line's counts kept."""
 
     def __init__(self, f, bar):
-        self.f, self.bar, self.written, self.skipped = f, bar, 0, 0
+        self.f, self.bar, self.written, self.skipped, self.holes = f, bar, 0, 0, 0
 
     def __call__(self, records: Records) -> None:
         self.f.write("".join(records.lines))
@@ -284,6 +287,7 @@ class Appender:
         self.bar.update(records.sentences)
         self.written += len(records.lines)
         self.skipped += records.skipped
+        self.holes += records.holes
 
 
 def translate_groups(groups: list[list[Job]], translator: Translator, lang: str, batch_size: int,
@@ -338,6 +342,7 @@ def translate_group(group: list[Job], translator: Translator, lang: str, batch_s
             }
             if record["prompt"].strip() and record["response"].strip():  # the test clo/pairs.py applies
                 records.lines.append(pair_line(record))
+                records.holes += any(not translated[p].strip() for p in job.pieces)
             else:
                 records.skipped += 1
         return records

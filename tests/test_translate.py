@@ -465,6 +465,19 @@ def test_empty_translations_are_skipped_and_counted(mt_setup, tmp_path, monkeypa
     assert [ex.id for ex in load_pairs(out, "sw").examples] == ids
 
 
+def test_a_sentence_that_translates_to_nothing_is_counted(mt_setup, tmp_path, monkeypatch, capsys):
+    """One sentence of ex3's response comes back empty: the record is written without it, and the summary says so."""
+    hole = "Answer 3 has parts."
+    real_batch = Translator.translate_batch
+
+    def one_empty(self, batch):
+        return ["" if ids == self.encode(hole) else text for ids, text in zip(batch, real_batch(self, batch))]
+
+    monkeypatch.setattr(Translator, "translate_batch", one_empty)
+    translate.main(mt_args(mt_setup, tmp_path / "sw.jsonl"))
+    assert f"wrote {len(EXAMPLES)} records" in (err := capsys.readouterr().err) and "1 of them with a sentence that translated to nothing" in err
+
+
 def test_complete_last_record_without_newline_gets_one(mt_setup, tmp_path):
     reference = tmp_path / "reference.jsonl"
     translate.main(mt_args(mt_setup, reference))
