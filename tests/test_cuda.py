@@ -94,6 +94,22 @@ def test_head_logits_are_not_rounded_to_bf16():
     assert torch.allclose(w.grad.float(), w32.grad, rtol=2e-2, atol=2e-2)
 
 
+def test_multiple_choice_letters_are_scored_from_fp32_logits(tmp_path):
+    """eval's one-token multiple choice on a bf16 model: the letters' log-probs of fp32 logits over the same bf16
+    hidden states (as training's head computes them), not of logits rounded to bf16."""
+    from clo.eval.mc import next_letter_logps
+
+    write_hf_model(tmp_path, "llama")
+    model = load_model(tmp_path, "cuda", torch.bfloat16)
+    batch = [([5, 9, 17, 33, 4], [[40], [41], [42], [43]]), ([7, 8], [[40], [41], [42], [43]])]
+    got = next_letter_logps(model, batch, 0)
+    with torch.no_grad():
+        hidden = model.hidden(torch.tensor([[5, 9, 17, 33, 4], [7, 8, 0, 0, 0]], device="cuda"))
+        last = hidden[torch.arange(2), torch.tensor([4, 1])].float()
+        want = torch.log_softmax(last @ model.lm_head.weight.float().T, dim=-1)[:, 40:44].cpu()
+    assert (got - want).abs().max().item() < 1e-4
+
+
 @pytest.mark.parametrize("option", [("--checkpoint-activations",), ("--compile", "on")], ids=["checkpointing", "compiled-blocks"])
 def test_speed_options_train_the_same_on_cuda(tiny, tmp_path, option):
     """As tests/test_train.py's CPU test: fp32, the metrics of 3 steps match the plain eager run."""

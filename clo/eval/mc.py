@@ -38,6 +38,7 @@ from clo.errors import CloError
 from clo.model.decoder import Transformer
 from clo.model.tokenizer import Tokenizer
 from clo.train.batching import EncodedExample
+from clo.train.loss import head_logits
 from clo.train.scoring import Batching, four_way_rows
 from clo.world import World
 
@@ -151,7 +152,7 @@ def next_letter_logps(model: Transformer, batch: list[tuple[list[int], list[list
         tokens[row, : lengths[row]] = torch.tensor(context)
     hidden = model.hidden(tokens.to(device))
     last = hidden[torch.arange(len(batch)), torch.tensor(lengths) - 1]  # [B, D], right padding is never seen
-    logprobs = F.log_softmax((last @ model.lm_head.weight.T).float(), dim=-1)
+    logprobs = F.log_softmax(head_logits(last, model.lm_head.weight, torch.float32), dim=-1)  # fp32 logits, as training's
     letter_ids = torch.tensor([[c[0] for c in conts] for _, conts in batch], device=device)
     return logprobs.gather(1, letter_ids).cpu()
 

@@ -20,7 +20,7 @@ from clo.errors import CloError
 IGNORE_INDEX = -100
 
 
-def _chunk_logits(h_c: Tensor, weight: Tensor, acc: torch.dtype) -> Tensor:
+def head_logits(h_c: Tensor, weight: Tensor, acc: torch.dtype) -> Tensor:
     """[c, D] @ [D, V] -> [c, V] logits in `acc` (fp32) for the softmax.
 
     bf16/fp16 inputs on CUDA: one matmul with fp32 output (cuBLAS accumulates in fp32 anyway), so
@@ -50,7 +50,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         token_logps = torch.empty(h.shape[0], dtype=acc, device=h.device)
         lse = torch.empty_like(token_logps)
         for s in range(0, h.shape[0], chunk_size):
-            logits = _chunk_logits(h[s : s + chunk_size], weight, acc)  # [c, V]
+            logits = head_logits(h[s : s + chunk_size], weight, acc)  # [c, V]
             lse[s : s + chunk_size] = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(1, targets[s : s + chunk_size, None]).squeeze(1)
             token_logps[s : s + chunk_size] = picked - lse[s : s + chunk_size]
@@ -67,7 +67,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if need_w else None
         for s in range(0, h.shape[0], ctx.chunk_size):
             h_c, g = h[s : s + ctx.chunk_size], grad_out[s : s + ctx.chunk_size, None]
-            logits = _chunk_logits(h_c, weight, lse.dtype)
+            logits = head_logits(h_c, weight, lse.dtype)
             dlogits = logits.sub_(lse[s : s + ctx.chunk_size, None]).exp_().mul_(-g)  # −g·softmax
             dlogits.scatter_add_(1, targets[s : s + ctx.chunk_size, None], g)  # +g·onehot
             dlogits = dlogits.to(h.dtype)
