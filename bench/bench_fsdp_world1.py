@@ -8,7 +8,9 @@ weights in the precision policy's dtype), one under `fully_shard` at world size 
 compute on CUDA), exactly as train.py shards over N processes. The same micro-batch of demo
 examples (random tokens of the demo's lengths for a random model) goes through both, the order
 alternating every step, so a slow moment of the machine hits both sides alike. Reported: median
-step time (after a warm-up step), the ratio, and on CUDA the peak memory of each.
+step time (after a warm-up step), the ratio, and on CUDA the peak memory of each: the peak over its
+warm-up step less what the other side holds all along (its weights and AdamW state), since both live
+in one process.
 
 This is why `torchrun --nproc-per-node 1` does not shard (clo/train/distributed.py): at world size
 1, every all-gather and reduce-scatter is a copy of every weight and gradient, for nothing.
@@ -56,6 +58,18 @@ def free_port() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return str(s.getsockname()[1])
+
+
+def resident_bytes(model, optimizer) -> int:
+    """What a side holds between its steps: its weights (this process's shards under FSDP2) and its AdamW state."""
+    from torch.distributed.tensor import DTensor
+
+    def local(t):
+        return t.to_local() if isinstance(t, DTensor) else t
+
+    tensors = [local(p) for p in model.parameters()]
+    tensors += [local(v) for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+    return sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in tensors}.values())
 
 
 def profile_steps(step, sides) -> None:
@@ -120,10 +134,11 @@ def main() -> None:
     times = {name: [] for name in sides}
     peak = {}
     for name in sides:
+        other = resident_bytes(*sides["fsdp2" if name == "plain" else "plain"][:2])  # in memory all along, not this side's
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         step(name)  # warm-up
-        peak[name] = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+        peak[name] = (torch.cuda.max_memory_allocated() - other) / 2**30 if device.type == "cuda" else None
     for i in range(args.steps):
         for name in ("plain", "fsdp2") if i % 2 == 0 else ("fsdp2", "plain"):
             times[name].append(step(name))

@@ -28,7 +28,7 @@ same examples counts as faster) and tokens/s (median over steps of the non-paddi
 sequences / step time). Reference log-probs are computed before timing, on every side.
 
 Each side runs in its own worker process, so its memory is its own: peak RSS (VmHWM, reset just
-before the first step; the interpreter and imported libraries included) on CPU,
+before the first warm-up step, so the warm-up counts; the interpreter and imported libraries included) on CPU,
 `torch.cuda.max_memory_allocated` (reset likewise) on CUDA; the JSON also has the memory in use at
 the reset (`baseline_bytes`: weights, libraries, no optimizer state yet). On CPU the parent alternates the
 workers round by round (clo, TRL, clo, TRL, ...) after each has warmed up; tokens/s is the median

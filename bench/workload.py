@@ -200,11 +200,12 @@ def current_memory(device: torch.device) -> int:
 
 def start_peak(device: torch.device) -> dict:
     """Begin the measured stretch: reset the peak counter; returns what the peak covers and the memory in use now."""
+    # called at the first "run" command, which is the warm-up's: the peak covers it and the timed steps
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        covers = "timed steps"
+        covers = "warm-up and timed steps"
     else:
-        covers = "timed steps" if rss_reset() else "whole worker process"
+        covers = "warm-up and timed steps" if rss_reset() else "whole worker process"
     return {"peak_covers": covers, "baseline_bytes": current_memory(device)}
 
 
