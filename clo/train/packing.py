@@ -7,7 +7,8 @@ and pad every row to the longest. Here sequences that share a prompt become one 
     [ x | y_1 | y_2 ]      y_2 sees x and itself, never y_1; its RoPE positions continue from x's end,
 
 so every answer is computed exactly as if it were its own sequence (same tokens in view, same
-positions), and segments are packed side by side into rows of one length (first fit, longest
+positions; with `--lora-dropout` > 0, default 0, the shared prompt draws one dropout mask for both its
+answers where padded rows draw one each), and segments are packed side by side into rows of one length (first fit, longest
 first). Attention never crosses segments. Per row, query i may see key j when
 
     segment[j] == segment[i]  and  j <= i  and  (part[j] == 0 (prompt) or part[j] == part[i])
