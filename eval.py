@@ -147,6 +147,8 @@ def check_out(out: Path) -> None:
             continue  # the temporary file of an interrupted write (clo/atomic.py write_atomic)
         if entry.name not in OUTPUTS:
             raise CloError(f"--out {out}: holds {entry.name}, which eval.py does not write; choose another --out")
+        if entry.is_symlink():  # eval.py replaces and removes files in there: never through a link to elsewhere
+            raise CloError(f"--out {out}: {entry.name} is a link; eval.py writes its own files there, not through a link")
         if entry.is_dir() != OUTPUTS[entry.name]:
             raise CloError(f"--out {out}: {entry.name} is a {'folder' if entry.is_dir() else 'file'}; eval.py writes a {'folder' if OUTPUTS[entry.name] else 'file'} there")
 

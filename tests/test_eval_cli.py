@@ -194,6 +194,19 @@ def test_a_rerun_replaces_every_file_and_a_diverged_model_writes_standard_json(t
     assert metrics["preference"]["pref_t"] is None and metrics["preference"]["nll_t"] is None
 
 
+def test_a_link_inside_out_is_refused_and_its_target_left_alone(tiny, tmp_path):
+    """eval.py replaces and removes files in --out/alpaca_eval: a planted link there would reach another folder."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "precious.json").write_text("{}")
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "alpaca_eval").symlink_to(elsewhere)
+    with pytest.raises(CloError, match="alpaca_eval is a link"):
+        eval_script.main(["--lang", "sw", "--models", str(tiny[0]), "--limit", "1", "--max-new-tokens", "2", "--out", str(out)])
+    assert [p.name for p in elsewhere.iterdir()] == ["precious.json"]
+
+
 def test_prompt_files_and_names(tiny, tmp_path):
     (tmp_path / "alpaca.json").write_text(json.dumps([{"instruction": "Name a colour."}, {"instruction": "Taja rangi.", "lang": "sw"}]))
     out = tmp_path / "eval"

@@ -777,6 +777,19 @@ def test_overwrite_deletes_only_a_run_and_never_its_inputs(tiny, tmp_path):
     assert {p.name: p.read_bytes() for p in (out / "model").iterdir()} == saved
 
 
+def test_run_files_that_are_links_are_refused(tiny, tmp_path):
+    """A run prunes checkpoint-shards/ and replaces model/: never through a link planted in --out."""
+    out = run(tiny, tmp_path / "run", "--max-steps", "1")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "README.txt").write_text("not a run's")
+    (out / "checkpoint-shards").symlink_to(elsewhere)
+    for extra in (("--resume",), ("--overwrite",)):
+        with pytest.raises(CloError, match="checkpoint-shards is a link"):
+            run(tiny, out, "--max-steps", "2", *extra)
+    assert [p.name for p in elsewhere.iterdir()] == ["README.txt"]
+
+
 def test_one_run_per_out(tiny, tmp_path):
     from clo.lock import output_lock
 

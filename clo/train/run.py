@@ -27,7 +27,19 @@ from clo.errors import CloError
 from clo.lock import output_lock
 from clo.train.distributed import local_weights, optimizer_state
 from clo.train.interrupt import stop_requests
-from clo.train.resume import SHARDS, read_checkpoint, read_shard, resume_from, rng_state, save_checkpoint, save_shard, set_rng_state, shard_folder, shard_name
+from clo.train.resume import (
+    SHARD_FOLDER,
+    SHARDS,
+    read_checkpoint,
+    read_shard,
+    resume_from,
+    rng_state,
+    save_checkpoint,
+    save_shard,
+    set_rng_state,
+    shard_folder,
+    shard_name,
+)
 from clo.train.schedule import Position
 from clo.world import World
 
@@ -137,8 +149,8 @@ class Run:
         if self.world.main:
             save_checkpoint(self.checkpoint_path, weights=None, optimizer=None, position=position, settings=settings, rng=rng,
                             shards={"folder": folder, "processes": self.world.size})
-            for old in (self.out / SHARDS).iterdir():
-                if old.name != Path(folder).name:
+            for old in (self.out / SHARDS).iterdir():  # only the step folders saves made: never a link's target
+                if old.name != Path(folder).name and SHARD_FOLDER.fullmatch(f"{SHARDS}/{old.name}") and not old.is_symlink():
                     shutil.rmtree(old) if old.is_dir() else old.unlink()
         self.world.barrier()
 
@@ -176,6 +188,9 @@ def check_out(out: Path, resume: bool, overwrite: bool) -> None:
     replaces only a run (a folder with run.json), never a folder that merely holds a `model/`, say."""
     if out.exists() and not out.is_dir():
         raise CloError(f"--out {out}: exists and is not a folder")
+    links = [name for name in RUN_FILES if (out / name).is_symlink()]
+    if links:  # a run replaces and prunes these: never through a link to elsewhere
+        raise CloError(f"--out {out}: {links[0]} is a link; a run writes its own files there, not through a link")
     held = [name for name in RUN_FILES if (out / name).exists()]
     if held and not resume and not overwrite:
         raise CloError(f"--out {out}: holds a run ({held[0]}); --resume continues it, --overwrite replaces it, or choose another --out")
