@@ -42,12 +42,14 @@ from tqdm import tqdm
 
 from clo.atomic import write_atomic
 from clo.errors import ArgumentParser, CloError, run_cli
+from clo.jsonfile import parse_json
 from clo.jsonl import split_lines
 from clo.languages import get_language, target_language
 from clo.lock import output_lock
 from clo.pairs import FIELDS, RECORD_START, pair_line
 from clo.runtime import resolve_device
 from clo.translate.parallel_pairs import continuation_pairs, read_doc_ids
+from clo.translate.search import MAX_BEAMS, MAX_LENGTH
 from clo.translate.segment import Segmented, reassemble, segment
 from clo.translate.sft_sources import FORMATS, SftExample, read_sft_source, sample_examples
 from clo.translate.translator import DTYPES, Translator
@@ -102,17 +104,16 @@ def is_torn(tail: bytes) -> bool:
     try:
         json.loads(tail)
         return False  # whole JSON: a complete line without its newline, checked as one
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         return tail.startswith(RECORD_START) or RECORD_START.startswith(tail)
 
 
 def json_of(out: Path, number: int, line: str | bytes):
     """Line `number` of --out, parsed; a one-line CloError if it is not JSON."""
     try:
-        return json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        reason = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8"
-        raise CloError(f"{out}:{number}: not valid JSON ({reason}); not a file this tool wrote? choose another --out") from None
+        return parse_json(line, f"{out}:{number}")
+    except CloError as e:
+        raise CloError(f"{e}; not a file this tool wrote? choose another --out") from None
 
 
 def check_record(out: Path, number: int, record, lang: str, ids: set[str]) -> None:
@@ -415,6 +416,10 @@ def check_args(args) -> None:
         value = getattr(args, flag, None)
         if value is not None and value < 1:
             raise CloError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    for flag, top in (("beams", MAX_BEAMS), ("max_length", MAX_LENGTH)):  # beam search allocates their product up front
+        value = getattr(args, flag, None)
+        if value is not None and value > top:
+            raise CloError(f"--{flag.replace('_', '-')} must be at most {top}, got {value}")
     target_language(args.lang)
     inputs = {"--source": getattr(args, "source", None), "--src": getattr(args, "src", None),
               "--tgt": getattr(args, "tgt", None), "--doc-ids": getattr(args, "doc_ids", None)}

@@ -1,4 +1,9 @@
-"""Reading the JSON files of a checkpoint folder, with errors that name the file and line."""
+"""Reading JSON with errors that name the file and line: a checkpoint folder's files, and JSON Lines records.
+
+`parse_json` turns every way a text can fail to be JSON into one CloError (invalid syntax with its line,
+nesting too deep for the parser, a number too long to convert); `read_json` reads a file that must hold
+one JSON object (config.json, tokenizer_config.json, ...).
+"""
 
 import json
 from pathlib import Path
@@ -6,15 +11,33 @@ from pathlib import Path
 from clo.errors import CloError
 
 
+def parse_json(text: str | bytes, where: str, whole_file: bool = False):
+    """json.loads(text), or a one-line CloError that starts with `where`: a record's file:line, or a file
+    (whole_file: the error's own line number is added)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        line = f":{e.lineno}" if whole_file else ""
+        raise CloError(f"{where}{line}: invalid JSON: {e.msg} (column {e.colno})") from None
+    except UnicodeDecodeError:
+        raise CloError(f"{where}: invalid JSON: not UTF-8 text") from None
+    except RecursionError:
+        raise CloError(f"{where}: invalid JSON: nested too deeply") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise CloError(f"{where}: invalid JSON: {str(e).splitlines()[0][:120]}") from None
+
+
 def read_json(path: Path, missing_ok: bool = False) -> dict:
-    """The parsed file; {} for a missing file when `missing_ok`; else a one-line CloError."""
+    """The JSON object in `path`; {} for a missing file when `missing_ok`; else a one-line CloError."""
     if not path.is_file():
         if missing_ok:
             return {}
         raise CloError(f"{path}: no such file")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CloError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise CloError(f"{path}: not UTF-8 text ({e.reason})") from None
+    value = parse_json(text, str(path), whole_file=True)
+    if not isinstance(value, dict):
+        raise CloError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value

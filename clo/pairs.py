@@ -10,11 +10,11 @@ the first bad line stops the run with `file:line: what is wrong`. Lines end at "
 counted (the first one is kept).
 """
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from clo.errors import CloError
+from clo.jsonfile import parse_json
 from clo.jsonl import dumps_line, read_lines
 from clo.languages import get_language, target_language
 
@@ -45,10 +45,7 @@ class LoadReport:
 
 
 def parse_line(line: str, where: str) -> Example:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise CloError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
+    record = parse_json(line, where)
     if not isinstance(record, dict):
         raise CloError(f"{where}: expected a JSON object, got {type(record).__name__}")
     for field in FIELDS:

@@ -68,6 +68,12 @@ def test_a_window_applies_where_transformers_applies_it(tmp_path, family, extra)
 
 @pytest.mark.parametrize("extra, message", [
     ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
+    ({"rms_norm_eps": float("nan")}, "field 'rms_norm_eps' is nan; must be a positive number"),  # gave NaN weights, exit 0
+    ({"rope_theta": -1.0}, "field 'rope_theta' is -1.0"),
+    ({"hidden_size": "abc"}, "a field is not a number of the right kind"),
+    ({"num_key_value_heads": 3}, "num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
+    ({"num_hidden_layers": 10**6}, "describes"),  # refused before a million layers are built, even on the meta device
+    ({"intermediate_size": 0}, "field 'intermediate_size' is 0"),
     ({"rope_scaling": {"rope_type": "llama3", "low_freq_factor": 1.0}}, "rope scaling 'llama3' without a numeric 'factor'"),
     ({"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}, "a sliding window on some layers only"),
 ])
@@ -153,11 +159,23 @@ def test_missing_weight(tmp_path):
     one_line_error(lambda: load_model(tmp_path), "model.norm.weight", "missing")
 
 
-@pytest.mark.parametrize("listing", [{"metadata": {}}, {"weight_map": {"model.norm.weight": "../elsewhere.safetensors"}}, [1, 2]])
-def test_a_shard_index_naming_no_file_of_the_folder_is_refused(tmp_path, listing):
+@pytest.mark.parametrize("listing, message", [
+    ({"metadata": {}}, "field 'weight_map'"),
+    ({"weight_map": {"model.norm.weight": "../elsewhere.safetensors"}}, "field 'weight_map'"),
+    ([1, 2], "expected a JSON object, got list"),
+])
+def test_a_shard_index_naming_no_file_of_the_folder_is_refused(tmp_path, listing, message):
     write_hf_model(tmp_path)
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(listing))
-    one_line_error(lambda: load_model(tmp_path), "model.safetensors.index.json: field 'weight_map'")
+    one_line_error(lambda: load_model(tmp_path), f"model.safetensors.index.json: {message}")
+
+
+@pytest.mark.parametrize("text, message", [("[]", "expected a JSON object, got list"), ("[" * 100_000, "nested too deeply"),
+                                           ('{"vocab_size": ' + "9" * 5000 + "}", "invalid JSON")])
+def test_a_config_that_is_not_a_json_object_is_one_line(tmp_path, text, message):
+    write_hf_model(tmp_path)
+    (tmp_path / "config.json").write_text(text)
+    one_line_error(lambda: load_model(tmp_path), "config.json", message)
 
 
 def test_unknown_architecture(tmp_path):

@@ -182,6 +182,20 @@ def test_bad_model_folders(tiny, tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(CloError, match="cannot read weights"):
         load_m2m100(tmp_path)
+    # a config of far more layers than the weights hold is refused before the model is built (even on meta)
+    config = {**json.loads((folder / "config.json").read_text()), "encoder_layers": 10**6}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    with pytest.raises(CloError, match="encoder_layers is 1000000, the weights hold 2"):
+        load_m2m100(tmp_path)
+    # a shard index may name only files of the folder
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    (tmp_path / "model.safetensors").rename(tmp_path / "elsewhere.safetensors")
+    (tmp_path / "inner").mkdir()
+    (tmp_path / "inner" / "config.json").write_text((folder / "config.json").read_text())
+    (tmp_path / "inner" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "../elsewhere.safetensors"}}))
+    with pytest.raises(CloError, match="field 'weight_map' is not a map of tensor names to file names in this folder"):
+        load_m2m100(tmp_path / "inner")
 
 
 def test_generation_settings_follow_the_checkpoint(tmp_path):
@@ -192,6 +206,12 @@ def test_generation_settings_follow_the_checkpoint(tmp_path):
     (tmp_path / "generation_config.json").write_text(json.dumps({"no_repeat_ngram_size": 3}))
     with pytest.raises(CloError, match="no_repeat_ngram_size"):
         GenerationSettings.from_folder(tmp_path)
+    # beam search allocates [sentences, beams, max_length] up front: absurd values are refused, never allocated
+    for bad, field in (({"max_length": 10**9}, "max_length"), ({"num_beams": 0.5}, "num_beams"),
+                       ({"length_penalty": float("nan")}, "length_penalty"), ({"max_length": "long"}, "max_length")):
+        (tmp_path / "generation_config.json").write_text(json.dumps(bad))
+        with pytest.raises(CloError, match=f"field '{field}' is"):
+            GenerationSettings.from_folder(tmp_path)
 
 
 def flores_lines(shared_data: Path, per_language: int | None = None) -> dict[str, list[str]]:

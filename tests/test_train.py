@@ -790,6 +790,28 @@ def test_run_files_that_are_links_are_refused(tiny, tmp_path):
     assert [p.name for p in elsewhere.iterdir()] == ["README.txt"]
 
 
+def test_a_diverged_step_is_logged_as_standard_json_with_a_warning(tiny, tmp_path, monkeypatch, capsys):
+    """A NaN loss (a learning rate too high) is written as null in metrics.jsonl and run.json, which strict JSON
+    readers (jq, JavaScript) refuse as NaN, and said once."""
+    real = train.optimizer_step
+
+    def diverging(*a, **k):
+        row, tokens = real(*a, **k)
+        return {**row, "loss": float("nan")}, tokens
+
+    monkeypatch.setattr(train, "optimizer_step", diverging)
+    out = run(tiny, tmp_path / "run", "--max-steps", "2")
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+
+    rows = [strict(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in rows] == [None, None]
+    assert strict((out / "run.json").read_text())["summary"]["last_loss"] is None
+    said = capsys.readouterr()
+    assert (said.out + said.err).count("the run diverged") == 1
+
+
 def test_one_run_per_out(tiny, tmp_path):
     from clo.lock import output_lock
 

@@ -198,7 +198,7 @@ def test_source_errors(tmp_path):
         read_sft_source(tmp_path / "missing.jsonl")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"\n')
-    with pytest.raises(CloError, match=r"bad.jsonl:2: not valid JSON"):
+    with pytest.raises(CloError, match=r"bad.jsonl:2: invalid JSON"):
         read_sft_source(bad)
     bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c"}\n')
     with pytest.raises(CloError, match=r"bad.jsonl:2: field 'response' is missing"):

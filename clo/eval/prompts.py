@@ -12,11 +12,11 @@
 A file is recognised by its records: any record with "prompt_en" makes it cross-lingual.
 """
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from clo.errors import CloError
+from clo.jsonfile import parse_json
 from clo.jsonl import read_text, split_lines
 from clo.languages import LANGUAGES, get_language
 from clo.pairs import load_pairs
@@ -35,18 +35,12 @@ def _read_records(path: Path) -> list[tuple[int, object]]:
     text = read_text(path)
     stripped = text.lstrip()
     if stripped.startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise CloError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+        records = parse_json(text, str(path), whole_file=True)
         return list(enumerate(records, 1))
     out = []
     for n, line in enumerate(split_lines(text), 1):
         if line.strip():
-            try:
-                out.append((n, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise CloError(f"{path}:{n}: invalid JSON: {e.msg} (column {e.colno})") from None
+            out.append((n, parse_json(line, f"{path}:{n}")))
     return out
 
 

@@ -4,6 +4,7 @@ One dataclass covers the paper's five models and the default: Llama-2, Llama-3 (
 RoPE scaling of 3.1/3.2), Mistral-7B-v0.1 (sliding window), Qwen-2.5 (q/k/v bias) and SmolLM2.
 """
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,7 @@ class ModelConfig:
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     raw: dict = field(default_factory=dict, repr=False)  # the config.json as read, saved back as is
+    source: str = field(default="config.json", repr=False, compare=False)  # where it was read, for errors
 
     @classmethod
     def from_hf(cls, hf: dict, source: str = "config.json") -> "ModelConfig":
@@ -87,9 +89,28 @@ class ModelConfig:
                 eos_token_id=hf.get("eos_token_id"),
                 pad_token_id=hf.get("pad_token_id"),
                 raw=hf,
+                source=source,
             )
         except KeyError as e:
             raise CloError(f"{source}: missing field {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:  # "hidden_size": "abc", a list where a number goes, ...
+            raise CloError(f"{source}: a field is not a number of the right kind ({str(e).splitlines()[0][:120]})") from None
+
+    def __post_init__(self):
+        """Values the decoder cannot compute with, refused before any tensor is made (a NaN epsilon gave NaN weights)."""
+        where = self.source
+        for name, value in (("vocab_size", self.vocab_size), ("hidden_size", self.dim), ("num_hidden_layers", self.n_layers),
+                            ("num_attention_heads", self.n_heads), ("num_key_value_heads", self.n_kv_heads),
+                            ("head_dim", self.head_dim), ("intermediate_size", self.ffn_dim)):
+            if value < 1:
+                raise CloError(f"{where}: field {name!r} is {value}; must be at least 1")
+        if self.n_heads % self.n_kv_heads:
+            raise CloError(f"{where}: num_attention_heads {self.n_heads} is not a multiple of num_key_value_heads {self.n_kv_heads}")
+        for name, value in (("rms_norm_eps", self.norm_eps), ("rope_theta", self.rope_theta)):
+            if not (math.isfinite(value) and value > 0):
+                raise CloError(f"{where}: field {name!r} is {value}; must be a positive number")
+        if self.rope_scaling is not None and not math.isfinite(self.rope_scaling["factor"]):
+            raise CloError(f"{where}: rope scaling 'factor' is {self.rope_scaling['factor']}; must be a finite number")
 
     @classmethod
     def from_folder(cls, folder: Path) -> "ModelConfig":

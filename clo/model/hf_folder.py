@@ -7,6 +7,7 @@ which `transformers` loads.
 """
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -71,10 +72,23 @@ def load_model(folder: Path | str, device="cpu", dtype: torch.dtype | None = Non
 
 
 def empty_model(folder: Path | str) -> Transformer:
-    """The folder's architecture on the meta device: shapes, no storage (tied embeddings tied)."""
+    """The folder's architecture on the meta device: shapes, no storage (tied embeddings tied).
+
+    Even without storage each layer costs Python objects, so a config.json that describes far more
+    parameters than its weight files hold (num_hidden_layers 10^6: ~47 GB) is refused before it is built."""
     cfg = ModelConfig.from_folder(Path(folder))
+    stored = sum(_stored_numel(path) for path in weight_files(Path(folder)))
+    if cfg.n_params > 1.5 * stored + 2**20:  # biases and the like are not in n_params; a wrong config is off by far more
+        raise CloError(f"{Path(folder) / 'config.json'}: describes {cfg.n_params:,} parameters, but the weight files hold "
+                       f"{stored:,}: it is not these weights' config")
     with torch.device("meta"):
         return Transformer(cfg)
+
+
+def _stored_numel(path: Path) -> int:
+    """How many numbers a safetensors file holds, from its header alone."""
+    with _open_weights(path) as f:
+        return sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())
 
 
 def read_weights(folder: Path | str, model: Transformer):

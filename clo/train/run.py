@@ -12,6 +12,7 @@ and turns Ctrl-C / SIGTERM into a request read between steps (clo/train/interrup
 """
 
 import json
+import math
 import shutil
 import signal
 import sys
@@ -24,6 +25,7 @@ from tqdm import tqdm
 
 from clo.atomic import leftovers, write_atomic
 from clo.errors import CloError
+from clo.jsonl import dumps_line, finite_or_null
 from clo.lock import output_lock
 from clo.train.distributed import local_weights, optimizer_state
 from clo.train.interrupt import stop_requests
@@ -56,7 +58,7 @@ class Run:
         self.checkpoint_path, self.metrics_path = self.out / "checkpoint.pt", self.out / "metrics.jsonl"
         check_out(self.out, resume, overwrite)
         self._stack = ExitStack()
-        self.bar, self.stop, self.stopped = None, None, False
+        self.bar, self.stop, self.stopped, self.diverged = None, None, False, False
 
     def __enter__(self) -> "Run":
         if self.world.main:  # process 0 writes every file, so it alone holds the lock
@@ -128,7 +130,10 @@ class Run:
         """One step's metrics: a line of metrics.jsonl (process 0) and the progress bar."""
         if self.world.main:
             with self.metrics_path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(dumps_line(row))  # standard JSON: a diverged step's NaN loss is null
+            if not math.isfinite(row["loss"]) and not self.diverged:
+                self.diverged = True
+                self.bar.write(f"warning: step {row['step']}: the loss is {row['loss']}: the run diverged (a smaller --lr?)")
         self.bar.update(1)
         self.bar.set_postfix({"loss": f"{row['loss']:.3f}", **({"margin": f"{row['margin']:.3f}"} if "margin" in row else {}),
                               "tok/s": f"{row['tokens_per_s']:.0f}"})
@@ -179,7 +184,7 @@ class Run:
         if "margin" in rows[0]:
             summary.update(first_margin=rows[0]["margin"], last_margin=rows[-1]["margin"])
         run = json.loads((self.out / "run.json").read_text())
-        write_atomic(self.out / "run.json", json.dumps({**run, "summary": summary}, indent=2))
+        write_atomic(self.out / "run.json", json.dumps(finite_or_null({**run, "summary": summary}), indent=2, allow_nan=False))
         print("summary: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()), file=sys.stderr)
 
 

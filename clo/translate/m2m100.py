@@ -23,7 +23,6 @@ cross-attention keys/values are computed once per source sentence and shared by 
 which `generate` does not do.
 """
 
-import json
 import math
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clo.errors import CloError
+from clo.jsonfile import read_json
 
 
 @dataclass(frozen=True)
@@ -59,10 +59,7 @@ class M2M100Config:
         path = Path(folder) / "config.json"
         if not path.is_file():
             raise CloError(f"{folder}: no config.json; not a Hugging Face model folder")
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CloError(f"{path}: not valid JSON ({e})") from None
+        raw = read_json(path)
         if raw.get("model_type") != "m2m_100":
             raise CloError(f"{path}: field 'model_type' is {raw.get('model_type')!r}; expected 'm2m_100' (M2M100 or NLLB)")
         values = {}
@@ -317,8 +314,13 @@ def read_state_dict(folder: Path) -> dict[str, Tensor]:
             if (folder / name).is_file():
                 return load(folder / name)
             if index.is_file():
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+                weight_map = read_json(index).get("weight_map")
+                if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v == Path(v).name for v in weight_map.values()):
+                    raise CloError(f"{index}: field 'weight_map' is not a map of tensor names to file names in this folder")
+                shards = sorted(set(weight_map.values()))
                 return {k: v for shard in shards for k, v in load(folder / shard).items()}
+        except CloError:
+            raise
         except Exception as e:  # a corrupt or truncated file: say which
             raise CloError(f"{folder / name}: cannot read weights ({type(e).__name__}: {e})") from None
     raise CloError(f"{folder}: no model.safetensors or pytorch_model.bin")
@@ -341,6 +343,10 @@ def load_m2m100(folder: str | Path, device: str | torch.device = "cpu",
         if key == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
         weights[key] = tensor
+    for side in ("encoder", "decoder"):  # before building: a config of 10^6 layers costs gigabytes even on meta
+        stored = len({key.split(".")[2] for key in weights if key.startswith(f"{side}.layers.")})
+        if stored != getattr(cfg, f"{side}_layers"):
+            raise CloError(f"{folder / 'config.json'}: {side}_layers is {getattr(cfg, f'{side}_layers')}, the weights hold {stored}")
     with torch.device("meta"):
         model = M2M100(cfg)
     expected = {key: t.shape for key, t in model.state_dict().items()}

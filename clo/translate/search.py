@@ -7,7 +7,6 @@ sentences that can no longer change are dropped from the batch, which `generate`
 Same scores, same tie-breaking, so outputs are identical (tests/test_m2m100.py).
 """
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +16,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from clo.errors import CloError
+from clo.jsonfile import read_json
 from clo.translate.m2m100 import M2M100
 from clo.translate.static_decode import StaticCache, compiled_step, step_log_probs
+
+MAX_LENGTH = 4096  # decoder tokens: M2M100's sinusoidal positions go further, no sentence of a chat answer does
+MAX_BEAMS = 64
 
 
 @dataclass(frozen=True)
@@ -52,19 +55,26 @@ class GenerationSettings:
         path = folder / "generation_config.json"
         if not path.is_file():
             path = folder / "config.json"
-        raw = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        raw = read_json(path, missing_ok=True)
         for key, neutral in cls.UNSUPPORTED.items():
             if raw.get(key, neutral) not in (neutral, None):
                 raise CloError(f"{path}: field {key!r} is {raw[key]!r}; only {neutral!r} is supported")
         max_length = raw.get("max_length") or cls.max_length
         if raw.get("max_new_tokens"):
-            max_length = raw["max_new_tokens"] + 1  # + the decoder start token
-        return cls(
+            max_length = raw["max_new_tokens"] + 1 if isinstance(raw["max_new_tokens"], int) else raw["max_new_tokens"]  # + the start token
+        settings = cls(
             max_length=max_length,
             num_beams=raw.get("num_beams") or cls.num_beams,
             length_penalty=raw.get("length_penalty", cls.length_penalty),
             early_stopping=raw.get("early_stopping", cls.early_stopping),
         )
+        # beam search allocates [sentences, beams, max_length] up front: absurd values are refused, not allocated
+        for key, value, top in (("max_length", settings.max_length, MAX_LENGTH), ("num_beams", settings.num_beams, MAX_BEAMS)):
+            if not (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= top):
+                raise CloError(f"{path}: field {key!r} is {value!r}; expected a whole number from 1 to {top}")
+        if not isinstance(settings.length_penalty, (int, float)) or not math.isfinite(settings.length_penalty):
+            raise CloError(f"{path}: field 'length_penalty' is {settings.length_penalty!r}; expected a finite number")
+        return settings
 
 
 @torch.inference_mode()

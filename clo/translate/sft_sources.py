@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clo.errors import CloError
+from clo.jsonfile import parse_json
 from clo.jsonl import split_lines
 
 FORMATS = ("auto", "oasst1", "alpaca", "jsonl")
@@ -93,10 +94,7 @@ def json_lines(path: Path) -> list[tuple[int, dict]]:
     for number, line in enumerate(split_lines(read_text(path)), start=1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CloError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+        record = parse_json(line, f"{path}:{number}")
         if not isinstance(record, dict):
             raise CloError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
         records.append((number, record))
@@ -110,7 +108,7 @@ def detect_format(path: Path) -> str:
     first_line = next((line for line in split_lines(read_text(path)) if line.strip()), "{}")
     try:
         first = json.loads(first_line)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON (JSONDecodeError), too long a number, nested too deeply
         return "jsonl"  # the reader reports the bad line
     if not isinstance(first, dict):
         return "jsonl"
@@ -190,10 +188,7 @@ def text_field(where: str, record: dict, field: str) -> str:
 
 
 def read_alpaca(path: Path) -> SftSource:
-    try:
-        records = json.loads(read_text(path))
-    except json.JSONDecodeError as e:
-        raise CloError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    records = parse_json(read_text(path), str(path), whole_file=True)
     if not isinstance(records, list):
         raise CloError(f"{path}: expected a JSON list of {{instruction, input, output}} records")
     examples, skipped = [], []

@@ -25,6 +25,7 @@ from pathlib import Path
 import sentencepiece
 
 from clo.errors import CloError
+from clo.jsonfile import read_json
 from clo.languages import Language
 
 # fmt: off
@@ -60,10 +61,7 @@ class M2M100Tokenizer:
         for path in (spm_path, vocab_path):
             if not path.is_file():
                 raise CloError(f"{folder}: no {path.name}; not an M2M100 tokenizer folder")
-        try:
-            self.vocab: dict[str, int] = json.loads(vocab_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CloError(f"{vocab_path}: not valid JSON ({e})") from None
+        self.vocab: dict[str, int] = read_json(vocab_path)
         missing = [p for p in SPECIAL_PIECES if p not in self.vocab]
         if missing:
             raise CloError(f"{vocab_path}: special pieces {missing} are missing")
@@ -78,7 +76,7 @@ class M2M100Tokenizer:
         self.eos_id, self.unk_id = self.vocab["</s>"], self.vocab["<unk>"]
 
         config_path = folder / "tokenizer_config.json"
-        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+        config = read_json(config_path, missing_ok=True)
         codes_name = config.get("language_codes", "m2m100")
         if codes_name not in LANGUAGE_CODES:
             raise CloError(f"{config_path}: field 'language_codes' is {codes_name!r}; known: {list(LANGUAGE_CODES)}")
@@ -138,7 +136,7 @@ class NllbTokenizer(M2M100Tokenizer):
             raise CloError(f"{tokenizer_json}: no language tokens (like 'eng_Latn') in 'added_tokens'")
         self.special_ids = {self.bos_id, self.pad_id, self.eos_id, self.unk_id, *(t["id"] for t in added)}
         config_path = folder / "tokenizer_config.json"
-        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+        config = read_json(config_path, missing_ok=True)
         self.legacy = bool(config.get("legacy_behaviour", False))
 
     @staticmethod

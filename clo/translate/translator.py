@@ -27,8 +27,8 @@ class Translator:
         self.src_lang = self.tokenizer.code_of(get_language("en"))
         self.tgt_id = self.tokenizer.lang_id(self.tokenizer.code_of(language))
         self.tokenizer.lang_id(self.src_lang)
+        defaults = GenerationSettings.from_folder(model_dir)  # checked before the weights are read
         self.model = load_m2m100(model_dir, self.device, DTYPES[dtype])
-        defaults = GenerationSettings.from_folder(model_dir)
         self.settings = GenerationSettings(
             max_length=max_length or defaults.max_length,
             num_beams=beams or defaults.num_beams,
