@@ -49,7 +49,11 @@ def leftovers(path: Path | str) -> list[Path]:
 
 @contextmanager
 def atomic_folder(out_dir: Path | str):
-    """Yield a temporary folder beside `out_dir`; on success it replaces `out_dir`, on error it is removed."""
+    """Yield a temporary folder beside `out_dir`; on success it replaces `out_dir`, on error it is removed.
+
+    An existing `out_dir` is renamed away whole, then the new one renamed in, then the old removed: a kill
+    leaves the old folder or the new one complete (between the two renames, the old one as a `.name.old-*`
+    leftover), never a half-deleted folder that still holds a config.json and passes for finished."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -59,9 +63,19 @@ def atomic_folder(out_dir: Path | str):
         for f in tmp.rglob("*"):  # safetensors' save_file makes its files private (0600): give each a new file's mode
             if f.is_file():
                 f.chmod(0o666 & ~_umask())
+        old = None
         if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, old / out_dir.name)
+        try:
+            os.replace(tmp, out_dir)
+        except BaseException:
+            if old is not None and not out_dir.exists():
+                os.replace(old / out_dir.name, out_dir)  # the old folder back where it was
+                old.rmdir()
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,6 +1,8 @@
 """The report (clo/eval/report.py): table cells from known numbers, atomic writes, the plot."""
 
 
+from pathlib import Path
+
 import pytest
 
 from clo.atomic import write_atomic
@@ -41,6 +43,43 @@ def test_write_atomic_leaves_old_file_on_failure(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         write_atomic(path, "new")
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["report.md"]
+
+
+def test_a_folder_replaced_while_a_kill_lands_is_old_or_new_never_half(tmp_path, monkeypatch):
+    """atomic_folder replacing a model folder: a kill while the old one is deleted (here: after its first file)
+    leaves the new folder whole; a failed final rename puts the old one back."""
+    import os
+    import shutil
+
+    from clo.atomic import atomic_folder
+
+    out = tmp_path / "model"
+    with atomic_folder(out) as tmp:
+        for name in ("a.safetensors", "config.json", "z.json"):
+            (tmp / name).write_text("old")
+    real_rmtree, calls = shutil.rmtree, []
+
+    def killed_midway(path, *a, **k):  # the first deletion is killed after one file; any later one runs
+        calls.append(path)
+        if len(calls) > 1:
+            return real_rmtree(path, *a, **k)
+        next(p for p in sorted(Path(path).rglob("*")) if p.is_file()).unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_folder(out) as tmp:
+            for name in ("a.safetensors", "config.json", "z.json"):
+                (tmp / name).write_text("new")
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    assert {p.name: p.read_text() for p in out.iterdir()} == {"a.safetensors": "new", "config.json": "new", "z.json": "new"}
+
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (_ for _ in ()).throw(OSError("disk")) if Path(b) == out and ".old-" not in str(a) else real_replace(a, b))
+    with pytest.raises(OSError):
+        with atomic_folder(out) as tmp:
+            (tmp / "config.json").write_text("newer")
+    assert {p.name: p.read_text() for p in out.iterdir()} == {"a.safetensors": "new", "config.json": "new", "z.json": "new"}
 
 
 def test_plot_is_a_png_of_the_figure_size(tmp_path):
