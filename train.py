@@ -297,7 +297,7 @@ def save_outputs(model, folder: Path, trained: set[str], out: Path, chat_format:
         if not args.save_merged:
             return
         merge_lora(model)
-    save_model(model, out / "model", tokenizer_from=folder, dtype=checkpoint_dtype(model), chat_format=chat_format)
+    save_model(model, out / "model", tokenizer_from=folder, dtype=checkpoint_dtype(model, folder), chat_format=chat_format)
     print(f"model saved to {out / 'model'}", file=sys.stderr)
 
 

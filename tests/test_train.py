@@ -468,6 +468,21 @@ def test_weights_held_in_bf16_are_saved_exactly(tiny, tmp_path):
     assert any(not torch.equal(rounded[k], before[k]) for k in before)  # so bf16 rounding would have shown
 
 
+def test_the_saved_dtype_is_the_files_whatever_config_json_says(tiny, tmp_path):
+    """A checkpoint whose config.json says bfloat16 over fp32 files (it happens): the untrained weights are saved
+    as the files hold them, bit for bit, not rounded to the config's word."""
+    import shutil
+
+    folder = tmp_path / "says-bf16"
+    shutil.copytree(tiny[0], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "torch_dtype": "bfloat16"}))
+    out = train.main(["--lang", "sw", "--model", str(folder), "--data", str(tiny[1]), "--out", str(tmp_path / "run"),
+                      "--batch-size", "4", "--show-answers", "0", "--max-steps", "1"])
+    before, after = weights(folder), weights(out / "model")
+    assert all(after[k].dtype == torch.float32 and torch.equal(before[k], after[k]) for k in before if ".self_attn." not in k)
+
+
 def test_restore_originals_only_where_memory_is_narrower(tiny):
     from clo.model.hf_folder import load_model
     from clo.train.precision import restore_originals

@@ -100,6 +100,16 @@ def restore_originals(model, folder: Path | str, names) -> list[str]:
     return restored
 
 
-def checkpoint_dtype(model) -> torch.dtype:
-    """Rule 3: the dtype the starting checkpoint was stored in (config.json), which the saved folder keeps."""
-    return getattr(torch, model.cfg.raw.get("torch_dtype") or model.cfg.raw.get("dtype") or "float32")
+def checkpoint_dtype(model, folder: Path | str) -> torch.dtype:
+    """Rule 3: the dtype the starting checkpoint's weights are stored in, which the saved folder keeps: the
+    files' own headers (config.json's `torch_dtype` may say bfloat16 over F32 files), or, where they mix
+    float dtypes, config.json's word."""
+    stored = set()
+    for path in weight_files(Path(folder)):
+        with safe_open(path, framework="pt", device="cpu") as f:
+            stored |= {SAFETENSORS_DTYPES.get(f.get_slice(key).get_dtype()) for key in f.keys()}
+    stored.discard(None)
+    if len(stored) == 1:
+        return stored.pop()
+    named = model.cfg.raw.get("torch_dtype") or model.cfg.raw.get("dtype") or "float32"
+    return getattr(torch, named) if isinstance(getattr(torch, str(named), None), torch.dtype) else torch.float32
