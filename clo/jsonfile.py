@@ -27,6 +27,15 @@ def parse_json(text: str | bytes, where: str, whole_file: bool = False):
         raise CloError(f"{where}: invalid JSON: {str(e).splitlines()[0][:120]}") from None
 
 
+def shard_names(index: Path) -> list[str]:
+    """The file names a sharded checkpoint's `*.index.json` lists: plain names of files beside it, never a path
+    that leads out of the folder (one-line CloError otherwise)."""
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v == Path(v).name for v in weight_map.values()):
+        raise CloError(f"{index}: field 'weight_map' is not a map of tensor names to file names in this folder")
+    return sorted(set(weight_map.values()))
+
+
 def read_json(path: Path, missing_ok: bool = False) -> dict:
     """The JSON object in `path`; {} for a missing file when `missing_ok`; else a one-line CloError."""
     if not path.is_file():

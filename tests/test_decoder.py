@@ -74,7 +74,7 @@ def test_a_window_applies_where_transformers_applies_it(tmp_path, family, extra)
     ({"num_key_value_heads": 3}, "num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
     ({"num_hidden_layers": 10**6}, "describes"),  # refused before a million layers are built, even on the meta device
     ({"intermediate_size": 0}, "field 'intermediate_size' is 0"),
-    ({"rope_scaling": {"rope_type": "llama3", "low_freq_factor": 1.0}}, "rope scaling 'llama3' without a numeric 'factor'"),
+    ({"rope_scaling": {"rope_type": "llama3", "low_freq_factor": 1.0}}, "rope scaling 'llama3' needs a positive 'factor', got None"),
     ({"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}, "a sliding window on some layers only"),
 ])
 def test_config_fields_that_change_the_math_are_refused_if_not_computed(tmp_path, extra, message):

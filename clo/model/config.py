@@ -60,8 +60,6 @@ class ModelConfig:
                     raise CloError(f"{source}: rope scaling {scaling['rope_type']!r} is not supported (only llama3)")
                 if scaling["rope_type"] == "default":
                     scaling = None
-                elif not isinstance(scaling.get("factor"), (int, float)):
-                    raise CloError(f"{source}: rope scaling 'llama3' without a numeric 'factor'")
             is_qwen = arch == "Qwen2ForCausalLM"
             act = hf.get("hidden_act", "silu")
             if act not in ("silu", "swish"):  # the SwiGLU feed-forward (clo/model/decoder.py) is all we compute
@@ -109,8 +107,9 @@ class ModelConfig:
         for name, value in (("rms_norm_eps", self.norm_eps), ("rope_theta", self.rope_theta)):
             if not (math.isfinite(value) and value > 0):
                 raise CloError(f"{where}: field {name!r} is {value}; must be a positive number")
-        if self.rope_scaling is not None and not math.isfinite(self.rope_scaling["factor"]):
-            raise CloError(f"{where}: rope scaling 'factor' is {self.rope_scaling['factor']}; must be a finite number")
+        factor = None if self.rope_scaling is None else self.rope_scaling.get("factor")
+        if self.rope_scaling is not None and not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 0):
+            raise CloError(f"{where}: rope scaling 'llama3' needs a positive 'factor', got {factor!r}")
 
     @classmethod
     def from_folder(cls, folder: Path) -> "ModelConfig":

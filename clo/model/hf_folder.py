@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from clo.atomic import atomic_folder
 from clo.errors import CloError
-from clo.jsonfile import read_json
+from clo.jsonfile import read_json, shard_names
 from clo.model.config import ModelConfig
 from clo.model.decoder import Transformer, rope_inv_freq
 from clo.runtime import default_dtype
@@ -43,11 +43,7 @@ def our_key(key: str) -> str:
 def weight_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        listing = read_json(index)
-        weight_map = listing.get("weight_map") if isinstance(listing, dict) else None
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v == Path(v).name for v in weight_map.values()):
-            raise CloError(f"{index}: field 'weight_map' is not a map of tensor names to file names in this folder")
-        shards = sorted(set(weight_map.values()))
+        shards = shard_names(index)
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
             raise CloError(f"{index}: shard {missing[0]} is listed but not in the folder")
@@ -77,7 +73,7 @@ def empty_model(folder: Path | str) -> Transformer:
     Even without storage each layer costs Python objects, so a config.json that describes far more
     parameters than its weight files hold (num_hidden_layers 10^6: ~47 GB) is refused before it is built."""
     cfg = ModelConfig.from_folder(Path(folder))
-    stored = sum(_stored_numel(path) for path in weight_files(Path(folder)))
+    stored = sum(math.prod(shape) for _, shape in stored_weights(Path(folder)).values())
     if cfg.n_params > 1.5 * stored + 2**20:  # biases and the like are not in n_params; a wrong config is off by far more
         raise CloError(f"{Path(folder) / 'config.json'}: describes {cfg.n_params:,} parameters, but the weight files hold "
                        f"{stored:,}: it is not these weights' config")
@@ -85,10 +81,13 @@ def empty_model(folder: Path | str) -> Transformer:
         return Transformer(cfg)
 
 
-def _stored_numel(path: Path) -> int:
-    """How many numbers a safetensors file holds, from its header alone."""
-    with _open_weights(path) as f:
-        return sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())
+def stored_weights(folder: Path | str) -> dict[str, tuple[str, list[int]]]:
+    """{HF tensor name: (safetensors dtype such as "BF16", shape)} of the folder's weight files, from their headers alone."""
+    stored = {}
+    for path in weight_files(Path(folder)):
+        with _open_weights(path) as f:
+            stored.update({key: (f.get_slice(key).get_dtype(), f.get_slice(key).get_shape()) for key in f.keys()})
+    return stored
 
 
 def read_weights(folder: Path | str, model: Transformer):

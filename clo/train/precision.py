@@ -25,7 +25,7 @@ import torch
 from safetensors import safe_open
 
 from clo.errors import CloError
-from clo.model.hf_folder import hf_key, weight_files
+from clo.model.hf_folder import hf_key, stored_weights, weight_files
 from clo.runtime import bf16_is_fast
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
@@ -104,11 +104,7 @@ def checkpoint_dtype(model, folder: Path | str) -> torch.dtype:
     """Rule 3: the dtype the starting checkpoint's weights are stored in, which the saved folder keeps: the
     files' own headers (config.json's `torch_dtype` may say bfloat16 over F32 files), or, where they mix
     float dtypes, config.json's word."""
-    stored = set()
-    for path in weight_files(Path(folder)):
-        with safe_open(path, framework="pt", device="cpu") as f:
-            stored |= {SAFETENSORS_DTYPES.get(f.get_slice(key).get_dtype()) for key in f.keys()}
-    stored.discard(None)
+    stored = {SAFETENSORS_DTYPES.get(dtype) for dtype, _ in stored_weights(folder).values()} - {None}
     if len(stored) == 1:
         return stored.pop()
     named = model.cfg.raw.get("torch_dtype") or model.cfg.raw.get("dtype") or "float32"

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clo.errors import CloError
-from clo.jsonfile import read_json
+from clo.jsonfile import read_json, shard_names
 
 
 @dataclass(frozen=True)
@@ -314,10 +314,7 @@ def read_state_dict(folder: Path) -> dict[str, Tensor]:
             if (folder / name).is_file():
                 return load(folder / name)
             if index.is_file():
-                weight_map = read_json(index).get("weight_map")
-                if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v == Path(v).name for v in weight_map.values()):
-                    raise CloError(f"{index}: field 'weight_map' is not a map of tensor names to file names in this folder")
-                shards = sorted(set(weight_map.values()))
+                shards = shard_names(index)
                 return {k: v for shard in shards for k, v in load(folder / shard).items()}
         except CloError:
             raise
