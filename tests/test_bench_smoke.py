@@ -1,4 +1,4 @@
-"""The benchmark scripts stay runnable at a tiny size: bench/bench_train.py, bench_generate.py, bench_fsdp_world1.py, bench_packing.py.
+"""The benchmark scripts stay runnable at a tiny size: bench/bench_train.py, bench_generate.py, bench_fsdp_world1.py, bench_packing.py, bench_shapes.py.
 
 CPU only: the CUDA paths (max_memory_allocated, fused AdamW, torch.compile, the sequential mode for
 two 7B workers) cannot run here. The random-weights path that `--device cuda` uses by default is
@@ -7,6 +7,7 @@ checked on CPU with the `random:tiny` shape.
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -134,6 +135,12 @@ def test_alpaca_mix_keeps_lengths_within_the_cap(tiny, shared_data):
     assert 0 <= pad_id < 512
     stats = workload.describe(examples)
     assert stats["x_en"] == stats["x_t"] and stats["y_en"]["max"] <= 96
+
+
+def test_bench_shapes_counts_the_epochs_distinct_batch_shapes(tiny, shared_data, tmp_path):
+    done = run_script("bench_shapes.py", "--tokenizer", str(tiny), "--max-length", "96", "--batch-size", "4", cache=tmp_path / "cache")
+    batches, packed, padded = map(int, re.search(r"(\d+) batches of 4: (\d+) distinct packed .* (\d+) padded", done.stdout).groups())
+    assert 1 <= packed <= batches and 1 <= padded <= batches and padded <= 96 // 64 + 1  # 4 x 4 rows, two length buckets at most
 
 
 def test_bench_generate_matches_transformers_tokens(tiny, tmp_path):

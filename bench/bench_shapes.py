@@ -1,0 +1,51 @@
+"""How many graphs compiled blocks build over an epoch: the distinct batch shapes train.py's step feeds them.
+
+    python bench/bench_shapes.py                       # Alpaca's lengths, batch 8, capped at 2048 tokens (the GPU bench's mix)
+    python bench/bench_shapes.py --batch-size 16 --max-length 512
+
+`compile_blocks` (clo/runtime.py) compiles each decoder block with `dynamic=False`: one graph per shape,
+each ~10 s to build for a 7B shape on an H200 (BENCHMARKS.md). Packed rows (`--packing on`, FlexAttention's
+bucket of 128 on CUDA) are [rows, bucketed length], both varying by batch; padded rows on CUDA (`--packing off`,
+one length group, bucket 64) are [4 x batch, bucketed length]. Counted without a model or a device: the
+Alpaca mix of bench/workload.py (shuffled with seed 0, as bench_train.py shuffles it) in train.py's batches.
+"""
+
+import argparse
+import random
+
+from common import machine  # puts clo on sys.path
+from workload import alpaca_examples
+
+from clo.model.chat import detect_format
+from clo.model.sources import DEFAULT_MODEL, resolve_model
+from clo.model.tokenizer import load_tokenizer
+from clo.train.batching import flat_sequences, round_up
+from clo.train.packing import pack
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokenizer", default=DEFAULT_MODEL, help="a model folder or name whose tokenizer and chat format encode the mix")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per micro-batch")
+    p.add_argument("--max-length", type=int, default=2048, help="examples whose longest sequence is longer are left out")
+    p.add_argument("--packed-bucket", type=int, default=128, help="packed rows' length bucket (FlexAttention's block)")
+    p.add_argument("--padded-bucket", type=int, default=64, help="padded rows' length bucket (compiled, CUDA)")
+    args = p.parse_args(argv)
+    tok = load_tokenizer(resolve_model(args.tokenizer))
+    examples = alpaca_examples(tok, detect_format(tok), args.max_length)
+    random.Random(0).shuffle(examples)
+    B = args.batch_size
+    batches = [examples[i : i + B] for i in range(0, len(examples) - B + 1, B)]
+    packed = [tuple(pack(flat_sequences(b), tok.pad_id, args.packed_bucket).tokens.shape) for b in batches]
+    padded = [(4 * len(b), round_up(max(len(x) + len(y) for x, y in flat_sequences(b)), args.padded_bucket)) for b in batches]
+    firsts = sorted({s: k for k, s in reversed(list(enumerate(packed)))}.values())  # the step where each shape first comes
+    result = {"batches": len(batches), "packed_shapes": len(set(packed)), "padded_shapes": len(set(padded)),
+              "new_packed_shapes_in_first_steps": {n: sum(k < n for k in firsts) for n in (10, 32, 64, 128)}}
+    print(f"{machine()['cpu']}: {len(examples)} examples within {args.max_length} tokens, {result['batches']} batches of {B}: "
+          f"{result['packed_shapes']} distinct packed [rows, length] shapes, {result['padded_shapes']} padded; "
+          f"new packed shapes within the first 10/32/64/128 steps: {list(result['new_packed_shapes_in_first_steps'].values())}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
