@@ -267,7 +267,7 @@ def gathered_model(model, folder: Path, stages, args, world: World):
 
 def reference_table(model, examples, batching: Batching, precision, model_id: str, args, world: World) -> torch.Tensor:
     """log π_ref [N, 4] of the starting model (adapters off), from the cache or computed and cached."""
-    key = cache_key(model_id, str(precision), examples, batching=f"batch {args.batch_size}, bucket {batching.bucket}, groups {batching.groups}" + (", packed" if batching.packing else "") + (f", {batching.attention}" if batching.packing and batching.attention != "sdpa" else ""))
+    key = cache_key(model_id, str(precision), examples, batching=f"batch {args.batch_size}, {batching.describe()}")
     adapters_off = nullcontext()
     if args.lora:
         from clo.model.lora import disable_adapters

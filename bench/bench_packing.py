@@ -4,8 +4,9 @@
     python bench/bench_packing.py --mix alpaca --steps 6   # Alpaca's English lengths (../shared/data)
 
 Layouts: `padded` (train.py's --packing off: length groups), `packed` (train.py's CPU default:
-packed rows, attention per sequence, `--attention gathered`) and `packed-dense` (packed rows, one
-SDPA call per row with a dense mask, `--attention sdpa`).
+every segment in one row, attention per sequence, `--attention gathered`), `packed-rows` (the same
+kernel over rows as long as the longest segment, the default before one row) and `packed-dense`
+(such rows, one SDPA call per row with a dense mask, `--attention sdpa`).
 
 One process, one model, the same micro-batches through every layout, each going first in turn
 (a slow moment of the machine hits both), at learning rate 0 so both see the same weights and
@@ -34,7 +35,6 @@ from clo.model.sources import DEFAULT_MODEL, resolve_model
 from clo.model.tokenizer import load_tokenizer
 from clo.pairs import demo_path, load_pairs
 from clo.train.batching import EncodedExample, encode_all, flat_sequences, round_up
-from clo.train.packing import pack
 from clo.train.precision import training_precision
 from clo.train.scoring import Batching, length_groups
 from clo.train.stages import begin_stage
@@ -45,7 +45,7 @@ def computed_tokens(batch: list[EncodedExample], batching: Batching) -> int:
     """Tokens one layout runs through the model for `batch` (padding and repeated prompts included)."""
     seqs = flat_sequences(batch)
     if batching.packing:
-        return pack(seqs, batching.pad_id, batching.bucket).tokens.numel()
+        return batching.pack(seqs).tokens.numel()
     lengths = [len(p) + len(r) for p, r in seqs]
     return sum(round_up(max(lengths[i] for i in g), batching.bucket) * len(g) for g in length_groups(lengths, batching.groups))
 
@@ -78,7 +78,9 @@ def main() -> None:
     model = load_model(folder, device, precision.frozen)
     optimizer, trainable, _ = begin_stage(model, ["attn"], lora=False, lr=0.0, weight_decay=0.0, compile=False,
                                           checkpoint_activations=False, source=folder, trained=set())
-    layouts = {"padded": Batching(tok.pad_id, 8, args.groups), "packed": Batching(tok.pad_id, 8, args.groups, packing=True, attention="gathered"),
+    layouts = {"padded": Batching(tok.pad_id, 8, args.groups),
+               "packed": Batching(tok.pad_id, 8, args.groups, packing=True, attention="gathered", one_row=True),
+               "packed-rows": Batching(tok.pad_id, 8, args.groups, packing=True, attention="gathered"),
                "packed-dense": Batching(tok.pad_id, 8, args.groups, packing=True, attention="sdpa")}
     names = list(layouts)
     times, losses, computed = ({name: [] for name in layouts} for _ in range(3))
@@ -87,7 +89,7 @@ def main() -> None:
         batch = examples[i * args.batch_size : (i + 1) * args.batch_size]
         if i:
             real += sum(len(x) + len(y) for ex in batch for x, y in ex.sequences)
-        for name in names[i % 3 :] + names[: i % 3]:  # each layout first in turn
+        for name in names[i % len(names) :] + names[: i % len(names)]:  # each layout first in turn
             t = time.perf_counter()
             row, _ = optimizer_step(model, optimizer, trainable, [(batch, torch.zeros(len(batch), 4))], 0.0, Objective(), layouts[name], precision, 1.0)
             if device.type == "cuda":
@@ -109,9 +111,13 @@ def main() -> None:
               f"{r['real_tokens_per_s']:.0f} real tokens/s, {r['computed_tokens']} tokens computed")
     for name in names[1:]:
         print(f"{name} / padded: {speedup[name]:.3f}x examples/s, {results[name]['computed_tokens'] / results['padded']['computed_tokens']:.3f}x the tokens")
+    one_row = results["packed"]["examples_per_s"] / results["packed-rows"]["examples_per_s"]
+    print(f"packed / packed-rows (one row vs rows, the same kernel): {one_row:.3f}x examples/s, "
+          f"{results['packed']['computed_tokens'] / results['packed-rows']['computed_tokens']:.3f}x the tokens")
     print(f"largest loss difference from padded: {gap:.3g}")
     write_results(args.json, f"packing-{args.mix}-{device.type}", {"machine": machine(), "settings": vars(args), "lengths": describe(examples),
-                                                                    "results": results, "speedup": speedup, "loss_gap": gap})
+                                                                    "results": results, "speedup": speedup,
+                                                                    "one_row_vs_rows": one_row, "loss_gap": gap})
 
 
 if __name__ == "__main__":

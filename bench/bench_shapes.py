@@ -4,10 +4,14 @@
     python bench/bench_shapes.py --batch-size 16 --max-length 512
 
 `compile_blocks` (clo/runtime.py) compiles each decoder block with `dynamic=False`: one graph per shape,
-each ~10 s to build for a 7B shape on an H200 (BENCHMARKS.md). Packed rows (`--packing on`, FlexAttention's
-bucket of 128 on CUDA) are [rows, bucketed length], both varying by batch; padded rows on CUDA (`--packing off`,
-one length group, bucket 64) are [4 x batch, bucketed length]. Counted without a model or a device: the
-Alpaca mix of bench/workload.py (shuffled with seed 0, as bench_train.py shuffles it) in train.py's batches.
+each ~10 s to build for a 7B shape on an H200 (BENCHMARKS.md). Packed rows on CUDA (`--packing on`,
+FlexAttention) are one row of every segment, its length rounded up to 4 lengths per doubling
+(`row_length`, `few_shapes`); before, rows as long as the longest segment (bucket 128), [rows, length]
+both varying by batch. Padded rows on CUDA (`--packing off`, one length group, bucket 64) are
+[4 x batch, bucketed length]. Also the tokens each layout computes per real token (row tails and
+padding; packed rows compute each prompt once, so fewer than the four sequences hold). Counted without
+a model or a device: the Alpaca mix of bench/workload.py (shuffled with seed 0, as bench_train.py
+shuffles it) in train.py's batches.
 """
 
 import argparse
@@ -36,14 +40,21 @@ def main(argv=None) -> dict:
     random.Random(0).shuffle(examples)
     B = args.batch_size
     batches = [examples[i : i + B] for i in range(0, len(examples) - B + 1, B)]
-    packed = [tuple(pack(flat_sequences(b), tok.pad_id, args.packed_bucket).tokens.shape) for b in batches]
-    padded = [(4 * len(b), round_up(max(len(x) + len(y) for x, y in flat_sequences(b)), args.padded_bucket)) for b in batches]
-    firsts = sorted({s: k for k, s in reversed(list(enumerate(packed)))}.values())  # the step where each shape first comes
-    result = {"batches": len(batches), "packed_shapes": len(set(packed)), "padded_shapes": len(set(padded)),
-              "new_packed_shapes_in_first_steps": {n: sum(k < n for k in firsts) for n in (10, 32, 64, 128)}}
-    print(f"{machine()['cpu']}: {len(examples)} examples within {args.max_length} tokens, {result['batches']} batches of {B}: "
-          f"{result['packed_shapes']} distinct packed [rows, length] shapes, {result['padded_shapes']} padded; "
-          f"new packed shapes within the first 10/32/64/128 steps: {list(result['new_packed_shapes_in_first_steps'].values())}")
+    layouts = {"packed": lambda seqs: pack(seqs, tok.pad_id, args.packed_bucket, one_row=True, few_shapes=True).tokens.shape,
+               "packed_rows": lambda seqs: pack(seqs, tok.pad_id, args.packed_bucket).tokens.shape,
+               "padded": lambda seqs: (len(seqs), round_up(max(len(x) + len(y) for x, y in seqs), args.padded_bucket))}
+    result = {"batches": len(batches)}
+    real = sum(len(x) + len(y) for b in batches for x, y in flat_sequences(b))
+    for name, shape_of in layouts.items():
+        shapes = [tuple(shape_of(flat_sequences(b))) for b in batches]
+        firsts = sorted({s: k for k, s in reversed(list(enumerate(shapes)))}.values())  # the step where each shape first comes
+        result[name] = {"shapes": len(set(shapes)), "tokens_per_real_token": sum(r * n for r, n in shapes) / real,
+                        "new_shapes_in_first_steps": {n: sum(k < n for k in firsts) for n in (10, 32, 64, 128)}}
+    print(f"{machine()['cpu']}: {len(examples)} examples within {args.max_length} tokens, {result['batches']} batches of {B}")
+    for name in layouts:
+        r = result[name]
+        print(f"  {name:<12} {r['shapes']:>4} distinct shapes (new within the first 10/32/64/128 steps: "
+              f"{list(r['new_shapes_in_first_steps'].values())}), {r['tokens_per_real_token']:.3f} tokens computed per real token")
     return result
 
 

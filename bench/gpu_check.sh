@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What a GPU session checks, in one command, each part under its own time limit:
-#   bash bench/gpu_check.sh                 # what issues 13 and 14 still need: tests translate translate-eager train-alpaca-sdpa
+#   bash bench/gpu_check.sh                 # what issues 13 and 14 still need: tests train-alpaca-cold translate translate-eager
 #   bash bench/gpu_check.sh tests translate # only the parts named
 # Parts:
 #   tests               the CUDA tests (tests/test_cuda.py)
@@ -16,11 +16,16 @@
 #   generate            bench/bench_generate.py (same shape, batch 1 and 16, compiled decode vs transformers; issue 6, measured)
 #   train-checkpointing bench/bench_train.py, clo only, with --checkpoint-activations (issue 6, measured)
 #   train-alpaca-sdpa   as train-alpaca, clo packed with the dense mask (--attention sdpa): FlexAttention's gain on CUDA
+#   train-alpaca-cold   clo packed only, the first 64 steps of the same shuffled mix with no warm-up: what a first epoch pays
+#                       to compile a graph per packed shape (one row since 2026-12-06: 7 lengths in these 64 steps, 10 in the
+#                       epoch, against 22 and 42 [rows, length] shapes before; ~10 s each on an H200), the gate of CUDA's
+#                       --packing auto beside the tests
 # train-alpaca's warm-up covers every batch once: each new shape compiles clo's blocks (~10 s on an H200, 2026-12-04),
 # so timed steps after a warm-up shorter than the batches measured the compiler, not the step.
 # Measured on an H200 on 2026-12-04 (BENCHMARKS.md): train-alpaca, fsdp-world1, and translate with the eager step.
-# The default limits of the four default parts add up to 540 s, inside one device call (600 s at most); with 15 minutes
-# of device time in all, run them once and spend what is left on a part that failed.
+# The default limits of the four default parts add up to 520 s, plus 5 s of kill grace each and the wheels' install, inside
+# one device call (600 s at most); with 15 minutes of device time in all, run them once and spend what is left on a part
+# that failed.
 # Logs and JSON results go to $OUT (default runs/gpu). Optional, for machines without internet:
 #   .whl/  wheels installed first (trl, datasets, ... : see BENCHMARKS.md), .tok/  the tokenizer folder,
 #   shared/data/alpaca/alpaca_5000.json  a copy of ../shared's Alpaca file (train-alpaca needs it; ../shared does not travel).
@@ -48,7 +53,7 @@ fi
   python3 -c "import trl; print('trl', trl.__version__)"
 } 2>&1 | tee "$OUT/machine.txt"
 
-PARTS=${*:-tests translate translate-eager train-alpaca-sdpa}
+PARTS=${*:-tests train-alpaca-cold translate translate-eager}
 
 part() {  # part NAME SECONDS COMMAND...: if NAME is asked for, run it, tee the log, record the exit status and time
   local name=$1 limit=$2; shift 2
@@ -56,16 +61,19 @@ part() {  # part NAME SECONDS COMMAND...: if NAME is asked for, run it, tee the 
   case " $PARTS " in *" $name "*) ;; *) return ;; esac
   if [ "$limit" = 0 ]; then echo "=== $name: skipped (limit 0)"; return; fi
   echo "=== $name (limit ${limit}s): $*"
-  timeout -k 15 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+  timeout -k 5 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
   local rc=${PIPESTATUS[0]}
   echo "=== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$OUT/$name.log"
 }
 
-part tests "${TESTS_S:-130}" python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py ${TEST_ARGS:-}
+part tests "${TESTS_S:-120}" python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py ${TEST_ARGS:-}
+part train-alpaca-cold "${ALPACA_COLD_S:-160}" python3 bench/bench_train.py --device "$DEVICE" --model "$MODEL" --tokenizer "$TOKENIZER" \
+  --mix alpaca --sides clo --clo-flags="--packing on" --json "$OUT/train-alpaca-cold.json" \
+  ${ALPACA_COLD_ARGS:---batch-sizes 8 --warmup 0 --rounds 1 --steps 64}
 part train-alpaca "${ALPACA_S:-220}" python3 bench/bench_train.py --device "$DEVICE" --model "$MODEL" --tokenizer "$TOKENIZER" \
   --mix alpaca --sides clo clo-padded trl --clo-flags="--packing on" --json "$OUT/train-alpaca.json" \
   ${ALPACA_ARGS:---batch-sizes 8 --warmup 5 --rounds 1 --steps 5}
-part translate "${TRANSLATE_S:-200}" python3 bench/bench_translate.py --device "$DEVICE" --json "$OUT/translate.json" \
+part translate "${TRANSLATE_S:-180}" python3 bench/bench_translate.py --device "$DEVICE" --json "$OUT/translate.json" \
   ${TRANSLATE_ARGS:---shape 1.2B --dtype bfloat16 --batch-size 32 --beams 5 --max-length 64 --repeats 2}
 part translate-eager "${TRANSLATE_EAGER_S:-60}" python3 bench/bench_translate.py --device "$DEVICE" --json "$OUT/translate-eager.json" \
   --compile off ${TRANSLATE_ARGS:---shape 1.2B --dtype bfloat16 --batch-size 32 --beams 5 --max-length 64 --repeats 2}

@@ -139,8 +139,13 @@ def test_alpaca_mix_keeps_lengths_within_the_cap(tiny, shared_data):
 
 def test_bench_shapes_counts_the_epochs_distinct_batch_shapes(tiny, shared_data, tmp_path):
     done = run_script("bench_shapes.py", "--tokenizer", str(tiny), "--max-length", "96", "--batch-size", "4", cache=tmp_path / "cache")
-    batches, packed, padded = map(int, re.search(r"(\d+) batches of 4: (\d+) distinct packed .* (\d+) padded", done.stdout).groups())
-    assert 1 <= packed <= batches and 1 <= padded <= batches and padded <= 96 // 64 + 1  # 4 x 4 rows, two length buckets at most
+    batches = int(re.search(r"(\d+) batches of 4", done.stdout).group(1))
+    found = re.findall(r"^ +(\w+) +(\d+) distinct shapes .*, ([\d.]+) tokens computed per real token$", done.stdout, re.M)
+    counts = {name: int(n) for name, n, _ in found}
+    per_real = {name: float(t) for name, _, t in found}
+    assert set(counts) == {"packed", "packed_rows", "padded"}, done.stdout
+    assert all(1 <= n <= batches for n in counts.values()) and counts["padded"] <= 96 // 64 + 1  # 4 x 4 rows, two length buckets at most
+    assert per_real["padded"] >= 1  # padding only adds
 
 
 def test_bench_generate_matches_transformers_tokens(tiny, tmp_path):
@@ -171,9 +176,10 @@ def test_bench_packing_same_losses_fewer_tokens(tiny, tmp_path):
     out = tmp_path / "packing.json"
     run_script("bench_packing.py", "--model", str(tiny), "--batch-size", "3", "--steps", "2", "--amp", "off", "--json", str(out), cache=tmp_path / "cache")
     result = json.loads(out.read_text())
-    padded, packed, dense = (result["results"][k] for k in ("padded", "packed", "packed-dense"))
-    assert result["loss_gap"] <= 1e-5 and len(packed["losses"]) == len(dense["losses"]) == 2  # fp32: every layout, the padded losses
-    assert packed["computed_tokens"] == dense["computed_tokens"] < padded["computed_tokens"]  # prompts computed once
+    padded, packed, rows, dense = (result["results"][k] for k in ("padded", "packed", "packed-rows", "packed-dense"))
+    assert result["loss_gap"] <= 1e-5 and len(packed["losses"]) == len(rows["losses"]) == len(dense["losses"]) == 2  # fp32: the padded losses
+    assert rows["computed_tokens"] == dense["computed_tokens"] < padded["computed_tokens"]  # prompts computed once
+    assert packed["computed_tokens"] < rows["computed_tokens"]  # one row: no row tails
     assert set(result["lengths"]) == {"x_en", "y_en", "x_t", "y_t"}
 
 

@@ -10,6 +10,7 @@ from hf_models import write_hf_model
 from safetensors.torch import load_file
 from tiny_chat_model import make_tiny_training_setup
 
+import clo.train.packing
 import train
 from clo.errors import CloError
 from clo.model.chat import detect_format
@@ -19,7 +20,7 @@ from clo.model.hf_folder import load_model
 from clo.model.tokenizer import load_tokenizer
 from clo.pairs import demo_path, load_pairs
 from clo.train.batching import encode_all, flat_sequences
-from clo.train.packing import first_fit, pack, segments
+from clo.train.packing import first_fit, pack, row_length, segments
 from clo.train.scoring import packed_sequence_logps, sequence_logps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -44,6 +45,37 @@ def test_four_sequences_become_two_segments_packed_without_overlap():
     # each response token read from the position before it; an answer's first token from the prompt's last
     reads = sorted(zip(p.owners.tolist(), p.read_rows.tolist(), p.read_cols.tolist(), p.targets.tolist()))
     assert [r for r in reads if r[0] in (0, 1)] == [(0, 0, 2, 7), (0, 0, 3, 8), (1, 0, 2, 9)]
+
+
+def test_one_row_holds_every_segment():
+    """The per-sequence kernels' layout: the segments side by side in one row, positions as in rows."""
+    seqs = [([1, 2, 3], [7, 8]), ([1, 2, 3], [9]), ([4, 5], [6, 6, 6]), ([4, 5], [3])]
+    rows, one = pack(seqs, pad_id=0, bucket=1), pack(seqs, pad_id=0, bucket=1, one_row=True)
+    assert rows.tokens.shape == (2, 6) and one.tokens.shape == (1, 12)
+    assert one.tokens[0].tolist() == [1, 2, 3, 7, 8, 9, 4, 5, 6, 6, 6, 3]
+    assert one.positions[0].tolist() == [0, 1, 2, 3, 4, 3, 0, 1, 2, 3, 4, 2]
+    assert sorted(one.targets.tolist()) == sorted(rows.targets.tolist()) and one.read_rows.eq(0).all()
+
+
+def test_past_row_tokens_one_row_becomes_rows_of_near_equal_length(monkeypatch):
+    """FlexAttention's block mask is built from every [L, L] pair: a batch past ROW_TOKENS gets the fewest
+    rows that hold it, of near-equal length (90 tokens, 32 a row: 3 rows of 30, not 32 + 32 + 26)."""
+    monkeypatch.setattr(clo.train.packing, "ROW_TOKENS", 32)
+    seqs = [([t] * 5, [t + 1] * 5) for t in range(3, 12)]  # 9 segments of 10 tokens
+    p = pack(seqs, pad_id=0, bucket=1, one_row=True)
+    assert p.tokens.shape == (3, 30) and (p.seg_id >= 0).all()
+
+
+def test_few_shapes_rounds_lengths_to_four_per_doubling():
+    """Compiled blocks build a graph per shape: lengths a multiple of the bucket, under 1/4 more than the
+    tokens (or one bucket), and at most 4 of them between consecutive powers of two."""
+    lengths = set()
+    for n in range(1, 40000):
+        L = row_length(n, 128, few_shapes=True)
+        assert n <= L < n + max(128, n / 4) and L % 128 == 0, (n, L)
+        lengths.add(L)
+    assert all(len({L for L in lengths if 2**k < L <= 2 ** (k + 1)}) <= 4 for k in range(7, 16))
+    assert row_length(1000, 8) == 1000 and row_length(1001, 8) == 1008  # without few_shapes: the bucket only
 
 
 def test_the_mask_by_hand():
@@ -73,22 +105,27 @@ def test_the_mask_is_built_where_the_rows_are():
     assert windowed.mask.device.type == "meta"
 
 
-def logps_and_grads(folder, seqs, pad_id, attention: str | None):
-    """attention None: the padded batch; else packed rows through that kernel."""
+def logps_and_grads(folder, seqs, pad_id, attention: str | None, one_row: bool | None = None):
+    """attention None: the padded batch; else packed rows through that kernel, in `one_row` or rows."""
     model = load_model(folder)
     for name, p in model.named_parameters():
         p.requires_grad_(".self_attn." in name)
-    logps, n = packed_sequence_logps(model, seqs, pad_id, 8, attention) if attention else sequence_logps(model, seqs, pad_id, 8, 1)
+    if attention:
+        logps, n = packed_sequence_logps(model, seqs, pad_id, 8, attention, one_row)
+    else:
+        logps, n = sequence_logps(model, seqs, pad_id, 8, 1)
     (logps.sum() / n.sum()).backward()
     return logps.detach(), n, {k: p.grad for k, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "gathered"])
-def test_packed_logps_and_gradients_equal_the_padded_batch(tiny, attention):
+@pytest.mark.parametrize(("attention", "one_row"), [("sdpa", False), ("sdpa", True), ("gathered", True), ("gathered", False)],
+                         ids=["sdpa-rows", "sdpa-one-row", "gathered-one-row", "gathered-rows"])
+def test_packed_logps_and_gradients_equal_the_padded_batch(tiny, attention, one_row):
     folder, tok, examples, _ = tiny
     seqs = flat_sequences(examples[:6])
     padded, n_padded, g_padded = logps_and_grads(folder, seqs, tok.pad_id, None)
-    packed, n_packed, g_packed = logps_and_grads(folder, seqs, tok.pad_id, attention)
+    packed, n_packed, g_packed = logps_and_grads(folder, seqs, tok.pad_id, attention, one_row)
+    assert (pack(seqs, tok.pad_id, 8, one_row=one_row).tokens.shape[0] == 1) == one_row  # the layouts differ here
     assert torch.equal(n_packed, n_padded)
     # 1e-4 for sums of hundreds of nats; these reach ~1000, where one fp32 step is 1.2e-4: allow two steps more
     tol = 1e-4 + 2 * torch.finfo(torch.float32).eps * padded.abs()

@@ -1,4 +1,4 @@
-"""Packed, prefix-shared rows: every prompt computed once, no padding but each row's tail.
+"""Packed, prefix-shared rows: every prompt computed once, no padding but the rows' ends.
 
 CLO's four sequences per example are two prompts with two answers each: (x_en, y_en) and
 (x_en, y_t) share x_en, (x_t, y_t) and (x_t, y_en) share x_t. Padded batches run each prompt twice
@@ -9,7 +9,10 @@ and pad every row to the longest. Here sequences that share a prompt become one 
 so every answer is computed exactly as if it were its own sequence (same tokens in view, same
 positions; with `--lora-dropout` > 0, default 0, the shared prompt draws one dropout mask for both its
 answers where padded rows draw one each), and segments are packed side by side into rows of one length (first fit, longest
-first). Attention never crosses segments. Per row, query i may see key j when
+first): rows as long as the longest segment for the dense mask, whose cost grows with the square of a row's
+length, and one row of them all for the kernels whose cost follows the segments, not the row ("gathered",
+"flex"; `one_row`: no row tails, and few lengths for compiled blocks). Attention never crosses segments.
+Per row, query i may see key j when
 
     segment[j] == segment[i]  and  j <= i  and  (part[j] == 0 (prompt) or part[j] == part[i])
 
@@ -177,13 +180,35 @@ def first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
-def pack(sequences: list[tuple[list[int], list[int]]], pad_id: int, bucket: int = 8, window: int | None = None) -> Packed:
-    """(prompt ids, response ids) pairs -> Packed rows of length L = the longest segment rounded up
-    to `bucket` (so a row never holds more attention than its longest segment needs).
+# One row's most tokens. FlexAttention's `create_block_mask` evaluates the rule on every [L, L] pair at once
+# (2.3 GiB of intermediates at L = 15,488, measured on CPU): a batch with more tokens gets several rows.
+ROW_TOKENS = 16384
+
+
+def row_length(tokens: int, bucket: int, few_shapes: bool = False) -> int:
+    """`tokens` rounded up to a multiple of `bucket`; with `few_shapes`, further to one of 4 lengths per
+    doubling (a multiple of 2^(k-2) for 2^k <= n < 2^(k+1): under 1/4 more tokens), since compiled blocks
+    build a graph per shape: one Alpaca epoch's batches of 8 have 10 such lengths in one row, against 42
+    [rows, length] shapes of rows as long as the longest segment (`python bench/bench_shapes.py`)."""
+    n = round_up(tokens, bucket)
+    return round_up(n, 2 ** max(0, n.bit_length() - 3)) if few_shapes else n
+
+
+def pack(sequences: list[tuple[list[int], list[int]]], pad_id: int, bucket: int = 8, window: int | None = None,
+         one_row: bool = False, few_shapes: bool = False) -> Packed:
+    """(prompt ids, response ids) pairs -> Packed rows: of length L = the longest segment rounded up to
+    `bucket` (so a row never holds more attention than its longest segment needs: the dense mask), or with
+    `one_row`, one row of every segment, its total rounded up (`row_length`; past ROW_TOKENS, the fewest
+    rows of near-equal length that first fit fills).
     window: a sliding-window model's window (Mistral), applied within each segment by position."""
     segs = segments(sequences)
-    L = round_up(max(len(s) for s in segs), bucket)
-    rows = first_fit([len(s) for s in segs], L)
+    lengths = [len(s) for s in segs]
+    L = row_length(max(lengths), bucket, few_shapes)
+    if one_row:
+        total = sum(lengths)
+        n_rows = -(-total // ROW_TOKENS)
+        L = max(L, row_length(-(-total // n_rows), bucket, few_shapes))
+    rows = first_fit(lengths, L)
     tokens = torch.full((len(rows), L), pad_id, dtype=torch.long)
     positions = torch.zeros((len(rows), L), dtype=torch.long)
     seg_id = torch.full((len(rows), L), -1, dtype=torch.long)  # the tail: segment -1

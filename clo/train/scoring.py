@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from clo.train.batching import EncodedExample, collate_sequences, flat_sequences, length_groups
 from clo.train.loss import response_logps, token_logps_at
-from clo.train.packing import pack
+from clo.train.packing import Packed, pack
 from clo.world import World
 
 
@@ -44,13 +44,16 @@ def sequence_logps(model, sequences, pad_id: int, bucket: int, groups: int = 1):
     return torch.cat(parts)[back], torch.cat(counts)[back]
 
 
-def packed_sequence_logps(model, sequences, pad_id: int, bucket: int, attention: str = "sdpa"):
+def packed_sequence_logps(model, sequences, pad_id: int, bucket: int, attention: str = "sdpa", one_row: bool | None = None,
+                          few_shapes: bool = False):
     """`sequence_logps` from packed, prefix-shared rows (clo/train/packing.py): the same numbers up to
     float rounding, from each prompt computed once and no padding but each row's tail.
     attention: "sdpa" (a dense boolean mask), "gathered" (SDPA per sequence) or "flex" (FlexAttention's
-    block-sparse kernel)."""
+    block-sparse kernel). one_row (None: unless "sdpa", whose cost grows with a row's length squared)
+    and few_shapes: `pack`'s layout."""
     device = model.embed_tokens.weight.device
-    packed = pack(sequences, pad_id, bucket, model.cfg.sliding_window).to(device)
+    one_row = attention != "sdpa" if one_row is None else one_row
+    packed = pack(sequences, pad_id, bucket, model.cfg.sliding_window, one_row, few_shapes).to(device)
 
     def head(hidden, weight):
         return token_logps_at(hidden.to(weight.dtype), weight, packed.read_rows, packed.read_cols, packed.targets)
@@ -71,6 +74,8 @@ class Batching:
     groups: int
     packing: bool = False
     attention: str = "sdpa"
+    one_row: bool = False  # packed rows' layout: one row of every segment (`pack`)
+    few_shapes: bool = False  # packed lengths rounded to 4 per doubling, for compiled blocks (`row_length`)
 
     @classmethod
     def resolve(cls, pad_id: int, bucket: int, groups: int, device: torch.device, compiled: bool, packing: str = "auto",
@@ -84,19 +89,36 @@ class Batching:
         packed rows were 1.75x the padded examples/s on an H200 (7B shape, Alpaca's lengths). attention (packed rows only): auto is FlexAttention on CUDA, where a
         dense mask keeps SDPA off its flash kernel, and "gathered" (SDPA per sequence) on CPUs, where it
         beat the dense mask's steps on the Alpaca mix 1.09x in fp32 and 1.13x in bf16 (AMD EPYC with
-        AVX-512) and on the demo set 1.13x in bf16 (Intel Xeon with AMX; BENCHMARKS.md); bucket auto is 128 with FlexAttention (its block size: few shapes to compile)."""
+        AVX-512) and on the demo set 1.13x in bf16 (Intel Xeon with AMX; BENCHMARKS.md); bucket auto is 128 with FlexAttention (its block size: few shapes to compile).
+        one_row: the per-sequence kernels (gathered, flex) take every segment in one row, no row tails: 1.07x
+        (demo) and 1.10x (Alpaca) the gathered steps over rows as long as the longest segment (AMD EPYC with
+        AVX-512, bf16); the dense mask keeps such rows. few_shapes when compiled: one Alpaca epoch's packed
+        batches of 8 have 10 lengths instead of 42 shapes to build a graph for (`python bench/bench_shapes.py`)."""
         packed = packing == "on" or (packing == "auto" and device.type == "cpu")
         kernel = attention if attention != "auto" else "flex" if device.type == "cuda" else "gathered"
         if not packed:
             kernel = "sdpa"  # padded rows are causal: SDPA's own kernels
         default_bucket = 128 if kernel == "flex" else 64 if compiled else 8
-        return cls(pad_id, bucket or default_bucket, groups or (1 if device.type == "cuda" else 4), packed, kernel)
+        return cls(pad_id, bucket or default_bucket, groups or (1 if device.type == "cuda" else 4), packed, kernel,
+                   one_row=kernel != "sdpa", few_shapes=compiled)
 
     def logps(self, model, sequences):
         """log π(response | prompt) of (prompt ids, response ids) pairs. -> (logp_sum [N], n_tokens [N])."""
         if self.packing:
-            return packed_sequence_logps(model, sequences, self.pad_id, self.bucket, self.attention)
+            return packed_sequence_logps(model, sequences, self.pad_id, self.bucket, self.attention, self.one_row, self.few_shapes)
         return sequence_logps(model, sequences, self.pad_id, self.bucket, self.groups)
+
+    def describe(self) -> str:
+        """What of the batching changes the numbers (float rounding): part of the reference cache's key."""
+        if not self.packing:
+            return f"bucket {self.bucket}, groups {self.groups}"
+        kernel = f", {self.attention}" if self.attention != "sdpa" else ""
+        layout = (", one row" if self.one_row else "") + (", few shapes" if self.few_shapes else "")
+        return f"bucket {self.bucket}, groups {self.groups}, packed{kernel}{layout}"
+
+    def pack(self, sequences, window: int | None = None) -> Packed:
+        """The packed rows `logps` runs (counted by the benchmarks)."""
+        return pack(sequences, self.pad_id, self.bucket, window, self.one_row, self.few_shapes)
 
 
 def four_way_rows(model, batch: list[EncodedExample], batching: Batching) -> torch.Tensor:
