@@ -413,8 +413,8 @@ def test_speed_options_train_the_same(tiny, tmp_path, monkeypatch, option):
     of 2 steps match the plain run to fp32 rounding. Checkpointing recomputes the same ops, so its
     weights match to 1e-5; compiled kernels sum in another order, and Adam turns a gradient that is
     ~0 into a ±lr step, so theirs match to 5% of how far the weights moved (a wrong gradient: ~100%).
-    Compiled, both steps' packed rows are 512 wide, and the 2nd step, other sequences of other
-    lengths, builds no graph (the per-sequence attention calls stay outside the graphs).
+    Compiled, both steps' packed batches are one row of 512 tokens, and the 2nd step, other sequences
+    of other lengths, builds no graph (the per-sequence attention calls stay outside the graphs).
     """
     from torch._dynamo.utils import counters
 
