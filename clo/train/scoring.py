@@ -47,7 +47,7 @@ def sequence_logps(model, sequences, pad_id: int, bucket: int, groups: int = 1):
 def packed_sequence_logps(model, sequences, pad_id: int, bucket: int, attention: str = "sdpa", one_row: bool | None = None,
                           few_shapes: bool = False):
     """`sequence_logps` from packed, prefix-shared rows (clo/train/packing.py): the same numbers up to
-    float rounding, from each prompt computed once and no padding but each row's tail.
+    float rounding, from each prompt computed once and no padding but the rows' ends.
     attention: "sdpa" (a dense boolean mask), "gathered" (SDPA per sequence) or "flex" (FlexAttention's
     block-sparse kernel). one_row (None: unless "sdpa", whose cost grows with a row's length squared)
     and few_shapes: `pack`'s layout."""
