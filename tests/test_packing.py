@@ -21,7 +21,7 @@ from clo.model.tokenizer import load_tokenizer
 from clo.pairs import demo_path, load_pairs
 from clo.train.batching import encode_all, flat_sequences
 from clo.train.packing import first_fit, pack, row_length, segments
-from clo.train.scoring import packed_sequence_logps, sequence_logps
+from clo.train.scoring import Batching, packed_sequence_logps, sequence_logps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -76,6 +76,22 @@ def test_few_shapes_rounds_lengths_to_four_per_doubling():
         lengths.add(L)
     assert all(len({L for L in lengths if 2**k < L <= 2 ** (k + 1)}) <= 4 for k in range(7, 16))
     assert row_length(1000, 8) == 1000 and row_length(1001, 8) == 1008  # without few_shapes: the bucket only
+
+
+def test_the_resolved_layout_and_its_cache_key():
+    """The per-sequence kernels get one row, the dense mask rows; compiled runs get few lengths; each layout
+    (its float rounding) is its own reference cache key."""
+    cpu = torch.device("cpu")
+    gathered = Batching.resolve(0, 0, 0, cpu, compiled=False)
+    dense = Batching.resolve(0, 0, 0, cpu, compiled=False, attention="sdpa")
+    flex = Batching.resolve(0, 0, 0, cpu, compiled=True, attention="flex")  # as CUDA resolves --packing on --compile auto
+    assert (gathered.attention, gathered.one_row, gathered.few_shapes) == ("gathered", True, False)
+    assert (dense.attention, dense.one_row) == ("sdpa", False)
+    assert (flex.attention, flex.one_row, flex.few_shapes, flex.bucket) == ("flex", True, True, 128)
+    seqs = [([t] * 5, [t + 1] * (t % 7 + 1)) for t in range(3, 40)]
+    assert gathered.pack(seqs).tokens.shape[0] == 1 < dense.pack(seqs).tokens.shape[0]
+    keys = {b.describe() for b in (gathered, dense, flex, Batching(0, 8, 4), Batching(0, 8, 4, packing=True, attention="gathered"))}
+    assert len(keys) == 5
 
 
 def test_the_mask_by_hand():
