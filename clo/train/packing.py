@@ -181,7 +181,7 @@ def first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
 
 
 # One row's most tokens. FlexAttention's `create_block_mask` evaluates the rule on every [L, L] pair at once
-# (2.3 GiB of intermediates at L = 15,488, measured on CPU): a batch with more tokens gets several rows.
+# (+2.3 GiB at L = 15,488, a one-off measurement on CPU, BENCHMARKS.md): a batch with more tokens gets several rows.
 ROW_TOKENS = 16384
 
 
