@@ -3,8 +3,8 @@
 The oracle is the plain one-process run of the same command (fp32; the shares' sums are added in
 another order, so not bit for bit): per-step loss within 1e-6, margin within 1e-5 (β times a
 difference of log-prob sums of tens of nats, whose fp32 resolution is ~1e-5), gradient norm within
-1e-5 relative (Adam is blind to the gradient's scale; the norm is not, so a wrong normalisation
-shows here), and the final weights within 1e-6 except in at most 0.1% of entries: Adam's first
+1e-4 relative (Adam is blind to the gradient's scale; the norm is not, so a wrong normalisation
+shows here), and the final weights within 1e-6 except in at most 0.1% of the trained entries: Adam's first
 update of a fresh optimizer is lr·g/(|g| + 1e-8), which for a gradient entry near 1e-8 depends on
 its last bits, so such an entry may differ by up to one update (lr). A resumed 2-process
 run equals an uninterrupted one bit for bit, the reference table is the 1-process table, and a
@@ -13,6 +13,7 @@ process that fails or is stopped ends the whole job.
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -70,14 +71,17 @@ def weights(folder: Path) -> dict:
     return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
-def assert_close_runs(a: Path, b: Path, folder: str = "model") -> None:
+def assert_close_runs(a: Path, b: Path, folder: str = "model", start: dict | None = None) -> None:
     ra, rb = metrics(a), metrics(b)
     assert [r["step"] for r in ra] == [r["step"] for r in rb]
     for x, y in zip(ra, rb):
         # Each rank packs or pads its own half of the batch, so attention and the matmuls run in other calls of
         # other shapes (clo/model/gathered_attention.py): at step 4 of "stages" the loss of 3.23 differed by 1.2e-6
         # (packed rows, uncompiled)
-        for key, tol in (("loss", TOL * abs(x.get("loss", 0))), ("nll", TOL * abs(x.get("nll", 0))), ("margin", MARGIN_TOL), ("accuracy", 0)):
+        # The loss's preference term is -log σ(margin) per example, whose slope is under 1: it may move by as much as
+        # the margin (DPO's loss of 0.6825 at step 2 of sft-dpo: 1.1e-6 apart)
+        loss_tol = TOL * abs(x.get("loss", 0)) + (MARGIN_TOL if "margin" in x else 0)
+        for key, tol in (("loss", loss_tol), ("nll", TOL * abs(x.get("nll", 0))), ("margin", MARGIN_TOL), ("accuracy", 0)):
             if key in x:
                 assert abs(x[key] - y[key]) <= tol, (x["step"], key, x[key], y[key])
         # The norm sums every gradient's square (the embedding's too, under stage "all"), reduced in another
@@ -88,16 +92,22 @@ def assert_close_runs(a: Path, b: Path, folder: str = "model") -> None:
     wa, wb = weights(a / folder), weights(b / folder)
     assert wa.keys() == wb.keys()
     diffs = torch.cat([(wa[k].float() - wb[k].float()).abs().flatten() for k in wa])
-    assert (diffs > TOL).float().mean() <= 1e-3, f"{int((diffs > TOL).sum())} of {diffs.numel()} weights differ by more than {TOL}"
+    # counted among the entries that trained (moved from `start` in either run), so that the many frozen
+    # ones, equal in both, cannot dilute a gap confined to a few tensors
+    moved = torch.cat([((wa[k] != start[k]) | (wb[k] != start[k])).flatten() if start else torch.ones(wa[k].numel(), dtype=torch.bool) for k in wa])
+    far = diffs > TOL
+    assert far.sum() <= 1e-3 * moved.sum(), f"{int(far.sum())} of the {int(moved.sum())} trained weights differ by more than {TOL}"
     assert diffs.max() <= LR, diffs.max()
 
 
 # attention and lora: CPU's default packed rows; lora also accumulates micro-batches of 3, 3 and 2 examples
 # (shares of 2 + 1 and 1 + 1: the step's counts are every share's denominators, clo/train/step.py). stages: a stage change (a new optimizer, the embedding trained too)
 # on the path several GPUs take by default (padded rows, compiled blocks inside FSDP2's units), with activation
-# checkpointing and weight decay (two parameter groups in stage 2; cold inductor cache: ~40 s more)
+# checkpointing and weight decay (two parameter groups in stage 2; cold inductor cache: ~40 s more). sft-dpo: the
+# paper's second baseline, SFT (NLL alone) then DPO from the SFT model (its reference table computed on 2 processes)
 EXTRAS = {"attention": ("--stages", "attn:2"), "lora": ("--lora", "--save-merged", "--batch-size", "3", "--grad-accum", "2"),
-          "stages": ("--stages", "attn:1,all:1", "--weight-decay", "0.1", "--checkpoint-activations", *COMPILED)}
+          "stages": ("--stages", "attn:1,all:1", "--weight-decay", "0.1", "--checkpoint-activations", *COMPILED),
+          "sft-dpo": ("--method", "sft-dpo", "--stages", "attn:1")}
 
 
 @pytest.fixture(scope="module")
@@ -120,9 +130,12 @@ def two(tiny, tmp_path_factory):
 @pytest.mark.parametrize("case", list(EXTRAS))
 def test_two_processes_train_as_one(tiny, two, tmp_path, case):
     one, two = train.main(argv(tiny, tmp_path / "one", *EXTRAS[case])), two(case)
-    assert_close_runs(one, two)
+    assert_close_runs(one, two, start=weights(tiny[0]))
     if case == "lora":
         assert_close_runs(one, two, "adapter")
+    if case == "sft-dpo":
+        assert_close_runs(one / "sft", two / "sft", start=weights(tiny[0]))
+        assert "nll" in metrics(one / "sft")[0] and "margin" in metrics(one)[0]
     assert json.loads((two / "run.json").read_text())["summary"]["steps"] == len(metrics(one))
     assert [p.name for p in two.iterdir() if p.name.startswith((".model.", ".checkpoint.pt."))] == []  # no temporary left
     if case == "attention":
@@ -194,20 +207,20 @@ def test_one_process_under_torchrun_is_plain_python(tiny, tmp_path):
     assert not isinstance(cb["rng"], list) and ca["settings"] == cb["settings"]  # either resumes the other
 
 
-def worker(tmp_path: Path, body: str) -> Path:
-    """A train.py stand-in that patches AdamW.step on rank 1 with `body` (run at its 2nd call)."""
+def worker(tmp_path: Path, body: str, rank: int = 1, call: int = 2) -> Path:
+    """A train.py stand-in that patches AdamW.step on process `rank` with `body`, run after its `call`-th update."""
     script = tmp_path / "worker.py"
     script.write_text(textwrap.dedent(f"""
-        import os, signal, sys, torch
+        import os, signal, sys, time, torch
         sys.path.insert(0, {str(REPO)!r})
         import train
         from clo.errors import run_cli
-        if os.environ["RANK"] == "1":
+        if os.environ["RANK"] == "{rank}":
             real, calls = torch.optim.AdamW.step, []
             def step(self, *a, **k):
                 result = real(self, *a, **k)
                 calls.append(1)
-                if len(calls) == 2:
+                if len(calls) == {call}:
                     {body}
                 return result
             torch.optim.AdamW.step = step
@@ -216,23 +229,34 @@ def worker(tmp_path: Path, body: str) -> Path:
     return script
 
 
+def timeless(out: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in metrics(out)]
+
+
 def test_sigterm_on_one_process_saves_once_and_resumes_exactly(tiny, two, tmp_path):
-    """SIGTERM reaching rank 1 right after its 2nd update: every process stops after that step, the
-    checkpoint holds step 2, and the resumed 2-process run equals an uninterrupted one bit for bit."""
+    """SIGTERM reaching rank 1 right after its 3rd update (mid-way through stage 2, whose optimizer has one
+    step of sharded AdamW state): every process stops after that step with 143, the checkpoint holds step 3,
+    and the resumed 2-process run equals an uninterrupted one bit for bit (a resume that restored the
+    moments wrongly, or not at all, would part at step 4)."""
     extra, full = EXTRAS["stages"], two("stages")
     part = tmp_path / "part"
-    stopped = torchrun(argv(tiny, part, *extra), worker(tmp_path, "os.kill(os.getpid(), signal.SIGTERM)"))
-    assert stopped.returncode != 0
+    stopped = torchrun(argv(tiny, part, *extra), worker(tmp_path, "os.kill(os.getpid(), signal.SIGTERM)", call=3))
+    assert stopped.returncode != 0 and "exitcode  : 143" in stopped.stderr, stopped.stderr[-3000:]
+    assert f"interrupted: checkpoint saved to {part / 'checkpoint.pt'} at step 3" in stopped.stderr
     saved = torch.load(part / "checkpoint.pt", weights_only=True)
-    assert saved["position"]["step"] == 2 and len(saved["rng"]) == 2 and saved["weights"] is None
-    # sharded: each process wrote its own part, and the two parts hold each trained tensor's entries once
+    assert saved["position"]["step"] == 3 and saved["position"]["stage"] == 1 and len(saved["rng"]) == 2 and saved["weights"] is None
+    # sharded: each process wrote its own part, and the two parts hold each trained tensor's entries once,
+    # and so do the AdamW moments of stage 2's (sharded) parameters
     shards = part / saved["shards"]["folder"]
     assert sorted(f.name for f in shards.iterdir()) == ["rank-00000-of-00002.pt", "rank-00001-of-00002.pt"]
-    a, b = (torch.load(f, weights_only=True)["weights"] for f in sorted(shards.iterdir()))
+    a, b = (torch.load(f, weights_only=True) for f in sorted(shards.iterdir()))
     whole = {k.removeprefix("model."): v for k, v in weights(tiny[0]).items()}  # the starting model: HF names
-    assert a.keys() == b.keys() and a
-    for name in a:
-        assert a[name].numel() + b[name].numel() == whole[name].numel() and 0 < a[name].numel() < whole[name].numel(), name
+    assert a["weights"].keys() == b["weights"].keys() and a["weights"]
+    for name in a["weights"]:
+        assert a["weights"][name].numel() + b["weights"][name].numel() == whole[name].numel() and 0 < a["weights"][name].numel() < whole[name].numel(), name
+    moments = [(x["exp_avg"], y["exp_avg"]) for x, y in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values())]
+    assert moments and sum(x.numel() + y.numel() for x, y in moments) == sum(v.numel() for v in whole.values())  # stage "all"
+    assert all(x.abs().sum() > 0 for x, _ in moments)
     # a later save killed half-way left a folder that checkpoint.pt does not name: ignored, then removed
     (part / "checkpoint-shards" / "step-00000099").mkdir()
     (part / "checkpoint-shards" / "step-00000099" / "rank-00000-of-00002.pt").write_bytes(b"torn")
@@ -240,21 +264,47 @@ def test_sigterm_on_one_process_saves_once_and_resumes_exactly(tiny, two, tmp_pa
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     final = torch.load(part / "checkpoint.pt", weights_only=True)
     assert [f.name for f in (part / "checkpoint-shards").iterdir()] == [Path(final["shards"]["folder"]).name]
-    def timeless(out):
-        return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in metrics(out)]
-
-    assert timeless(tmp_path / "part") == timeless(full)
-    wa, wb = weights(full / "model"), weights(tmp_path / "part" / "model")
+    assert timeless(part) == timeless(full)
+    wa, wb = weights(full / "model"), weights(part / "model")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    with pytest.raises(CloError, match="processes"):  # another number of processes: refused, not approximated
-        train.main(argv(tiny, tmp_path / "part", *extra, "--resume", "--max-steps", "3"))
+    # another number of processes: refused, not approximated
+    with pytest.raises(CloError, match=r"made with the number of processes \(torchrun .*\) 2, this one has 1"):
+        train.main(argv(tiny, part, *extra, "--resume", "--max-steps", "3"))
 
 
-def test_a_failing_process_ends_the_job(tiny, tmp_path):
+def test_ctrl_c_at_torchrun_saves_once_and_resumes_exactly(tiny, two, tmp_path):
+    """Ctrl-C in torchrun's terminal reaches torchrun alone (its processes run in sessions of their own);
+    torchrun passes SIGINT on to every process. Here it comes while rank 0 is inside its 2nd update, in the
+    middle of stage attn:2 (the packed path): both processes finish that step and save once, and
+    the resumed run equals an uninterrupted one bit for bit."""
+    part, marker = tmp_path / "part", tmp_path / "in-step-2"
+    script = worker(tmp_path, f"open({str(marker)!r}, 'w').close(); time.sleep(5)", rank=0, call=2)
+    launcher = subprocess.Popen(torchrun_cmd(argv(tiny, part, *EXTRAS["attention"]), script), env=dict(os.environ),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    deadline = time.monotonic() + 180
+    while not marker.exists() and launcher.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    launcher.send_signal(signal.SIGINT)
+    _, stderr = launcher.communicate(timeout=120)
+    assert launcher.returncode != 0 and "got signal: 2" in stderr, stderr[-3000:]  # torchrun's own report
+    assert stderr.count(f"interrupted: checkpoint saved to {part / 'checkpoint.pt'} at step 2") == 1, stderr[-3000:]
+    saved = torch.load(part / "checkpoint.pt", weights_only=True)
+    assert saved["position"]["step"] == 2 and saved["position"]["stage"] == 0  # 2 of the stage's 4 steps: its optimizer goes on
+    resumed = torchrun(argv(tiny, part, *EXTRAS["attention"], "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    full = two("attention")
+    assert timeless(part) == timeless(full)
+    wa, wb = weights(full / "model"), weights(part / "model")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("failure, shown", [("raise RuntimeError('rank 1 fails on purpose')", "rank 1 fails on purpose"),
+                                            ("os.kill(os.getpid(), signal.SIGKILL)", "Signal 9 (SIGKILL)")])  # out of memory, say
+def test_a_failing_process_ends_the_job(tiny, tmp_path, failure, shown):
     start = time.monotonic()
-    done = torchrun(argv(tiny, tmp_path / "run", "--stages", "attn:4"), worker(tmp_path, "raise RuntimeError('rank 1 fails on purpose')"), timeout=180)
+    done = torchrun(argv(tiny, tmp_path / "run", "--stages", "attn:4"), worker(tmp_path, failure), timeout=180)
     assert done.returncode != 0
-    assert "rank 1 fails on purpose" in done.stderr
+    assert shown in done.stderr, done.stderr[-3000:]
     assert time.monotonic() - start < 120
     assert not (tmp_path / "run" / "model").exists()
 

@@ -3,8 +3,8 @@
 The oracle is a plain one-process run of the same command: the 2-process --out is the same file
 byte for byte. Five examples of six distinct sentences, chunks of 4 sentences: five chunks of one
 example each, so three rounds, the last one partial; beam search (3 beams). A process that dies
-ends the job within bounded time, --out keeps the whole rounds written before, and the same
-command (here with one process) completes it into the uninterrupted file.
+(the one that writes --out or another) ends the job within bounded time, --out keeps the whole rounds
+written before, and the same command completes it into the uninterrupted file.
 """
 
 import os
@@ -61,8 +61,8 @@ def test_two_processes_write_the_one_process_file(mt_setup, reference, tmp_path)
     assert done.stderr.count("wrote 5 records") == 1  # process 0 alone reports
 
 
-def dying_worker(tmp_path: Path, at_call: int) -> Path:
-    """A translate.py stand-in whose process 1 dies (os._exit, no cleanup) at its at_call-th model batch."""
+def dying_worker(tmp_path: Path, rank: int, at_call: int) -> Path:
+    """A translate.py stand-in whose process `rank` dies (os._exit, no cleanup) at its at_call-th model batch."""
     script = tmp_path / "worker.py"
     script.write_text(textwrap.dedent(f"""
         import os, sys
@@ -70,7 +70,7 @@ def dying_worker(tmp_path: Path, at_call: int) -> Path:
         import translate
         from clo.errors import run_cli
         from clo.translate.translator import Translator
-        if os.environ["RANK"] == "1":
+        if os.environ["RANK"] == "{rank}":
             real, calls = Translator.translate_batch, []
             def translate_batch(self, batch):
                 calls.append(1)
@@ -83,18 +83,20 @@ def dying_worker(tmp_path: Path, at_call: int) -> Path:
     return script
 
 
-def test_a_dying_process_loses_one_round_and_the_rerun_completes_the_file(mt_setup, reference, tmp_path, capsys):
+@pytest.mark.parametrize("rank", [0, 1])  # 0 writes --out; 1 only computes
+def test_a_dying_process_loses_one_round_and_the_rerun_completes_the_file(mt_setup, reference, tmp_path, rank):
     out = tmp_path / "sw.jsonl"
     start = time.monotonic()
-    # process 1 dies at the last batch of its second group (round 2): round 1 is in --out, round 2 lost
-    died = torchrun(args(mt_setup, out), dying_worker(tmp_path, 2 * BATCHES_PER_GROUP))
+    # the process dies at the last batch of its second group (round 2): round 1 is in --out, round 2 lost
+    died = torchrun(args(mt_setup, out), dying_worker(tmp_path, rank, 2 * BATCHES_PER_GROUP))
     assert died.returncode != 0
     assert time.monotonic() - start < 120
     partial = out.read_bytes()
     assert partial == b"".join(reference.splitlines(keepends=True)[:2])  # round 1's two records, whole, in order
 
-    translate.main(args(mt_setup, out))  # resumed by one process (a 2-process rerun resumes the same way)
-    assert "2 of 5 examples already in" in capsys.readouterr().err
+    rerun = torchrun(args(mt_setup, out))  # the same command again
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "2 of 5 examples already in" in rerun.stderr
     assert out.read_bytes() == reference
 
 
