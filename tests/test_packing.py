@@ -13,6 +13,8 @@ from tiny_chat_model import make_tiny_training_setup
 import clo.train.packing
 import train
 from clo.errors import CloError
+from clo.eval.mc import choice_sequence_logps
+from clo.eval.preference import four_way_logps
 from clo.model.chat import detect_format
 from clo.model.decoder import attend
 from clo.model.gathered_attention import attend_gathered
@@ -22,6 +24,7 @@ from clo.pairs import demo_path, load_pairs
 from clo.train.batching import encode_all, flat_sequences
 from clo.train.packing import first_fit, pack, row_length, segments
 from clo.train.scoring import Batching, packed_sequence_logps, sequence_logps
+from clo.train.step import Objective, batch_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -121,35 +124,48 @@ def test_the_mask_is_built_where_the_rows_are():
     assert windowed.mask.device.type == "meta"
 
 
-def logps_and_grads(folder, seqs, pad_id, attention: str | None, one_row: bool | None = None):
-    """attention None: the padded batch; else packed rows through that kernel, in `one_row` or rows."""
+def loss_and_grads(folder, batch, ref_rows, objective: Objective, batching: Batching):
+    """The step's loss (`batch_loss`, as train.py computes it) with every parameter trained, and its gradients."""
     model = load_model(folder)
-    for name, p in model.named_parameters():
-        p.requires_grad_(".self_attn." in name)
-    if attention:
-        logps, n = packed_sequence_logps(model, seqs, pad_id, 8, attention, one_row)
-    else:
-        logps, n = sequence_logps(model, seqs, pad_id, 8, 1)
-    (logps.sum() / n.sum()).backward()
-    return logps.detach(), n, {k: p.grad for k, p in model.named_parameters() if p.requires_grad}
+    for p in model.parameters():
+        p.requires_grad_(True)
+    loss, _ = batch_loss(model, batch, ref_rows, objective, batching)
+    loss.backward()
+    return loss.detach(), {k: p.grad for k, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize(("attention", "one_row"), [("sdpa", False), ("sdpa", True), ("gathered", True), ("gathered", False)],
-                         ids=["sdpa-rows", "sdpa-one-row", "gathered-one-row", "gathered-rows"])
-def test_packed_logps_and_gradients_equal_the_padded_batch(tiny, attention, one_row):
+LAYOUTS = {"sdpa-rows": ("sdpa", False), "sdpa-one-row": ("sdpa", True), "gathered-one-row": ("gathered", True), "gathered-rows": ("gathered", False)}
+
+
+@pytest.mark.parametrize(("layout", "method"), [*((k, "clo") for k in LAYOUTS), ("gathered-one-row", "sft")])
+def test_packed_logps_loss_and_gradients_equal_the_padded_batch(tiny, layout, method):
+    """Six examples' 24 sequences packed (in rows or one row, through the dense mask or per sequence) vs
+    padded: the same log-probs, the same CLO (or SFT) loss, and the same gradient of every weight."""
     folder, tok, examples, _ = tiny
-    seqs = flat_sequences(examples[:6])
-    padded, n_padded, g_padded = logps_and_grads(folder, seqs, tok.pad_id, None)
-    packed, n_packed, g_packed = logps_and_grads(folder, seqs, tok.pad_id, attention, one_row)
-    assert (pack(seqs, tok.pad_id, 8, one_row=one_row).tokens.shape[0] == 1) == one_row  # the layouts differ here
+    attention, one_row = LAYOUTS[layout]
+    batch, seqs = examples[:6], flat_sequences(examples[:6])
+    padded_rows, packed_rows = Batching(tok.pad_id, 8, 1), Batching(tok.pad_id, 8, 1, packing=True, attention=attention, one_row=one_row)
+    assert (packed_rows.pack(seqs).tokens.shape[0] == 1) == one_row  # the layouts differ here
+    assert packed_rows.pack(seqs).tokens.numel() < sum(len(x) + len(y) for x, y in seqs)  # fewer tokens than the sequences: prompts shared
+    model = load_model(folder)
+    with torch.no_grad():
+        padded, n_padded = padded_rows.logps(model, seqs)
+        packed, n_packed = packed_rows.logps(model, seqs)
     assert torch.equal(n_packed, n_padded)
     # 1e-4 for sums of hundreds of nats; these reach ~1000, where one fp32 step is 1.2e-4: allow two steps more
     tol = 1e-4 + 2 * torch.finfo(torch.float32).eps * padded.abs()
     assert ((packed - padded).abs() <= tol).all(), ((packed - padded).abs().max(), padded.abs().max())
-    assert all(torch.allclose(g_packed[k], g_padded[k], atol=1e-6, rtol=1e-4) for k in g_padded)
-    assert any(g.abs().max() > 1e-4 for g in g_padded.values())  # gradients that could have differed
-    p = pack(seqs, tok.pad_id, 8)
-    assert p.tokens.numel() < sum(len(a) + len(b) for a, b in seqs)  # fewer tokens than the sequences hold: prompts shared
+
+    # a reference a little off the policy, so that both preference directions pull
+    ref_rows = padded.view(4, -1).T + torch.linspace(-2, 2, 24).view(6, 4)
+    objective = Objective(method)
+    loss_padded, g_padded = loss_and_grads(folder, batch, ref_rows, objective, padded_rows)
+    loss_packed, g_packed = loss_and_grads(folder, batch, ref_rows, objective, packed_rows)
+    assert abs(loss_packed - loss_padded) <= 1e-6 * abs(loss_padded), (loss_packed, loss_padded)
+    assert g_packed.keys() == g_padded.keys() and all(g is not None for g in g_padded.values())  # every weight, the embedding too
+    for k in g_padded:
+        assert torch.allclose(g_packed[k], g_padded[k], atol=1e-6, rtol=1e-4), (k, (g_packed[k] - g_padded[k]).abs().max())
+    assert min(g.abs().max() for g in g_padded.values()) > 1e-4  # every gradient could have differed
 
 
 def test_flexattention_gives_the_dense_masks_logps(tiny):
@@ -271,7 +287,7 @@ def test_second_answers_of_other_lengths_share_a_windowed_call(tmp_path):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "gathered"])
+@pytest.mark.parametrize("attention", ["sdpa", "gathered", "flex"])
 def test_a_segment_never_sees_another(tiny, attention):
     """Changing one example's tokens (same lengths) leaves every other sequence's log-prob bit for bit."""
     folder, tok, examples, _ = tiny
@@ -306,18 +322,57 @@ def test_a_second_answer_gets_the_logits_of_its_own_sequence(tmp_path, family, a
 
 
 def test_packed_equals_padded_on_the_real_default_model(smollm2_dir, all_threads):
+    """SmolLM2-135M on three demo examples: the packed log-probs of both CPU kernels, and the CLO loss and
+    the gradient of every attention weight (train.py's default stage) through CPU's default kernel, equal
+    the padded batch's."""
     tok = load_tokenizer(smollm2_dir)
-    examples, _ = encode_all(tok, detect_format(tok), load_pairs(demo_path("sw")).examples[:3], 512)
-    seqs = flat_sequences(examples)
+    batch, _ = encode_all(tok, detect_format(tok), load_pairs(demo_path("sw")).examples[:3], 512)
+    seqs = flat_sequences(batch)
     model = load_model(smollm2_dir)
+    padded_rows = Batching(tok.pad_id, 8, 1)
     with torch.no_grad():
-        padded, _ = sequence_logps(model, seqs, tok.pad_id, 8, 1)
+        padded, _ = padded_rows.logps(model, seqs)
         packed = {kind: packed_sequence_logps(model, seqs, tok.pad_id, 8, kind)[0] for kind in ("sdpa", "gathered")}
     assert padded.abs().min() > 10  # sums of many nats
     # 1e-4 for sums of hundreds of nats; these reach ~1000, where one fp32 step is 1.2e-4: allow two steps more
     tol = 1e-4 + 2 * torch.finfo(torch.float32).eps * padded.abs()
     for kind, logps in packed.items():
         assert ((logps - padded).abs() <= tol).all(), (kind, (logps - padded).abs().max(), padded.abs().max())
+
+    ref_rows = padded.view(4, -1).T + torch.tensor([1.0, -1.0, -1.0, 1.0])  # a reference a little off the policy
+    results = []
+    for batching in (padded_rows, Batching.resolve(tok.pad_id, 0, 0, torch.device("cpu"), compiled=False)):
+        assert batching.packing == (batching is not padded_rows)
+        for name, p in model.named_parameters():
+            p.requires_grad_(".self_attn." in name)
+            p.grad = None
+        loss, _ = batch_loss(model, batch, ref_rows, Objective("clo"), batching)
+        loss.backward()
+        results.append((loss.item(), {k: p.grad for k, p in model.named_parameters() if p.requires_grad}))
+    (loss_padded, g_padded), (loss_packed, g_packed) = results
+    assert abs(loss_packed - loss_padded) <= 1e-6 * abs(loss_padded), (loss_packed, loss_padded)
+    assert len(g_padded) == 4 * model.cfg.n_layers and all(g.abs().max() > 1e-4 for g in g_padded.values())
+    for k in g_padded:
+        assert torch.allclose(g_packed[k], g_padded[k], atol=1e-6, rtol=1e-4), (k, (g_packed[k] - g_padded[k]).abs().max())
+
+
+def test_eval_scores_in_the_layout_training_uses(tiny, monkeypatch):
+    """eval.py's held-out log-probs and its multiple-choice scores (a context shared by four choices) go
+    through the batching training resolves on the CPU (packed, one row, per-sequence kernel) and equal the
+    padded batch's."""
+    folder, tok, examples, _ = tiny
+    model = load_model(folder)
+    seen, real = [], Batching.logps
+    monkeypatch.setattr(Batching, "logps", lambda self, m, seqs: seen.append(self) or real(self, m, seqs))
+    items = [(ex.sequences[0][0], [ex.sequences[k][1] for k in range(4)]) for ex in examples[:3]]  # a context, 4 continuations
+    with torch.no_grad():
+        held_out = four_way_logps(model, examples[:6], tok.pad_id, batch_size=3)
+        choices = choice_sequence_logps(model, items, tok.pad_id)
+        assert len(seen) == 3 and all(b.packing and b.attention == "gathered" and b.one_row for b in seen)
+        padded, _ = sequence_logps(model, flat_sequences(examples[:6]), tok.pad_id, 8, 1)
+        padded_choices, _ = sequence_logps(model, [(x, conts[k]) for k in range(4) for x, conts in items], tok.pad_id, 8, 1)
+    for got, want in ((held_out, padded.view(4, -1).T), (choices, padded_choices.view(4, -1).T)):
+        assert got.shape == want.shape and ((got - want).abs() <= 1e-4 + 2 * torch.finfo(torch.float32).eps * want.abs()).all()
 
 
 def test_training_packed_equals_padded(tiny, tmp_path, monkeypatch):

@@ -612,6 +612,7 @@ def test_a_signal_during_the_last_save_waits_for_it(tiny, tmp_path, monkeypatch)
         (("--weight-decay", "0.1"), "--weight-decay"),
         (("--chat-format", "plain"), "--chat-format"),
         (("--bucket", "16"), "--bucket"),
+        (("--packing", "off"), "--packing"),  # the CPU default packs
         (("--amp", "on"), "precision"),
         (("--lora", "--lora-r", "4"), "--lora"),
     ],
