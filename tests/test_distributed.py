@@ -14,6 +14,7 @@ process that fails or is stopped ends the whole job.
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -65,6 +66,10 @@ def torchrun(args: list[str], script: Path = REPO / "train.py", timeout: float =
 
 def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def timeless(out: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in metrics(out)]
 
 
 def weights(folder: Path) -> dict:
@@ -207,6 +212,30 @@ def test_one_process_under_torchrun_is_plain_python(tiny, tmp_path):
     assert not isinstance(cb["rng"], list) and ca["settings"] == cb["settings"]  # either resumes the other
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_machines_of_one_process_train_as_two_processes_of_one(tiny, two, tmp_path):
+    """--nnodes 2: two torchrun launchers (here on one machine, as two nodes would run them), each with
+    one process of local rank 0, meet at the first one's address; ranks, not local ranks, decide who
+    writes and which share each takes, so the run is the 2-process run bit for bit."""
+    port, args = free_port(), argv(tiny, tmp_path / "nodes", *EXTRAS["attention"])
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
+                               "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
+                               str(REPO / "train.py"), *args], env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd=REPO) for node in (0, 1)]
+    errors = [node.communicate(timeout=240)[1] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], errors[0][-3000:] + errors[1][-3000:]
+    assert "model saved to" in errors[0] and "model saved to" not in errors[1]  # process 0 alone writes
+    full = two("attention")
+    assert timeless(tmp_path / "nodes") == timeless(full)
+    wa, wb = weights(full / "model"), weights(tmp_path / "nodes" / "model")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def worker(tmp_path: Path, body: str, rank: int = 1, call: int = 2) -> Path:
     """A train.py stand-in that patches AdamW.step on process `rank` with `body`, run after its `call`-th update."""
     script = tmp_path / "worker.py"
@@ -227,10 +256,6 @@ def worker(tmp_path: Path, body: str, rank: int = 1, call: int = 2) -> Path:
         run_cli(lambda: train.main(sys.argv[1:]))
     """))
     return script
-
-
-def timeless(out: Path) -> list[dict]:
-    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in metrics(out)]
 
 
 def test_sigterm_on_one_process_saves_once_and_resumes_exactly(tiny, two, tmp_path):
