@@ -170,19 +170,22 @@ def test_cudas_bf16_policy_on_two_processes_trains_as_one_and_saves_frozen_weigh
         import clo.train.distributed as distributed
         import train
         from clo.errors import run_cli
-        real, dtypes = distributed.shard, set()
+        from torch.distributed.tensor import DTensor
+        real, dtypes, split = distributed.shard, set(), []
         def shard(model, world, compute_dtype, device=None):
             real(model, world, torch.bfloat16, device)  # what train.py passes on CUDA
             model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda m, args: dtypes.add(str(m.weight.dtype)))
+            # every weight, frozen or trained, a DTensor of which this process holds a part only
+            split.append(all(isinstance(p, DTensor) and p.to_local().numel() < p.numel() for p in model.parameters()))
         distributed.shard = shard
         if os.environ["RANK"] == "0":
-            atexit.register(lambda: open({str(seen)!r}, "w").write(" ".join(sorted(dtypes))))
+            atexit.register(lambda: open({str(seen)!r}, "w").write(" ".join(sorted(dtypes)) + f" sharded={{split}}"))
         run_cli(lambda: train.main(sys.argv[1:]))
     """))
     args = [*argv(tiny, tmp_path / "two", "--max-steps", "2"), "--amp", "on", *COMPILED]
     done = torchrun(args, script)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert seen.read_text() == "torch.bfloat16"  # the policy was applied, not only passed along
+    assert seen.read_text() == "torch.bfloat16 sharded=[True]"  # the policy was applied, not only passed along; every weight sharded
     one = train.main([*argv(tiny, tmp_path / "one", "--max-steps", "2"), "--amp", "on", *COMPILED])
     for x, y in zip(metrics(one), metrics(tmp_path / "two"), strict=True):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-3) and y["grad_norm"] == pytest.approx(x["grad_norm"], rel=2e-2), (x, y)
