@@ -1,8 +1,8 @@
 """Reading JSON with errors that name the file and line: a checkpoint folder's files, and JSON Lines records.
 
 `parse_json` turns every way a text can fail to be JSON into one CloError (invalid syntax with its line,
-nesting too deep for the parser, a number too long to convert); `read_json` reads a file that must hold
-one JSON object (config.json, tokenizer_config.json, ...).
+nesting too deep for the parser, a number too long to convert, a data record naming a field twice);
+`read_json` reads a file that must hold one JSON object (config.json, tokenizer_config.json, ...).
 """
 
 import json
@@ -11,11 +11,29 @@ from pathlib import Path
 from clo.errors import CloError
 
 
-def parse_json(text: str | bytes, where: str, whole_file: bool = False):
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """An object's pairs as a dict, refusing a key given twice ({"prompt": "a", "prompt": "b"}): json.loads
+    would keep the last silently, so the record would train on something its author may not have meant."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(f"field {key!r} appears twice in one object")
+        out[key] = value
+    return out
+
+
+def parse_json(text: str | bytes, where: str, whole_file: bool = False, unique_keys: bool = True):
     """json.loads(text), or a one-line CloError that starts with `where`: a record's file:line, or a file
-    (whole_file: the error's own line number is added)."""
+    (whole_file: the error's own line number is added). unique_keys: refuse an object that names a field
+    twice (data records); the model files of other tools (`read_json`) are read as transformers reads them."""
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_unique_keys if unique_keys else None)
+    except _DuplicateKey as e:
+        raise CloError(f"{where}: {e}") from None
     except json.JSONDecodeError as e:
         line = f":{e.lineno}" if whole_file else ""
         raise CloError(f"{where}{line}: invalid JSON: {e.msg} (column {e.colno})") from None
@@ -46,7 +64,7 @@ def read_json(path: Path, missing_ok: bool = False) -> dict:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise CloError(f"{path}: not UTF-8 text ({e.reason})") from None
-    value = parse_json(text, str(path), whole_file=True)
+    value = parse_json(text, str(path), whole_file=True, unique_keys=False)
     if not isinstance(value, dict):
         raise CloError(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value

@@ -91,6 +91,8 @@ CASES = [
     Case("mt-source-folder", "translate.py", MT + " --source {dir}", "--source {dir}: is a folder, not a file"),
     Case("mt-source-no-response", "translate.py", MT + " --source {dir}/s.jsonl", "s.jsonl:1: field 'response' is missing", {"s.jsonl": '{"prompt": "hi"}\n'}),
     Case("mt-source-bad-json", "translate.py", MT + " --source {dir}/s.jsonl", "s.jsonl:2: invalid JSON", {"s.jsonl": '{"prompt": "a", "response": "b"}\n{"prompt":\n'}),
+    Case("mt-source-field-twice", "translate.py", MT + " --source {dir}/s.jsonl", "s.jsonl:1: field 'response' appears twice",
+         {"s.jsonl": '{"prompt": "a", "response": "b", "response": "c"}\n'}),
     Case("mt-source-nested-too-deep", "translate.py", MT + " --source {dir}/s.jsonl", "s.jsonl:1: invalid JSON: nested too deeply", {"s.jsonl": "[" * 100_000 + "\n"}),
     Case("mt-source-all-empty", "translate.py", MT + " --source {dir}/s.jsonl", "no usable examples", {"s.jsonl": '{"prompt": " ", "response": "b"}\n'}),
     Case("mt-source-wrong-format", "translate.py", MT + " --format alpaca", "invalid JSON: Extra data"),
@@ -138,6 +140,8 @@ CASES = [
     # --- eval.py: inputs ---
     Case("eval-prompts-missing", "eval.py", EVAL + " --prompts {dir}/none.jsonl", "none.jsonl: no such file"),
     Case("eval-prompts-bad-json", "eval.py", EVAL + " --prompts {dir}/p.jsonl", "p.jsonl:2: invalid JSON", {"p.jsonl": '{"instruction": "ok"}\n{"instruction": \n'}),
+    Case("eval-prompts-field-twice", "eval.py", EVAL + " --prompts {dir}/p.jsonl", "p.jsonl:2: field 'instruction' appears twice",
+         {"p.jsonl": '{"instruction": "ok"}\n{"instruction": "a", "instruction": "b"}\n'}),
     Case("eval-heldout-other-language", "eval.py", EVAL + " --heldout {dir}/h.jsonl", "h.jsonl:1: field 'lang' is 'yo', but --lang is 'sw'", {"h.jsonl": record(0, "yo")}),
     Case("eval-mmlu-bad-csv", "eval.py", EVAL + " --mmlu {dir}/x_test.csv", "x_test.csv:2: expected 6 columns", {"x_test.csv": CSV_BAD}),
     Case("eval-model-missing", "eval.py", EVAL + " --models {dir}/none", "neither a local folder"),
@@ -172,6 +176,8 @@ CASES = [
     # --- train.py: inputs ---
     Case("train-data-missing", "train.py", TRAIN + " --data {dir}/none.jsonl", "none.jsonl"),
     Case("train-data-bad-line", "train.py", TRAIN + " --data {dir}/d.jsonl", "d.jsonl:1: invalid JSON", {"d.jsonl": '{"id": \n'}),
+    Case("train-data-field-twice", "train.py", TRAIN + " --data {dir}/d.jsonl", "d.jsonl:1: field 'response' appears twice in one object",
+         {"d.jsonl": '{"id": "a", "lang": "sw", "prompt_en": "x", "response_en": "y", "prompt": "z", "response": "w", "response": "v"}\n'}),
     Case("train-data-huge-number", "train.py", TRAIN + " --data {dir}/d.jsonl", "d.jsonl:1: invalid JSON", {"d.jsonl": '{"id": ' + "9" * 5000 + "}\n"}),
     Case("train-model-missing", "train.py", TRAIN + " --model {dir}/none", "{dir}/none"),
     Case("train-model-garbage-weights", "train.py", TRAIN + " --model {broken}", "broken"),
