@@ -279,9 +279,10 @@ def test_sigterm_on_one_process_saves_once_and_resumes_exactly(tiny, two, tmp_pa
     assert sorted(f.name for f in shards.iterdir()) == ["rank-00000-of-00002.pt", "rank-00001-of-00002.pt"]
     a, b = (torch.load(f, weights_only=True) for f in sorted(shards.iterdir()))
     whole = {k.removeprefix("model."): v for k, v in weights(tiny[0]).items()}  # the starting model: HF names
-    assert a["weights"].keys() == b["weights"].keys() and a["weights"]
-    for name in a["weights"]:
-        assert a["weights"][name].numel() + b["weights"][name].numel() == whole[name].numel() and 0 < a["weights"][name].numel() < whole[name].numel(), name
+    wa, wb = a["weights"], b["weights"]
+    assert wa.keys() == wb.keys() and wa
+    for name in wa:
+        assert wa[name].numel() + wb[name].numel() == whole[name].numel() and 0 < wa[name].numel() < whole[name].numel(), name
     moments = [(x["exp_avg"], y["exp_avg"]) for x, y in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values())]
     assert moments and sum(x.numel() + y.numel() for x, y in moments) == sum(v.numel() for v in whole.values())  # stage "all"
     assert all(x.abs().sum() > 0 for x, _ in moments)
