@@ -307,7 +307,11 @@ def test_ctrl_c_at_torchrun_saves_once_and_resumes_exactly(tiny, two, tmp_path):
     middle of stage attn:2 (the packed path): both processes finish that step and save once, and
     the resumed run equals an uninterrupted one bit for bit."""
     part, marker = tmp_path / "part", tmp_path / "in-step-2"
-    script = worker(tmp_path, f"open({str(marker)!r}, 'w').close(); time.sleep(5)", rank=0, call=2)
+    # rank 0 says it is in step 2, then stays in it until SIGINT has come (at most 60 s): no race with the signal
+    wait = ("seen, handler = [], signal.getsignal(signal.SIGINT); "
+            "signal.signal(signal.SIGINT, lambda s, f: (seen.append(s), handler(s, f))); "
+            f"open({str(marker)!r}, 'w').close(); [time.sleep(0.05) for _ in range(1200) if not seen]")
+    script = worker(tmp_path, wait, rank=0, call=2)
     launcher = subprocess.Popen(torchrun_cmd(argv(tiny, part, *EXTRAS["attention"]), script), env=dict(os.environ),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     deadline = time.monotonic() + 180
