@@ -87,7 +87,8 @@ def parse_args(argv=None):
     p.add_argument("--judge-max-new-tokens", type=int, default=16, help="longest judge reply")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens")
     p.add_argument("--no-generate", dest="generate", action="store_false", help="answer no prompts: held-out scoring and multiple choice only (no --prompts, no --judge)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts (or held-out pairs, or questions) per forward batch; under torchrun each process takes whole batches in turn")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="prompts (or held-out pairs, or questions) per forward batch; under torchrun each process takes whole batches in turn")
     p.add_argument("--max-length", type=int, default=1024, help="held-out pairs with a longer (prompt + answer) are skipped and counted")
     p.add_argument("--limit", type=int, default=0, help="use only the first N records of each prompt file, held-out set and CSV (0: all)")
     p.add_argument("--langs", nargs="+", default=list(DEFAULT_LANGS), help="languages the language identifier may answer")

@@ -5,7 +5,9 @@ nesting too deep for the parser, a number too long to convert, a data record nam
 `read_json` reads a file that must hold one JSON object (config.json, tokenizer_config.json, ...).
 """
 
+import itertools
 import json
+import re
 from pathlib import Path
 
 from clo.errors import CloError
@@ -18,12 +20,33 @@ class _DuplicateKey(ValueError):
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
     """An object's pairs as a dict, refusing a key given twice ({"prompt": "a", "prompt": "b"}): json.loads
     would keep the last silently, so the record would train on something its author may not have meant."""
-    out = {}
-    for key, value in pairs:
-        if key in out:
-            raise _DuplicateKey(f"field {key!r} appears twice in one object")
-        out[key] = value
+    out = dict(pairs)  # at C speed: the usual object has no key twice
+    if len(out) < len(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(f"field {key!r} appears twice in one object")
+            seen.add(key)
     return out
+
+
+_BETWEEN_RECORDS = re.compile(r"[\s,]*")
+
+
+def _record_of_duplicate(text: str) -> str:
+    """":line: record i" of the first record that names a field twice, when `text` is a JSON list of records
+    (Alpaca's files: one line for the whole file would not say where); "" otherwise."""
+    decoder, at = json.JSONDecoder(object_pairs_hook=_unique_keys), text.find("[") + 1
+    if at == 0 or text[: at - 1].strip():
+        return ""
+    for i in itertools.count(1):
+        at = _BETWEEN_RECORDS.match(text, at).end()
+        try:
+            _, at = decoder.raw_decode(text, at)
+        except _DuplicateKey:
+            return f":{text.count(chr(10), 0, at) + 1}: record {i}"
+        except ValueError:
+            return ""
 
 
 def parse_json(text: str | bytes, where: str, whole_file: bool = False, unique_keys: bool = True):
@@ -33,7 +56,8 @@ def parse_json(text: str | bytes, where: str, whole_file: bool = False, unique_k
     try:
         return json.loads(text, object_pairs_hook=_unique_keys if unique_keys else None)
     except _DuplicateKey as e:
-        raise CloError(f"{where}: {e}") from None
+        record = _record_of_duplicate(text) if whole_file and isinstance(text, str) else ""
+        raise CloError(f"{where}{record}: {e}") from None
     except json.JSONDecodeError as e:
         line = f":{e.lineno}" if whole_file else ""
         raise CloError(f"{where}{line}: invalid JSON: {e.msg} (column {e.colno})") from None

@@ -93,6 +93,8 @@ CASES = [
     Case("mt-source-bad-json", "translate.py", MT + " --source {dir}/s.jsonl", "s.jsonl:2: invalid JSON", {"s.jsonl": '{"prompt": "a", "response": "b"}\n{"prompt":\n'}),
     Case("mt-source-field-twice", "translate.py", MT + " --source {dir}/s.jsonl", "s.jsonl:1: field 'response' appears twice",
          {"s.jsonl": '{"prompt": "a", "response": "b", "response": "c"}\n'}),
+    Case("mt-source-alpaca-field-twice", "translate.py", MT + " --source {dir}/a.json --format alpaca", "a.json:3: record 2: field 'output' appears twice",
+         {"a.json": '[{"instruction": "a", "input": "", "output": "b"},\n\n {"instruction": "c", "input": "", "output": "d", "output": "e"}]\n'}),
     Case("mt-source-nested-too-deep", "translate.py", MT + " --source {dir}/s.jsonl", "s.jsonl:1: invalid JSON: nested too deeply", {"s.jsonl": "[" * 100_000 + "\n"}),
     Case("mt-source-all-empty", "translate.py", MT + " --source {dir}/s.jsonl", "no usable examples", {"s.jsonl": '{"prompt": " ", "response": "b"}\n'}),
     Case("mt-source-wrong-format", "translate.py", MT + " --format alpaca", "invalid JSON: Extra data"),

@@ -125,7 +125,8 @@ def test_the_mask_is_built_where_the_rows_are():
 
 
 def loss_and_grads(folder, batch, ref_rows, objective: Objective, batching: Batching):
-    """The step's loss (`batch_loss`, as train.py computes it) with every parameter trained, and its gradients."""
+    """One micro-batch's loss (`batch_loss`: train.py's step on one process without accumulation) with every
+    parameter trained, and its gradients."""
     model = load_model(folder)
     for p in model.parameters():
         p.requires_grad_(True)
@@ -358,8 +359,7 @@ def test_packed_equals_padded_on_the_real_default_model(smollm2_dir, all_threads
 
 def test_eval_scores_in_the_layout_training_uses(tiny, monkeypatch):
     """eval.py's held-out log-probs and its multiple-choice scores (a context shared by four choices) go
-    through the batching training resolves on the CPU (packed, one row, per-sequence kernel) and equal the
-    padded batch's."""
+    through the packed layout training resolves on the CPU (its kernel and rows) and equal the padded batch's."""
     folder, tok, examples, _ = tiny
     model = load_model(folder)
     seen, real = [], Batching.logps
@@ -368,7 +368,9 @@ def test_eval_scores_in_the_layout_training_uses(tiny, monkeypatch):
     with torch.no_grad():
         held_out = four_way_logps(model, examples[:6], tok.pad_id, batch_size=3)
         choices = choice_sequence_logps(model, items, tok.pad_id)
-        assert len(seen) == 3 and all(b.packing and b.attention == "gathered" and b.one_row for b in seen)
+        training = Batching.resolve(tok.pad_id, 0, 0, torch.device("cpu"), compiled=False)
+        assert training.packing and len(seen) == 3
+        assert all((b.packing, b.attention, b.one_row, b.few_shapes) == (True, training.attention, training.one_row, False) for b in seen)
         padded, _ = sequence_logps(model, flat_sequences(examples[:6]), tok.pad_id, 8, 1)
         padded_choices, _ = sequence_logps(model, [(x, conts[k]) for k in range(4) for x, conts in items], tok.pad_id, 8, 1)
     for got, want in ((held_out, padded.view(4, -1).T), (choices, padded_choices.view(4, -1).T)):
