@@ -102,6 +102,13 @@ def trained(wa: dict, wb: dict, start: dict | None) -> torch.Tensor:
     return torch.cat([((wa[k] != start[k]) | (wb[k] != start[k])).flatten() for k in wa])
 
 
+def assert_same_run(a: Path, b: Path) -> None:
+    """Two runs bit for bit: every metric but the speed, and every saved weight."""
+    assert timeless(a) == timeless(b)
+    wa, wb = weights(a / "model"), weights(b / "model")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def assert_close_runs(a: Path, b: Path, folder: str = "model", start: dict | None = None, dpo: bool = False) -> None:
     ra, rb = metrics(a), metrics(b)
     assert [r["step"] for r in ra] == [r["step"] for r in rb]
@@ -263,10 +270,7 @@ def test_two_machines_of_one_process_train_as_two_processes_of_one(tiny, two, tm
     errors = [(tmp_path / f"node-{node}.log").read_text() for node in (0, 1)]
     assert [node.returncode for node in nodes] == [0, 0], errors[0][-3000:] + errors[1][-3000:]
     assert "model saved to" in errors[0] and "model saved to" not in errors[1]  # process 0 alone writes
-    full = two("attention")
-    assert timeless(tmp_path / "nodes") == timeless(full)
-    wa, wb = weights(full / "model"), weights(tmp_path / "nodes" / "model")
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert_same_run(tmp_path / "nodes", two("attention"))
 
 
 def worker(tmp_path: Path, body: str, rank: int = 1, call: int = 2) -> Path:
@@ -323,9 +327,7 @@ def test_sigterm_on_one_process_saves_once_and_resumes_exactly(tiny, two, tmp_pa
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     final = torch.load(part / "checkpoint.pt", weights_only=True)
     assert [f.name for f in (part / "checkpoint-shards").iterdir()] == [Path(final["shards"]["folder"]).name]
-    assert timeless(part) == timeless(full)
-    wa, wb = weights(full / "model"), weights(part / "model")
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert_same_run(part, full)
     # another number of processes: refused, not approximated
     with pytest.raises(CloError, match=r"made with the number of processes \(torchrun .*\) 2, this one has 1"):
         train.main(argv(tiny, part, *extra, "--resume", "--max-steps", "3"))
@@ -355,10 +357,7 @@ def test_ctrl_c_at_torchrun_saves_once_and_resumes_exactly(tiny, two, tmp_path):
     assert saved["position"]["step"] == 2 and saved["position"]["stage"] == 0  # 2 of the stage's 4 steps: its optimizer goes on
     resumed = torchrun(argv(tiny, part, *EXTRAS["attention"], "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    full = two("attention")
-    assert timeless(part) == timeless(full)
-    wa, wb = weights(full / "model"), weights(part / "model")
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert_same_run(part, two("attention"))
 
 
 @pytest.mark.parametrize("failure, shown", [("raise RuntimeError('rank 1 fails on purpose')", "rank 1 fails on purpose"),

@@ -124,15 +124,22 @@ def test_the_mask_is_built_where_the_rows_are():
     assert windowed.mask.device.type == "meta"
 
 
-def loss_and_grads(folder, batch, ref_rows, objective: Objective, batching: Batching):
-    """One micro-batch's loss (`batch_loss`: train.py's step on one process without accumulation) with every
-    parameter trained, and its gradients."""
-    model = load_model(folder)
-    for p in model.parameters():
-        p.requires_grad_(True)
+def assert_logps_close(got: torch.Tensor, want: torch.Tensor, what=None) -> None:
+    """Sequence log-prob sums equal up to fp32 rounding: 1e-4 for sums of hundreds of nats; these reach
+    ~1000, where one fp32 step is 1.2e-4, so two steps more are allowed."""
+    tol = 1e-4 + 2 * torch.finfo(torch.float32).eps * want.abs()
+    assert got.shape == want.shape and ((got - want).abs() <= tol).all(), (what, (got - want).abs().max(), want.abs().max())
+
+
+def loss_and_grads(model, batch, ref_rows, objective: Objective, batching: Batching, trains=lambda name: True):
+    """One micro-batch's loss (`batch_loss`: train.py's step on one process without accumulation) and the
+    gradients of the weights `trains(name)` selects (fresh ones: earlier gradients are dropped)."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(trains(name))
+        p.grad = None
     loss, _ = batch_loss(model, batch, ref_rows, objective, batching)
     loss.backward()
-    return loss.detach(), {k: p.grad for k, p in model.named_parameters()}
+    return loss.item(), {k: p.grad for k, p in model.named_parameters() if p.requires_grad}
 
 
 LAYOUTS = {"sdpa-rows": ("sdpa", False), "sdpa-one-row": ("sdpa", True), "gathered-one-row": ("gathered", True), "gathered-rows": ("gathered", False)}
@@ -153,17 +160,16 @@ def test_packed_logps_loss_and_gradients_equal_the_padded_batch(tiny, layout, me
         padded, n_padded = padded_rows.logps(model, seqs)
         packed, n_packed = packed_rows.logps(model, seqs)
     assert torch.equal(n_packed, n_padded)
-    # 1e-4 for sums of hundreds of nats; these reach ~1000, where one fp32 step is 1.2e-4: allow two steps more
-    tol = 1e-4 + 2 * torch.finfo(torch.float32).eps * padded.abs()
-    assert ((packed - padded).abs() <= tol).all(), ((packed - padded).abs().max(), padded.abs().max())
+    assert_logps_close(packed, padded)
 
     # a reference a little off the policy, so that both preference directions pull
     ref_rows = padded.view(4, -1).T + torch.linspace(-2, 2, 24).view(6, 4)
     objective = Objective(method)
-    loss_padded, g_padded = loss_and_grads(folder, batch, ref_rows, objective, padded_rows)
-    loss_packed, g_packed = loss_and_grads(folder, batch, ref_rows, objective, packed_rows)
+    loss_padded, g_padded = loss_and_grads(model, batch, ref_rows, objective, padded_rows)
+    loss_packed, g_packed = loss_and_grads(model, batch, ref_rows, objective, packed_rows)
     assert abs(loss_packed - loss_padded) <= 1e-6 * abs(loss_padded), (loss_packed, loss_padded)
-    assert g_packed.keys() == g_padded.keys() and all(g is not None for g in g_padded.values())  # every weight, the embedding too
+    assert g_packed.keys() == g_padded.keys() == dict(model.named_parameters()).keys()  # every weight, the embedding too
+    assert all(g is not None for g in g_padded.values())
     for k in g_padded:
         assert torch.allclose(g_packed[k], g_padded[k], atol=1e-6, rtol=1e-4), (k, (g_packed[k] - g_padded[k]).abs().max())
     assert min(g.abs().max() for g in g_padded.values()) > 1e-4  # every gradient could have differed
@@ -180,8 +186,7 @@ def test_flexattention_gives_the_dense_masks_logps(tiny):
         dense, n_dense = packed_sequence_logps(model, seqs, tok.pad_id, 8, "sdpa")
         flex, n_flex = packed_sequence_logps(model, seqs, tok.pad_id, 8, "flex")
     assert torch.equal(n_flex, n_dense) and model.cfg.n_kv_heads < model.cfg.n_heads  # grouped-query heads too
-    tol = 1e-4 + 2 * torch.finfo(torch.float32).eps * dense.abs()
-    assert ((flex - dense).abs() <= tol).all(), ((flex - dense).abs().max(), dense.abs().max())
+    assert_logps_close(flex, dense)
 
 
 @pytest.mark.parametrize(("head_dim", "lengths"), [(16, range(1, 17)), (64, (17,))])
@@ -335,22 +340,15 @@ def test_packed_equals_padded_on_the_real_default_model(smollm2_dir, all_threads
         padded, _ = padded_rows.logps(model, seqs)
         packed = {kind: packed_sequence_logps(model, seqs, tok.pad_id, 8, kind)[0] for kind in ("sdpa", "gathered")}
     assert padded.abs().min() > 10  # sums of many nats
-    # 1e-4 for sums of hundreds of nats; these reach ~1000, where one fp32 step is 1.2e-4: allow two steps more
-    tol = 1e-4 + 2 * torch.finfo(torch.float32).eps * padded.abs()
     for kind, logps in packed.items():
-        assert ((logps - padded).abs() <= tol).all(), (kind, (logps - padded).abs().max(), padded.abs().max())
+        assert_logps_close(logps, padded, kind)
 
     ref_rows = padded.view(4, -1).T + torch.tensor([1.0, -1.0, -1.0, 1.0])  # a reference a little off the policy
-    results = []
-    for batching in (padded_rows, Batching.resolve(tok.pad_id, 0, 0, torch.device("cpu"), compiled=False)):
-        assert batching.packing == (batching is not padded_rows)
-        for name, p in model.named_parameters():
-            p.requires_grad_(".self_attn." in name)
-            p.grad = None
-        loss, _ = batch_loss(model, batch, ref_rows, Objective("clo"), batching)
-        loss.backward()
-        results.append((loss.item(), {k: p.grad for k, p in model.named_parameters() if p.requires_grad}))
-    (loss_padded, g_padded), (loss_packed, g_packed) = results
+    packed_rows = Batching.resolve(tok.pad_id, 0, 0, torch.device("cpu"), compiled=False)
+    assert packed_rows.packing
+    attention_only = lambda name: ".self_attn." in name  # noqa: E731
+    loss_padded, g_padded = loss_and_grads(model, batch, ref_rows, Objective("clo"), padded_rows, attention_only)
+    loss_packed, g_packed = loss_and_grads(model, batch, ref_rows, Objective("clo"), packed_rows, attention_only)
     assert abs(loss_packed - loss_padded) <= 1e-6 * abs(loss_padded), (loss_packed, loss_padded)
     assert len(g_padded) == 4 * model.cfg.n_layers and all(g.abs().max() > 1e-4 for g in g_padded.values())
     for k in g_padded:
@@ -373,8 +371,8 @@ def test_eval_scores_in_the_layout_training_uses(tiny, monkeypatch):
         assert all((b.packing, b.attention, b.one_row, b.few_shapes) == (True, training.attention, training.one_row, False) for b in seen)
         padded, _ = sequence_logps(model, flat_sequences(examples[:6]), tok.pad_id, 8, 1)
         padded_choices, _ = sequence_logps(model, [(x, conts[k]) for k in range(4) for x, conts in items], tok.pad_id, 8, 1)
-    for got, want in ((held_out, padded.view(4, -1).T), (choices, padded_choices.view(4, -1).T)):
-        assert got.shape == want.shape and ((got - want).abs() <= 1e-4 + 2 * torch.finfo(torch.float32).eps * want.abs()).all()
+    assert_logps_close(held_out, padded.view(4, -1).T, "held-out")
+    assert_logps_close(choices, padded_choices.view(4, -1).T, "multiple choice")
 
 
 def test_training_packed_equals_padded(tiny, tmp_path, monkeypatch):
