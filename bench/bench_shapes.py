@@ -17,6 +17,7 @@ shuffles it) in train.py's batches.
 import argparse
 import random
 
+import torch
 from common import machine  # puts clo on sys.path
 from workload import alpaca_examples
 
@@ -25,6 +26,7 @@ from clo.model.sources import DEFAULT_MODEL, resolve_model
 from clo.model.tokenizer import load_tokenizer
 from clo.train.batching import flat_sequences, round_up
 from clo.train.packing import pack
+from clo.train.scoring import Batching
 
 
 def main(argv=None) -> dict:
@@ -40,7 +42,8 @@ def main(argv=None) -> dict:
     random.Random(0).shuffle(examples)
     B = args.batch_size
     batches = [examples[i : i + B] for i in range(0, len(examples) - B + 1, B)]
-    layouts = {"packed": lambda seqs: pack(seqs, tok.pad_id, args.packed_bucket, one_row=True, few_shapes=True).tokens.shape,
+    packed = Batching.resolve(tok.pad_id, args.packed_bucket, 1, torch.device("cuda"), compiled=True, packing="on")  # as train.py on CUDA
+    layouts = {"packed": lambda seqs: packed.pack(seqs).tokens.shape,
                "packed_rows": lambda seqs: pack(seqs, tok.pad_id, args.packed_bucket).tokens.shape,
                "padded": lambda seqs: (len(seqs), round_up(max(len(x) + len(y) for x, y in seqs), args.padded_bucket))}
     result = {"batches": len(batches)}
